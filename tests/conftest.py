@@ -1,0 +1,18 @@
+"""Test-wide set-up: JAX on the CPU with 8 fake devices, and no network.
+
+The flags must be set before JAX is imported anywhere, hence at the top of the
+root conftest. Tests that need a different device count or several processes
+start subprocesses (see tests/multiprocess helpers).
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# No network at test time: hub names must fail fast, datasets must not phone home.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
