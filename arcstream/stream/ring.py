@@ -1,0 +1,246 @@
+"""The device-resident ring buffer where the forward pass meets its consumers.
+
+The jitted step writes each batch's captured sites into the next slot of a
+ring that lives on the mesh (`[S, B, T, D]` per site, `B` sharded over
+'data'). Two consumers read it:
+
+* the writer, through `DrainQueue`: the slot is copied to host asynchronously
+  (`copy_to_host_async`) and handed to a background thread that appends the
+  selected rows to the store. The queue holds at most `n_slots - 1` batches in
+  flight, so when the writer falls a whole buffer behind, the producer waits
+  (backpressure) and nothing is dropped;
+* the online SAE trainer, through `sample_rows`: shuffled rows drawn on the
+  device from every filled slot (tokens of many prompts and batches mixed),
+  so SAE training never makes a host round trip.
+
+Why a ring rather than just the last batch: consecutive tokens of one prompt
+are strongly correlated; an SAE batch drawn from S batches of packed prompts
+is much closer to i.i.d., which is what SAE training assumes.
+
+Sampling runs per 'data' shard (`shard_map`): each shard draws its share of
+rows from its own slice of the ring, so a pod-wide SAE batch needs no
+cross-host traffic and comes out sharded over 'data', ready for the
+data-parallel SAE step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class RingSpec:
+    """Static shape of the ring: what it holds and how it is laid out."""
+
+    sites: Mapping[str, int]  # site name -> d (width of the activation)
+    n_slots: int  # S: batches kept on device
+    batch_rows: int  # B: global rows per batch (sharded over 'data')
+    seq_len: int  # T
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.n_slots < 2:
+            raise ValueError(f"ring n_slots={self.n_slots}: need at least 2 (one being written, one being read)")
+        if not self.sites:
+            raise ValueError("ring needs at least one site")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RingState:
+    """The ring's device arrays (a pytree, donated through the jitted step)."""
+
+    acts: dict[str, jax.Array]  # site -> [S, B, T, D]
+    valid: jax.Array  # bool [S, B, T]: rows the SAE may sample (real tokens of filled slots)
+
+
+def ring_shardings(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(activation sharding, mask sharding): slots replicated, rows over 'data'."""
+    return NamedSharding(mesh, P(None, DATA_AXIS, None, None)), NamedSharding(mesh, P(None, DATA_AXIS, None))
+
+
+def init_ring(spec: RingSpec, mesh: jax.sharding.Mesh) -> RingState:
+    """Allocates the ring, already sharded, without a host copy."""
+    act_sh, mask_sh = ring_shardings(mesh)
+    n_data = mesh.shape[DATA_AXIS]
+    if spec.batch_rows % n_data:
+        raise ValueError(f"batch_rows={spec.batch_rows} is not divisible by the mesh's data axis ({n_data})")
+    dtype = jnp.dtype(spec.dtype)
+
+    @jax.jit
+    def _alloc():
+        acts = {
+            s: jax.lax.with_sharding_constraint(jnp.zeros((spec.n_slots, spec.batch_rows, spec.seq_len, d), dtype), act_sh)
+            for s, d in spec.sites.items()
+        }
+        valid = jax.lax.with_sharding_constraint(jnp.zeros((spec.n_slots, spec.batch_rows, spec.seq_len), bool), mask_sh)
+        return RingState(acts, valid)
+
+    return _alloc()
+
+
+def ring_put(ring: RingState, slot: jax.Array, captures: Mapping[str, jax.Array], valid_bt: jax.Array) -> RingState:
+    """Writes one batch into `slot` (traced inside the jitted step; with donation it is in place)."""
+    acts = {
+        s: jax.lax.dynamic_update_index_in_dim(buf, captures[s].astype(buf.dtype), slot, axis=0)
+        for s, buf in ring.acts.items()
+    }
+    valid = jax.lax.dynamic_update_index_in_dim(ring.valid, valid_bt.astype(bool), slot, axis=0)
+    return RingState(acts, valid)
+
+
+def make_sampler(mesh: jax.sharding.Mesh, n_rows: int) -> Callable[[RingState, jax.Array], dict[str, jax.Array]]:
+    """Returns jitted `sample(ring, key) -> {site: [n_rows, D]}` sharded over 'data'.
+
+    Each data shard draws `n_rows / n_data` rows uniformly (with replacement)
+    from the valid rows of its own slice of every slot. A shard whose slice has
+    no valid row yet returns zeros rows flagged by the caller never sampling an
+    empty ring (the loop starts sampling once a slot is filled).
+    """
+    n_data = mesh.shape[DATA_AXIS]
+    if n_rows % n_data:
+        raise ValueError(f"SAE batch of {n_rows} rows is not divisible by the data axis ({n_data})")
+    per_shard = n_rows // n_data
+
+    def _local(acts, valid, key):
+        shard = jax.lax.axis_index(DATA_AXIS)
+        key = jax.random.fold_in(key, shard)
+        flat_valid = valid.reshape(-1)
+        logits = jnp.where(flat_valid, 0.0, -jnp.inf)
+        idx = jax.random.categorical(key, logits, shape=(per_shard,))
+        return {s: a.reshape(-1, a.shape[-1])[idx] for s, a in acts.items()}
+
+    def sample(ring: RingState, key: jax.Array) -> dict[str, jax.Array]:
+        fn = jax.shard_map(
+            _local,
+            mesh=mesh,
+            in_specs=({s: P(None, DATA_AXIS, None, None) for s in ring.acts}, P(None, DATA_AXIS, None), P()),
+            out_specs={s: P(DATA_AXIS, None) for s in ring.acts},
+            check_vma=False,
+        )
+        return fn(ring.acts, ring.valid, key)
+
+    return jax.jit(sample)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global row order.
+
+    With a 'model' axis the same rows sit on several local devices; each block
+    of rows is taken once.
+    """
+    blocks: dict[int, np.ndarray] = {}
+    for sh in x.addressable_shards:
+        start = sh.index[0].start or 0
+        if start not in blocks:
+            blocks[start] = np.asarray(sh.data)
+    return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
+
+
+@dataclasses.dataclass
+class DrainStats:
+    batches: int = 0
+    rows: int = 0
+    bytes: int = 0
+    d2h_seconds: float = 0.0  # waiting for device-to-host copies (in the drain thread)
+    sink_seconds: float = 0.0  # time inside the sink (host compaction + store append)
+    backpressure_seconds: float = 0.0  # producer time spent waiting for a free slot
+    backpressure_waits: int = 0
+
+
+class DrainQueue:
+    """Moves captured slots to host in the background and hands them to a sink.
+
+    `put(arrays, meta)` starts the device-to-host copies and returns at once
+    unless `max_in_flight` batches are already queued, in which case it blocks
+    until the drain catches up (backpressure: the forward never runs more than
+    a ring's worth ahead of the disk, and nothing is dropped). `sink(host_arrays,
+    meta)` runs on the drain thread in submission order. An exception in the
+    sink is re-raised in the producer at the next `put`/`join`, so a full disk
+    stops the run instead of silently losing rows.
+    """
+
+    def __init__(self, sink: Callable[[dict[str, np.ndarray], Any], None], max_in_flight: int):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight={max_in_flight}: must be >= 1")
+        self._sink = sink
+        self._q: queue.Queue = queue.Queue(maxsize=max_in_flight)
+        self._error: BaseException | None = None
+        self.stats = DrainStats()
+        self._thread = threading.Thread(target=self._run, name="arcstream-drain", daemon=True)
+        self._thread.start()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"the activation writer failed: {err}") from err
+
+    def put(self, arrays: Mapping[str, jax.Array], meta: Any) -> None:
+        self._raise_if_failed()
+        for a in arrays.values():
+            a.copy_to_host_async()
+        item = (dict(arrays), meta)
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            t0 = time.perf_counter()
+            self.stats.backpressure_waits += 1
+            while True:
+                self._raise_if_failed()
+                try:
+                    self._q.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            self.stats.backpressure_seconds += time.perf_counter() - t0
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                self._q.task_done()
+                return
+            arrays, meta = item
+            try:
+                if self._error is None:
+                    t0 = time.perf_counter()
+                    host = {k: local_rows(v) for k, v in arrays.items()}
+                    t1 = time.perf_counter()
+                    self._sink(host, meta)
+                    t2 = time.perf_counter()
+                    self.stats.d2h_seconds += t1 - t0
+                    self.stats.sink_seconds += t2 - t1
+                    self.stats.batches += 1
+                    self.stats.bytes += sum(v.nbytes for v in host.values())
+            except BaseException as e:  # noqa: BLE001 - handed to the producer thread
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    @property
+    def in_flight(self) -> int:
+        return self._q.qsize()
+
+    def join(self) -> None:
+        """Waits until every queued batch went through the sink; re-raises a sink failure."""
+        while self._q.unfinished_tasks:
+            self._raise_if_failed()
+            time.sleep(0.005)
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        self.join()
+        self._q.put(None)
+        self._thread.join(timeout=30)
