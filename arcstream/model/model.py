@@ -1,0 +1,348 @@
+"""The Flax NNX decoder shared by Qwen2/Qwen2.5, Qwen3 and Llama 2/3/3.x.
+
+Module paths mirror the HF parameter names (`layers.3.self_attn.q_proj.kernel`
+for `model.layers.3.self_attn.q_proj.weight`) so that `params.py` is a short
+regex table.  Kernels are stored `[in, out]` (HF stores `[out, in]`).
+
+Numerics follow HF deliberately, because the captured activations must be the
+ones the HF model computes: RMSNorm normalises in float32 and casts back before
+the scale; RoPE tables are float32 cast to the activation dtype; attention
+softmax runs in float32 (`jax.nn.dot_product_attention`).
+
+Packed rows: a `[B, T]` row may hold several prompts.  `segment_ids_bt` names
+the prompt of each token (0 = padding) and `positions_bt` its position inside
+that prompt.  A token attends to earlier-or-equal tokens *of its own segment
+only*, and RoPE uses `positions_bt`, so a prompt's activations do not depend
+on its neighbours (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from arcstream.model.config import ModelConfig, rope_inv_freq
+from arcstream.model.sharding import constrain
+
+Rules = Sequence[tuple[str, str | None]] | None
+
+HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+_SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.(hook_resid_pre|hook_attn_out|hook_mlp_out|hook_resid_post)$")
+
+_BTD = ("activation_batch", "activation_length", "activation_embed")
+_BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+_BTF = ("activation_batch", "activation_length", "activation_mlp")
+_BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+
+# ---------------------------------------------------------------------------- sites
+def parse_sites(spec: str | Sequence[str], num_layers: int) -> tuple[str, ...]:
+    """Validate capture-site names and return them in canonical order.
+
+    `spec` is a comma-separated string or a sequence of names such as
+    `blocks.11.hook_resid_post`; `blocks.*.hook_X` expands to every layer.
+    The result is sorted by (layer, hook order in the block) and de-duplicated,
+    so equal site sets give equal jit cache keys.
+    """
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    names = [n for n in names if n]
+    out: set[tuple[int, int]] = set()
+    for name in names:
+        m = _SITE_RE.match(name)
+        if m is None:
+            raise ValueError(
+                f"capture site {name!r} is not a valid name; expected 'blocks.{{L}}.HOOK' with HOOK "
+                f"one of {list(HOOKS)} and L in [0, {num_layers - 1}] (or '*'), "
+                "e.g. 'blocks.11.hook_resid_post'."
+            )
+        hook = HOOKS.index(m.group(2))
+        if m.group(1) == "*":
+            out.update((layer, hook) for layer in range(num_layers))
+            continue
+        layer = int(m.group(1))
+        if layer >= num_layers:
+            raise ValueError(
+                f"capture site {name!r}: layer {layer} does not exist; the model has "
+                f"{num_layers} layers (0..{num_layers - 1})."
+            )
+        out.add((layer, hook))
+    return tuple(f"blocks.{layer}.{HOOKS[hook]}" for layer, hook in sorted(out))
+
+
+def _site_layer(site: str) -> int:
+    return int(site.split(".")[1])
+
+
+# ---------------------------------------------------------------------------- output
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """What `forward` returns.
+
+    logits:   [B, T, V] in the activation dtype, or None when not requested.
+    captures: site name -> [B, T, D] activation, in the activation dtype.
+    """
+
+    logits: jax.Array | None
+    captures: dict[str, jax.Array]
+
+
+# ---------------------------------------------------------------------------- layers
+def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A Param tagged with logical axes (our own metadata key, read by the loader).
+
+    Not flax's `out_sharding`: flax would place the value at creation and fail
+    on dimensions that do not divide the mesh; the loader places each tensor.
+    """
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel[in, out] (+ bias[out])."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool,
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.kernel = _param(0.02 * jax.random.normal(rngs.params(), (d_in, d_out), dtype), axes)
+        self.bias = _param(jnp.zeros((d_out,), dtype), (axes[1],)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF RMSNorm: normalise in float32, cast back, then multiply by the scale."""
+
+    def __init__(self, dim: int, eps: float, axis: str, *, dtype: jnp.dtype):
+        self.weight = _param(jnp.ones((dim,), dtype), (axis,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def _rotate(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    """HF's rotate-half RoPE (halves, not interleaved pairs)."""
+    half = x_btnh.shape[-1] // 2
+    rot = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos_bth[:, :, None, :] + rot * sin_bth[:, :, None, :]
+
+
+def rope_tables(config: ModelConfig, positions_bt: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H] for `positions_bt`, float32 math cast to `dtype` (as HF)."""
+    inv_h2 = jnp.asarray(rope_inv_freq(config))
+    ang_bth2 = positions_bt.astype(jnp.float32)[..., None] * inv_h2
+    ang_bth = jnp.concatenate([ang_bth2, ang_bth2], axis=-1)
+    return jnp.cos(ang_bth).astype(dtype), jnp.sin(ang_bth).astype(dtype)
+
+
+KVCache = tuple[jax.Array, jax.Array]  # k_bskh, v_bskh
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, rules: Rules):
+        d = c.hidden_size
+        self.q_proj = Linear(d, c.q_size, ("embed", "q_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, c.kv_size, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, c.kv_size, ("embed", "kv_heads"), bias=c.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(c.q_size, d, ("q_heads", "embed"), bias=c.o_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim", dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim", dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.rules = tuple(rules) if rules is not None else None
+
+    def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array,
+                 mask_bts: jax.Array, cache: KVCache | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Attention output [B, T, D] (after o_proj) and the updated KV cache.
+
+        Without a cache, keys are this call's tokens (S = T).  With one, this
+        call's keys/values are written at `cache_index` and the queries attend
+        over the whole cache (S = cache length); `mask_bts` says which slots.
+        """
+        b, t, _ = x_btd.shape
+        q_btnh = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+        k_btkh = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v_btkh = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
+        q_btnh = constrain(_rotate(q_btnh, cos_bth, sin_bth), _BTNH, self.rules)
+        k_btkh = constrain(_rotate(k_btkh, cos_bth, sin_bth), _BTNH, self.rules)
+        v_btkh = constrain(v_btkh, _BTNH, self.rules)
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache = cache
+            zero = jnp.zeros((), jnp.int32)
+            idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            k_btkh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), idx)
+            v_btkh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), idx)
+            new_cache = (k_btkh, v_btkh)
+        o_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_bts[:, None, :, :])
+        o_btnh = constrain(o_btnh, _BTNH, self.rules)
+        return self.o_proj(o_btnh.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, rules: Rules):
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = Linear(d, f, ("embed", "mlp"), bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, ("embed", "mlp"), bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, ("mlp", "embed"), bias=c.mlp_bias, dtype=dtype, rngs=rngs)
+        self.rules = tuple(rules) if rules is not None else None
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        h_btf = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        return self.down_proj(constrain(h_btf, _BTF, self.rules))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, c: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs, rules: Rules):
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", dtype=dtype)
+        self.self_attn = Attention(c, dtype=dtype, rngs=rngs, rules=rules)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", dtype=dtype)
+        self.mlp = MLP(c, dtype=dtype, rngs=rngs, rules=rules)
+        self.rules = tuple(rules) if rules is not None else None
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, cache_index=None):
+        """Returns (resid_post, attn_out, mlp_out, new_cache), all [B, T, D]."""
+        attn_btd, new_cache = self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth,
+                                             mask_bts, cache, cache_index)
+        mid_btd = constrain(x_btd + attn_btd, _BTD, self.rules)
+        mlp_btd = self.mlp(self.post_attention_layernorm(mid_btd))
+        out_btd = constrain(mid_btd + mlp_btd, _BTD, self.rules)
+        return out_btd, attn_btd, mlp_btd, new_cache
+
+
+class Embedding(nnx.Module):
+    """Token embedding [V, D] (also the LM head when embeddings are tied)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = _param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), dtype),
+                                ("vocab", "embed"))
+
+
+class Decoder(nnx.Module):
+    """Embedding, `num_layers` blocks, final norm, LM head (tied or not).
+
+    Attributes mirror HF names: `embed_tokens.embedding`, `layers[i]`, `norm`,
+    `lm_head` (None when tied).  `config`, `dtype` and `rules` are static.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype: str | jnp.dtype = "float32",
+                 rngs: nnx.Rngs, rules: Rules = None):
+        dt = jnp.dtype(dtype)
+        if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'bfloat16'.")
+        c = config
+        self.config = c
+        self.dtype = dt
+        self.rules = tuple(rules) if rules is not None else None
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dt, rngs=rngs)
+        self.layers = nnx.List([Block(c, dtype=dt, rngs=rngs, rules=rules) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", dtype=dt)
+        self.lm_head = (None if c.tie_word_embeddings else
+                        Linear(c.hidden_size, c.vocab_size, ("embed", "vocab"), bias=False, dtype=dt, rngs=rngs))
+
+    def embed(self, tokens_bt: jax.Array) -> jax.Array:
+        x_btd = jnp.take(self.embed_tokens.embedding[...], tokens_bt, axis=0)
+        return constrain(x_btd, _BTD, self.rules)
+
+    def logits(self, x_btd: jax.Array) -> jax.Array:
+        """[B, T, V] logits from the last block's output (applies the final norm)."""
+        h_btd = self.norm(x_btd)
+        if self.lm_head is None:
+            out = jnp.einsum("btd,vd->btv", h_btd, self.embed_tokens.embedding[...])
+        else:
+            out = self.lm_head(h_btd)
+        return constrain(out, _BTV, self.rules)
+
+
+# ---------------------------------------------------------------------------- forward
+def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
+    """[B, T, T] bool: query i sees key j iff j <= i and both are in the same segment.
+
+    Assumes each segment's tokens are contiguous in the row (packing does this),
+    so index order is position order.  Padding (segment 0) sees only padding,
+    which keeps its (discarded) outputs finite.
+    """
+    t = segment_ids_bt.shape[1]
+    causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    same_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return same_btt & causal_tt[None]
+
+
+def forward(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
+            positions_bt: jax.Array, *, sites: Sequence[str] = (),
+            return_logits: bool = True) -> ModelOutput:
+    """Run the decoder on packed rows and return logits and/or captured sites.
+
+    tokens_bt, segment_ids_bt, positions_bt: int [B, T]; segment 0 = padding.
+    sites: names from `parse_sites` (static under jit); each is returned as
+    [B, T, D].  If `return_logits` is False the blocks after the deepest
+    captured layer are not run at all (most of a capture run's speed).
+
+    Jit it with `nnx.jit(forward, static_argnames=("sites", "return_logits"))`
+    or, faster per call, `jax.jit` over `nnx.split(model)` state.
+    """
+    c = model.config
+    sites = tuple(sites)
+    for s in sites:
+        if not _SITE_RE.match(s) or "*" in s or _site_layer(s) >= c.num_layers:
+            parse_sites([s], c.num_layers)  # raises with the explanation
+    if not sites and not return_logits:
+        raise ValueError("forward(sites=(), return_logits=False) would compute nothing; "
+                         "name at least one site or ask for logits.")
+    last = c.num_layers - 1 if return_logits else max(_site_layer(s) for s in sites)
+    wanted = set(sites)
+    x_btd = model.embed(tokens_bt)
+    cos_bth, sin_bth = rope_tables(c, positions_bt, model.dtype)
+    mask_btt = segment_mask(segment_ids_bt)
+    captures: dict[str, jax.Array] = {}
+    for i in range(last + 1):
+        if f"blocks.{i}.hook_resid_pre" in wanted:
+            captures[f"blocks.{i}.hook_resid_pre"] = x_btd
+        x_btd, attn_btd, mlp_btd, _ = model.layers[i](x_btd, cos_bth, sin_bth, mask_btt)
+        for hook, value in (("hook_attn_out", attn_btd), ("hook_mlp_out", mlp_btd),
+                            ("hook_resid_post", x_btd)):
+            if f"blocks.{i}.{hook}" in wanted:
+                captures[f"blocks.{i}.{hook}"] = value
+    logits = model.logits(x_btd) if return_logits else None
+    return ModelOutput(logits=logits, captures={s: captures[s] for s in sites})
+
+
+def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
+                mesh: jax.sharding.Mesh | None = None, rules: Rules = None) -> Decoder:
+    """A randomly initialised model (normal(0.02) weights, unit norms, zero biases).
+
+    With a mesh, parameters are created inside one jit whose outputs are
+    already sharded, so no host ever holds the whole model.
+    """
+    from arcstream.model.params import state_shardings  # local: params imports this module
+
+    def build() -> Decoder:
+        return Decoder(config, dtype=dtype, rngs=nnx.Rngs(params=seed), rules=rules)
+
+    if mesh is None:
+        return build()
+    abstract = nnx.eval_shape(build)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh, rules)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

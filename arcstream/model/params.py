@@ -1,0 +1,320 @@
+"""HF checkpoints <-> NNX parameters: the name table, sharded loading, and saving.
+
+`PARAM_TABLE` is the whole mapping between HF safetensors keys and NNX paths:
+a regex on the HF key, the NNX path template, and whether the tensor is
+transposed (HF `nn.Linear` stores `[out, in]`, our kernels `[in, out]`).
+
+Loading never builds the model on one host: `nnx.eval_shape` gives the
+abstract parameters, then each tensor is read from safetensors *slice by
+slice*, one device shard at a time (`jax.make_array_from_callback`), cast, and
+placed.  At most one tensor's shard is on the host at once, so a 7B model
+loads on a host that could not hold two copies of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from arcstream.model.config import ModelConfig
+from arcstream.model.model import Decoder, Rules
+from arcstream.model.sharding import logical_sharding
+
+log = logging.getLogger(__name__)
+
+# (HF key regex, NNX path template, transpose)
+PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
+    (r"model\.embed_tokens\.weight", "embed_tokens.embedding", False),
+    (r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
+     r"layers.\1.\2.kernel", True),
+    (r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.bias",
+     r"layers.\1.\2.bias", False),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+     r"layers.\1.\2.weight", False),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight", r"layers.\1.self_attn.\2.weight", False),
+    (r"model\.norm\.weight", "norm.weight", False),
+    (r"lm_head\.weight", "lm_head.kernel", True),
+)
+# Keys some checkpoints carry that are not parameters of the model we build.
+_IGNORED = (re.compile(r".*\.rotary_emb\.inv_freq"),)
+_COMPILED = tuple((re.compile(rx), tpl, tr) for rx, tpl, tr in PARAM_TABLE)
+
+
+def hf_to_nnx(key: str) -> tuple[str, bool] | None:
+    """(NNX path, transpose) for an HF key, or None if the key is not in the table."""
+    for rx, tpl, transpose in _COMPILED:
+        if rx.fullmatch(key):
+            return rx.sub(tpl, key), transpose
+    return None
+
+
+def nnx_to_hf(path: str) -> tuple[str, bool]:
+    """(HF key, transpose) for an NNX path (the inverse of `hf_to_nnx`)."""
+    rules = (
+        (r"embed_tokens\.embedding", "model.embed_tokens.weight", False),
+        (r"layers\.(\d+)\.(.*)\.kernel", r"model.layers.\1.\2.weight", True),
+        (r"layers\.(\d+)\.(.*)\.(bias|weight)", r"model.layers.\1.\2.\3", False),
+        (r"norm\.weight", "model.norm.weight", False),
+        (r"lm_head\.kernel", "lm_head.weight", True),
+    )
+    for rx, tpl, transpose in rules:
+        if re.fullmatch(rx, path):
+            return re.sub(rx, tpl, path), transpose
+    raise KeyError(f"NNX parameter {path!r} has no HF name.")
+
+
+def _flat_params(state: nnx.State) -> Iterator[tuple[str, Any]]:
+    for path, var in nnx.to_flat_state(state):
+        yield ".".join(str(p) for p in path), var
+
+
+def state_shardings(abs_state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules = None) -> nnx.State:
+    """A State of NamedShardings, one per parameter, from its `logical_axes` metadata."""
+
+    def one(var: Any) -> Any:
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            raise ValueError(f"parameter {var!r} has no logical_axes metadata.")
+        return var.replace(logical_sharding(axes, var.shape, mesh, rules))
+
+    return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ---------------------------------------------------------------------------- locating
+def resolve_checkpoint(path_or_hub_name: str | os.PathLike) -> Path:
+    """A local checkpoint directory for a path or an HF hub name (from the HF cache).
+
+    With `HF_HUB_OFFLINE=1` a hub name that is not cached fails at once with
+    a message saying how to get it; nothing is downloaded at run time in tests.
+    """
+    name = os.fspath(path_or_hub_name)
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise NotADirectoryError(f"model={name!r} is a file; expected a checkpoint directory "
+                                 "holding config.json and *.safetensors, or a hub name.")
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"model={name!r}: no such directory, and not a hub name "
+                                "('org/name'); expected a checkpoint directory or a hub name.")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, HTTP errors
+        hint = (f"HF_HUB_OFFLINE=1, and {name!r} is not in the HF cache; download it on a "
+                f"machine with network (`hf download {name}`) or pass a local directory"
+                if offline else "check the name and your network/credentials")
+        raise FileNotFoundError(f"model={name!r} could not be resolved as a hub model: "
+                                f"{type(e).__name__}: {e}. {hint}.") from e
+
+
+def _tensor_files(ckpt: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file that holds it (sharded or single-file checkpoints)."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: expected a 'weight_map' object mapping tensor names to files.")
+        return {k: ckpt / v for k, v in weight_map.items()}
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        extra = (" (found PyTorch .bin weights: arcstream reads only safetensors, never pickle)"
+                 if list(ckpt.glob("*.bin")) else "")
+        raise FileNotFoundError(f"{ckpt}: no *.safetensors files{extra}; expected model.safetensors "
+                                "or model-0000x-of-0000y.safetensors with an index.")
+    out: dict[str, Path] = {}
+    for fp in files:
+        with safe_open(fp, framework="flax") as f:
+            out.update({k: fp for k in f.keys()})
+    return out
+
+
+# ---------------------------------------------------------------------------- loading
+def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
+               mesh: jax.sharding.Mesh | None = None, rules: Rules = None) -> tuple[Decoder, ModelConfig]:
+    """Load an HF Qwen2/Qwen2.5, Qwen3 or Llama checkpoint into a `Decoder`.
+
+    dtype: "float32" or "bfloat16" (parameters and activations).
+    mesh: place every tensor straight into its shards on this ('data','model')
+      mesh (per `rules`, default `LOGICAL_AXIS_RULES`); None = default device.
+    Raises with the file and key for missing/unexpected tensors, shape
+    mismatches, and unsupported architectures or options.
+    """
+    ckpt = resolve_checkpoint(path_or_hub_name)
+    cfg_path = ckpt / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{ckpt}: no config.json; expected an HF checkpoint directory.")
+    config = ModelConfig.from_json_file(cfg_path)
+    files = _tensor_files(ckpt)
+
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
+    graphdef, abs_state = nnx.split(abstract)
+    wanted = dict(_flat_params(abs_state))
+
+    sources: dict[str, tuple[str, bool]] = {}
+    for key in files:
+        if any(rx.fullmatch(key) for rx in _IGNORED):
+            continue
+        mapped = hf_to_nnx(key)
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the LM head is the embedding (HF ignores a stored copy too)
+        if mapped is None or mapped[0] not in wanted:
+            raise ValueError(
+                f"{files[key]}: tensor {key!r} is not a parameter of a {config.family} model with "
+                f"this config.json (mapped to {mapped[0] if mapped else None!r}); the checkpoint "
+                "has an option arcstream does not implement, or config.json does not match it."
+            )
+        sources[mapped[0]] = (key, mapped[1])
+    missing = sorted(set(wanted) - set(sources))
+    if missing:
+        names = [nnx_to_hf(m)[0] for m in missing]
+        raise ValueError(f"{ckpt}: missing tensors {names[:8]}{' ...' if len(names) > 8 else ''} "
+                         f"for a {config.family} model with this config.json.")
+
+    cpu = jax.local_devices(backend="cpu")[0]
+    handles: dict[Path, Any] = {}
+    new_flat = []
+    try:
+        for path_parts, var in nnx.to_flat_state(abs_state):
+            path = ".".join(str(p) for p in path_parts)
+            key, transpose = sources[path]
+            fp = files[key]
+            if fp not in handles:
+                handles[fp] = safe_open(fp, framework="flax")
+                handles[fp].__enter__()
+            sl = handles[fp].get_slice(key)
+            hf_shape = tuple(sl.get_shape())
+            want = tuple(var.shape)
+            expect_hf = want[::-1] if transpose else want
+            if hf_shape != expect_hf:
+                raise ValueError(f"{fp}: tensor {key!r} has shape {hf_shape}; the config.json implies "
+                                 f"{expect_hf} (NNX {path} {want}).")
+            read = _slice_reader(sl, transpose, np.dtype(var.dtype), cpu)
+            if mesh is None:
+                value = jnp.asarray(read(tuple(slice(None) for _ in want)))
+            else:
+                axes = var.get_metadata()["logical_axes"]
+                sharding = logical_sharding(axes, want, mesh, rules)
+                value = jax.make_array_from_callback(want, sharding, _memo(read))
+            new_flat.append((path_parts, var.replace(value)))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    state = nnx.from_flat_state(new_flat)
+    model = nnx.merge(graphdef, state)
+    _log_params(model)
+    return model, config
+
+
+def _slice_reader(sl: Any, transpose: bool, dtype: np.dtype, cpu: jax.Device) -> Callable[[tuple], np.ndarray]:
+    """Reads one shard of a safetensors tensor as a host NumPy array of `dtype`.
+
+    The safetensors flax reader is used (it handles bf16; its NumPy reader
+    does not), pinned to the CPU so a GPU/TPU never holds a staging copy.
+    """
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        idx = tuple(s if isinstance(s, slice) else slice(None) for s in index)
+        with jax.default_device(cpu):
+            part = sl[idx[::-1]] if transpose else sl[idx]
+            arr = np.asarray(part)
+        arr = arr.T if transpose else arr
+        return np.ascontiguousarray(arr.astype(dtype, copy=False))
+
+    return read
+
+
+def _memo(read: Callable[[tuple], np.ndarray]) -> Callable[[tuple], np.ndarray]:
+    """Replicated shards ask for the same slice once per device: read it once."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def cb(index: tuple) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+        if key not in cache:
+            cache[key] = read(index)
+        return cache[key]
+
+    return cb
+
+
+def _log_params(model: Decoder) -> None:
+    """Log each parameter's shape, dtype and sharding (house style 11)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for path, var in _flat_params(nnx.state(model, nnx.Param)):
+        v = var[...]
+        log.info("param %-45s %-18s %-9s %s", path, tuple(v.shape), v.dtype, getattr(v, "sharding", None))
+
+
+# ---------------------------------------------------------------------------- saving
+def save_hf_checkpoint(model: Decoder, config: ModelConfig, path: str | os.PathLike, *,
+                       max_shard_bytes: int | None = None) -> Path:
+    """Write `config.json` + safetensors in the HF layout (transformers can load it).
+
+    No torch needed.  Kernels are transposed back to HF `[out, in]`; a tied LM
+    head is not stored (as HF does).  With `max_shard_bytes`, tensors are
+    split across `model-0000i-of-0000n.safetensors` with an index file.
+    Multi-process: every process must call this (arrays are gathered); only
+    process 0 writes.
+    """
+    from jax.experimental import multihost_utils
+    from safetensors.flax import save_file
+
+    out = Path(path)
+    cpu = jax.local_devices(backend="cpu")[0]
+    tensors: dict[str, jax.Array] = {}
+    for p, var in _flat_params(nnx.state(model, nnx.Param)):
+        key, transpose = nnx_to_hf(p)
+        arr = var[...]
+        if not arr.is_fully_addressable:
+            arr = multihost_utils.process_allgather(arr, tiled=True)
+        host = np.asarray(jax.device_get(arr))
+        tensors[key] = jax.device_put(host.T if transpose else host, cpu)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    hf = config.to_hf_config()
+    hf["dtype"] = str(np.dtype(model.dtype)) if model.dtype != jnp.bfloat16 else "bfloat16"
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    meta = {"format": "pt"}  # transformers refuses files without this metadata
+    if max_shard_bytes is None:
+        save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+        return out
+    groups: list[dict[str, jax.Array]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.size * v.dtype.itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, g in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(g, str(out / name), metadata=meta)
+        weight_map.update({k: name for k in g})
+    total = sum(v.size * v.dtype.itemsize for v in tensors.values())
+    with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return out
+
+
+def param_paths(model: Decoder) -> Sequence[str]:
+    """Dotted NNX paths of all parameters (for logs and tests)."""
+    return [p for p, _ in _flat_params(nnx.state(model, nnx.Param))]
