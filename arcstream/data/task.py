@@ -11,6 +11,7 @@ whose `reason` is a short stable code the jobs count skips by.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -105,14 +106,17 @@ def grid_from_json(obj: Any, *, where: str = "") -> np.ndarray:
     Raises InvalidTask naming `where` and the first problem found (row-major
     order, so the message is the same whichever path below finds it).
 
-    Why two paths: BARC sets hold ~200k tasks of ~2k cells each, and a per-cell
-    Python loop dominated a transform. Arrays are checked with vectorised
-    NumPy; lists are checked a row at a time with C-level `set(map(type, row))`
-    and `min`/`max`, falling back to the per-cell loop only on a row that is
-    already known to be bad, to name its first bad cell.
+    Why several paths: BARC sets hold ~200k tasks of ~2k cells each, and a
+    per-cell Python loop dominated a transform. Arrays are checked with
+    vectorised NumPy; lists first go through `_valid_grid_or_none`, whole-grid
+    checks that run in C, and only a grid it cannot accept goes through the
+    per-cell loop below, which finds and names the first problem.
     """
     if isinstance(obj, np.ndarray):
         return _grid_from_array(obj, where)
+    fast = _valid_grid_or_none(obj)
+    if fast is not None:
+        return fast
     rows = obj
     if not isinstance(rows, (list, tuple)):
         raise InvalidTask("wrong_type", f"grid must be a list of rows, got {type(rows).__name__}", where=where)
@@ -132,14 +136,32 @@ def grid_from_json(obj: Any, *, where: str = "") -> np.ndarray:
             width = len(row)
         elif len(row) != width:
             raise InvalidTask("ragged_grid", f"row {r} has {len(row)} cells but row 0 has {width}", where=where)
-        # Fast path: a row of plain Python ints within range. `type(v) is int`
-        # excludes bool (an int subclass; a JSON true/false in a grid is a bug upstream).
-        if set(map(type, row)) == {int} and min(row) >= 0 and max(row) < NUM_COLOURS:
-            continue
         for c, v in enumerate(row):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < NUM_COLOURS:
                 raise InvalidTask("bad_colour", f"cell ({r}, {c}) is {v!r}; colours are ints 0-9", where=where)
     return np.asarray(rows, dtype=np.int8)
+
+
+def _valid_grid_or_none(rows: Any) -> np.ndarray | None:
+    """The grid as int8 [h, w] if `rows` is certainly valid, else None (then the slow path names the problem).
+
+    Every check runs in C over the whole grid: row types and lengths, then
+    cell types (`type(v) is int` excludes bool, an int subclass: a JSON
+    true/false in a grid is a bug upstream) and the colour range.
+    """
+    if type(rows) is not list or not 0 < len(rows) <= MAX_SIDE or set(map(type, rows)) != {list}:
+        return None
+    widths = set(map(len, rows))
+    if len(widths) != 1:
+        return None
+    (w,) = widths
+    if not 0 < w <= MAX_SIDE:
+        return None
+    flat = list(itertools.chain.from_iterable(rows))
+    if set(map(type, flat)) != {int} or min(flat) < 0 or max(flat) >= NUM_COLOURS:
+        return None
+    # bytes() of ints already checked to be 0-9 is exact, and much faster than np.array over a list.
+    return np.frombuffer(bytes(flat), dtype=np.int8).reshape(len(rows), w).copy()
 
 
 def _grid_from_array(a: np.ndarray, where: str) -> np.ndarray:
