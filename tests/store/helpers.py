@@ -120,6 +120,5 @@ def write_two_processes(run_dir, steps: range, **kw) -> None:
                                             process_count=2, **kw) for p in (0, 1)]
     for step in steps:
         for w in writers:
-            w.append(*make_batch(w.process_index, step, SITES))
-            w.commit(step + 1)
+            write_steps(w, [step])
         write_manifest(os.fspath(run_dir), 2)  # after the "barrier"
