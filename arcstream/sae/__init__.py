@@ -1,0 +1,28 @@
+"""Sparse autoencoders on activation batches: architectures, the shared training step,
+SAELens export/import, checkpoints and the offline trainer's data source.
+
+Knows nothing of the model or the store: it takes arrays [N, d_in] per site.
+"""
+
+from arcstream.sae.architectures import (
+    ARCHITECTURES,
+    SWEEPABLE,
+    Architecture,
+    SAEConfig,
+    StepOutput,
+    get_architecture,
+    member_names,
+    register_architecture,
+    sweep_config,
+)
+from arcstream.sae.train import (
+    SiteState,
+    TrainConfig,
+    TrainState,
+    batch_sharding,
+    init_train_state,
+    make_train_step,
+    member_state,
+    state_shardings,
+)
+from arcstream.sae.export import decode, encode, export_sae, load_sae

@@ -1,0 +1,530 @@
+"""SAE architectures (SAELens names): standard, topk, batchtopk, jumprelu.
+
+Each architecture is a handful of pure functions over a parameter dict, bundled
+in an `Architecture` record and registered by name. The training loop calls only
+`arch.loss(...)`, which returns `(loss, StepOutput)`: the loss parts, the
+metrics and the per-latent firing counts are the architecture's business, so a
+new architecture never touches the loop (SAELens's trainer contract).
+
+Parameter layout (internal; export transposes to SAELens's):
+  w_enc_sd [d_sae, d_in]   encoder, one row per latent (rows are what TopK gathers)
+  b_enc_s  [d_sae]
+  w_dec_sd [d_sae, d_in]   decoder, one row per latent
+  b_dec_d  [d_in]
+  log_threshold_s [d_sae]  jumprelu only (Gemma Scope parameterisation)
+Buffers (not trained): `scale` (inputs are multiplied by it so that
+E||x|| = sqrt(d_in)), `steps_since_fired_s`, and `threshold` for batchtopk.
+
+Everything is computed in the scaled space; `export` folds the scale back in.
+Hyperparameters that a sweep may vary (k, coefficients, lr) arrive as traced
+scalars in `hp`, so members differing only in them stack under `jax.vmap`;
+`cfg.k` is then the largest k of the sweep (a static shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from arcstream.sae.sparse import selected_preacts, sparse_decode
+
+Params = dict[str, jax.Array]
+Buffers = dict[str, jax.Array]
+HParams = dict[str, jax.Array]
+
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
+# Fields that members of one sweep may differ in (all others must be equal).
+SWEEPABLE = ("k", "l1_coefficient", "l0_coefficient", "aux_coefficient", "lr", "topk_threshold_lr")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """One SAE's shape and hyperparameters. Frozen: shared by the step, export and checkpoints."""
+
+    architecture: str  # one of ARCHITECTURES (SAELens names)
+    d_in: int  # width of the activations
+    d_sae: int  # number of latents
+    k: int = 64  # active latents per token (topk) / on average (batchtopk)
+    l1_coefficient: float = 5.0  # standard: weight of the decoder-norm-weighted L1 penalty
+    l0_coefficient: float = 1e-3  # jumprelu: weight of the L0 penalty
+    aux_coefficient: float = 1.0 / 32.0  # topk/batchtopk: weight of AuxK (SAELens default 1.0; TopK paper 1/32)
+    jumprelu_bandwidth: float = 0.05  # jumprelu: width of the rectangle kernel of the STE (scaled units)
+    jumprelu_init_threshold: float = 0.01  # jumprelu: initial threshold (scaled units)
+    topk_threshold_lr: float = 0.01  # batchtopk: EMA rate of the inference threshold
+    dead_steps: int = 1000  # a latent not fired for more steps than this is dead
+    dense_threshold: float = 0.1  # a latent firing on more than this fraction of a batch is dense
+    lr: float = 3e-4  # peak Adam learning rate
+    apply_b_dec_to_input: bool = True  # subtract b_dec before encoding (SAELens default)
+    b_dec_init: str = "geometric_median"  # "geometric_median", "mean" or "zeros"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in _REGISTRY:
+            raise ValueError(
+                f"SAEConfig.architecture={self.architecture!r} is unknown; expected one of "
+                f"{sorted(_REGISTRY)} (SAELens names)"
+            )
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"SAEConfig d_in={self.d_in}, d_sae={self.d_sae}: both must be positive")
+        if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"SAEConfig.k={self.k} must be in [1, d_sae={self.d_sae}] for {self.architecture}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(
+                f"SAEConfig.b_dec_init={self.b_dec_init!r}; expected 'geometric_median', 'mean' or 'zeros'"
+            )
+
+    @property
+    def k_aux(self) -> int:
+        """AuxK's number of dead latents per token: d_in/2 (TopK paper, appendix B.1)."""
+        return max(1, min(self.d_in // 2, self.d_sae))
+
+    def hparams(self) -> HParams:
+        """The sweepable hyperparameters as arrays (traced inside the step)."""
+        return {
+            "k": jnp.asarray(self.k, jnp.int32),
+            "l1_coefficient": jnp.asarray(self.l1_coefficient, jnp.float32),
+            "l0_coefficient": jnp.asarray(self.l0_coefficient, jnp.float32),
+            "aux_coefficient": jnp.asarray(self.aux_coefficient, jnp.float32),
+            "lr": jnp.asarray(self.lr, jnp.float32),
+            "topk_threshold_lr": jnp.asarray(self.topk_threshold_lr, jnp.float32),
+        }
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StepOutput:
+    """What an architecture's loss reports; the training loop logs whatever arrives.
+
+    loss: the scalar that is differentiated (sum of `losses`).
+    losses: named loss terms (`mse_loss`, `l1_loss`, `auxiliary_reconstruction_loss`, `l0_loss`).
+    metrics: scalars to log (`l0`, `fvu`, `explained_variance`, ...).
+    fired_s: [d_sae] how many tokens of the batch each latent fired on (dead/dense tracking).
+    buffers: the architecture's updated non-trained state (e.g. batchtopk's threshold).
+    """
+
+    loss: jax.Array
+    losses: dict[str, jax.Array]
+    metrics: dict[str, jax.Array]
+    fired_s: jax.Array
+    buffers: dict[str, jax.Array] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The functions that make an architecture. All are pure and jit/vmap friendly.
+
+    init(key, cfg) -> Params (b_dec zero; the trainer sets it from data)
+    init_buffers(cfg) -> Buffers (architecture-specific buffers only)
+    encode(params, buffers, x_bd, cfg, hp) -> acts_bs (inference encoding of scaled x)
+    loss(params, buffers, x_bd, cfg, hp, dead_s) -> (loss, StepOutput) on scaled x;
+      dead_s [d_sae] bool, or None when no latent is dead (dead-latent terms may skip work)
+    constrain(params) -> params (applied after every update, e.g. unit-norm decoder rows)
+    export(params, buffers, cfg, hp) -> (SAELens architecture, {name: array}, extra cfg)
+      in the scaled space (the caller folds the scale in).
+    """
+
+    name: str
+    init: Callable[[jax.Array, SAEConfig], Params]
+    init_buffers: Callable[[SAEConfig], Buffers]
+    encode: Callable[..., jax.Array]
+    loss: Callable[..., tuple[jax.Array, StepOutput]]
+    constrain: Callable[[Params], Params]
+    export: Callable[..., tuple[str, dict[str, jax.Array], dict[str, Any]]]
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register_architecture(arch: Architecture) -> Architecture:
+    """Make `arch` available by name to configs, the trainer and export."""
+    _REGISTRY[arch.name] = arch
+    return arch
+
+
+def get_architecture(name: str) -> Architecture:
+    """The registered architecture called `name` (SAELens names)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"SAE architecture {name!r} is unknown; expected one of {sorted(_REGISTRY)}") from None
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _init_common(key: jax.Array, cfg: SAEConfig) -> Params:
+    """Unit-norm random decoder rows, encoder = decoder transpose, zero biases (SAELens init)."""
+    w_dec_sd = jax.random.normal(key, (cfg.d_sae, cfg.d_in), jnp.float32)
+    w_dec_sd = w_dec_sd / jnp.linalg.norm(w_dec_sd, axis=1, keepdims=True)
+    return {
+        "w_enc_sd": jnp.copy(w_dec_sd),  # a distinct buffer: the step donates its state
+        "b_enc_s": jnp.zeros((cfg.d_sae,), jnp.float32),
+        "w_dec_sd": w_dec_sd,
+        "b_dec_d": jnp.zeros((cfg.d_in,), jnp.float32),
+    }
+
+
+def _no_buffers(cfg: SAEConfig) -> Buffers:
+    del cfg
+    return {}
+
+
+def _identity(params: Params) -> Params:
+    return params
+
+
+def unit_norm_decoder(params: Params) -> Params:
+    """Rescale decoder rows to unit norm (the constraint of topk, batchtopk and jumprelu)."""
+    w = params["w_dec_sd"]
+    norm_s1 = jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-8)
+    return {**params, "w_dec_sd": w / norm_s1}
+
+
+def preacts(params: Params, x_bd: jax.Array, cfg: SAEConfig) -> jax.Array:
+    """Dense encoder pre-activations [B, d_sae] (the one dense matmul)."""
+    xc_bd = x_bd - params["b_dec_d"] if cfg.apply_b_dec_to_input else x_bd
+    return xc_bd @ params["w_enc_sd"].T + params["b_enc_s"]
+
+
+def decode(params: Params, acts_bs: jax.Array) -> jax.Array:
+    """Dense decoder: acts @ W_dec + b_dec."""
+    return acts_bs @ params["w_dec_sd"] + params["b_dec_d"]
+
+
+def reconstruction_metrics(x_bd: jax.Array, x_hat_bd: jax.Array, l0: jax.Array) -> dict[str, jax.Array]:
+    """l0, fvu (sum of squared residuals over total variance) and explained variance.
+
+    fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch;
+    explained_variance = 1 - sum_d Var_b(x - x_hat) / sum_d Var_b(x) (ignores a constant offset).
+    """
+    resid_bd = x_bd - x_hat_bd
+    total = jnp.sum(jnp.square(x_bd - x_bd.mean(0)))
+    fvu = jnp.sum(jnp.square(resid_bd)) / jnp.maximum(total, 1e-12)
+    ev = 1.0 - jnp.sum(resid_bd.var(0)) / jnp.maximum(jnp.sum(x_bd.var(0)), 1e-12)
+    return {"l0": l0, "fvu": fvu, "explained_variance": ev}
+
+
+def _mse(x_bd: jax.Array, x_hat_bd: jax.Array) -> jax.Array:
+    """SAELens's mse_loss: squared error summed over d_in, mean over tokens."""
+    return jnp.mean(jnp.sum(jnp.square(x_hat_bd - x_bd), axis=-1))
+
+
+def _fold_common(params: Params, cfg: SAEConfig) -> dict[str, jax.Array]:
+    return {
+        "W_enc": params["w_enc_sd"].T,
+        "b_enc": params["b_enc_s"],
+        "W_dec": params["w_dec_sd"],
+        "b_dec": params["b_dec_d"],
+    }
+
+
+# ---------------------------------------------------------------- standard
+
+
+def _standard_encode(params, buffers, x_bd, cfg, hp):
+    del buffers, hp
+    return jax.nn.relu(preacts(params, x_bd, cfg))
+
+
+def _standard_loss(params, buffers, x_bd, cfg, hp, dead_s):
+    del dead_s
+    acts_bs = _standard_encode(params, buffers, x_bd, cfg, hp)
+    x_hat_bd = decode(params, acts_bs)
+    mse = _mse(x_bd, x_hat_bd)
+    dec_norm_s = jnp.linalg.norm(params["w_dec_sd"], axis=1)
+    l1 = hp["l1_coefficient"] * jnp.mean(jnp.sum(jnp.abs(acts_bs * dec_norm_s), axis=-1))
+    fired_bs = acts_bs > 0
+    out = StepOutput(
+        loss=mse + l1,
+        losses={"mse_loss": mse, "l1_loss": l1},
+        metrics=reconstruction_metrics(x_bd, x_hat_bd, fired_bs.sum(-1).mean()),
+        fired_s=fired_bs.sum(0),
+    )
+    return out.loss, out
+
+
+def _standard_export(params, buffers, cfg, hp):
+    del buffers, hp
+    return "standard", _fold_common(params, cfg), {}
+
+
+register_architecture(
+    Architecture("standard", lambda key, cfg: _init_common(key, cfg), _no_buffers, _standard_encode,
+                 _standard_loss, _identity, _standard_export)
+)
+
+
+# ---------------------------------------------------------------- topk (+ AuxK)
+
+
+def _topk_select(pre_bs: jax.Array, cfg: SAEConfig, hp: HParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top cfg.k values and ids per token, with ranks >= hp['k'] masked (sweeps with smaller k)."""
+    vals_bk, idx_bk = jax.lax.top_k(pre_bs, cfg.k)
+    keep_k = (jnp.arange(cfg.k) < hp["k"]).astype(pre_bs.dtype)
+    return vals_bk, idx_bk, keep_k
+
+
+def _topk_encode(params, buffers, x_bd, cfg, hp):
+    del buffers
+    pre_bs = preacts(params, x_bd, cfg)
+    vals_bk, idx_bk, keep_k = _topk_select(pre_bs, cfg, hp)
+    acts_bk = jax.nn.relu(vals_bk) * keep_k
+    rows_b1 = jnp.arange(pre_bs.shape[0])[:, None]
+    return jnp.zeros_like(pre_bs).at[rows_b1, idx_bk].set(acts_bk)
+
+
+def auxk_loss(
+    params: Params, x_bd: jax.Array, x_hat_bd: jax.Array, pre_bs: jax.Array, dead_s: jax.Array, cfg: SAEConfig,
+    hp: HParams, sparse: bool,
+) -> jax.Array:
+    """AuxK: the top k_aux *dead* latents reconstruct the residual x - x_hat (TopK paper, A.2).
+
+    As SAELens: the residual is a constant, the aux reconstruction has no b_dec, the
+    selected pre-activations are used as they are (no ReLU), k_aux = min(d_in/2, n_dead)
+    and the term is scaled by min(n_dead / (d_in/2), 1) * aux_coefficient. Zero when
+    nothing is dead, and skipped (`dead_s` None) when the trainer knows that. `pre_bs` must be the pre-activations *with* their gradient path
+    when `sparse` is False; with `sparse` the gradient reaches the encoder through
+    `selected_preacts`.
+    """
+    if dead_s is None:  # the trainer knows that no latent of any member is dead: skip the work
+        return jnp.zeros((), x_bd.dtype)
+    n_dead = dead_s.sum()
+    k_aux = cfg.k_aux
+    residual_bd = jax.lax.stop_gradient(x_bd - x_hat_bd)
+    masked_bs = jnp.where(dead_s[None, :], jax.lax.stop_gradient(pre_bs), -jnp.inf)
+    vals_bk, idx_bk = jax.lax.top_k(masked_bs, k_aux)
+    # Fewer dead latents than k_aux: the extra picks are live ones; drop them.
+    valid_bk = dead_s[idx_bk]
+    vals_bk = jnp.where(valid_bk, vals_bk, 0.0)
+    if sparse:
+        sel_bk = selected_preacts(x_bd, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx_bk,
+                                  vals_bk, cfg.apply_b_dec_to_input)
+        recons_bd = sparse_decode(jnp.where(valid_bk, sel_bk, 0.0), idx_bk, params["w_dec_sd"])
+    else:
+        rows_b1 = jnp.arange(pre_bs.shape[0])[:, None]
+        acts_bs = jnp.zeros_like(pre_bs).at[rows_b1, idx_bk].set(
+            jnp.where(valid_bk, jnp.take_along_axis(pre_bs, idx_bk, axis=1), 0.0))
+        recons_bd = acts_bs @ params["w_dec_sd"]
+    scale = jnp.minimum(n_dead / max(cfg.d_in // 2, 1), 1.0)
+    return hp["aux_coefficient"] * scale * _mse(residual_bd, recons_bd)
+
+
+def _topk_loss(params, buffers, x_bd, cfg, hp, dead_s):
+    del buffers
+    pre_bs = jax.lax.stop_gradient(preacts(params, x_bd, cfg))
+    vals_bk, idx_bk, keep_k = _topk_select(pre_bs, cfg, hp)
+    sel_bk = selected_preacts(x_bd, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx_bk, vals_bk,
+                              cfg.apply_b_dec_to_input)
+    acts_bk = jax.nn.relu(sel_bk) * keep_k
+    x_hat_bd = sparse_decode(acts_bk, idx_bk, params["w_dec_sd"]) + params["b_dec_d"]
+    mse = _mse(x_bd, x_hat_bd)
+    aux = auxk_loss(params, x_bd, x_hat_bd, pre_bs, dead_s, cfg, hp, sparse=True)
+    fired_bk = (acts_bk > 0).astype(jnp.int32)
+    fired_s = jnp.zeros((cfg.d_sae,), jnp.int32).at[idx_bk.reshape(-1)].add(fired_bk.reshape(-1))
+    out = StepOutput(
+        loss=mse + aux,
+        losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
+        metrics=reconstruction_metrics(x_bd, x_hat_bd, fired_bk.sum(-1).mean()),
+        fired_s=fired_s,
+    )
+    return out.loss, out
+
+
+def _topk_export(params, buffers, cfg, hp):
+    del buffers
+    return "topk", _fold_common(params, cfg), {"k": int(hp["k"]), "rescale_acts_by_decoder_norm": False}
+
+
+register_architecture(
+    Architecture("topk", lambda key, cfg: _init_common(key, cfg), _no_buffers, _topk_encode, _topk_loss,
+                 unit_norm_decoder, _topk_export)
+)
+
+
+# ---------------------------------------------------------------- batchtopk
+
+
+def _batchtopk_train_acts(pre_bs: jax.Array, cfg: SAEConfig, hp: HParams) -> jax.Array:
+    """Keep the k*B largest ReLU'd pre-activations of the whole batch (k per token on average)."""
+    acts_bs = jax.nn.relu(pre_bs)
+    b = pre_bs.shape[0]
+    top_n = jax.lax.top_k(jax.lax.stop_gradient(acts_bs).reshape(-1), cfg.k * b)[0]
+    kth = top_n[hp["k"] * b - 1]
+    return jnp.where((acts_bs >= kth) & (acts_bs > 0), acts_bs, 0.0)
+
+
+def _batchtopk_encode(params, buffers, x_bd, cfg, hp):
+    """Inference: JumpReLU with the learned global threshold (what SAELens exports)."""
+    del hp
+    pre_bs = preacts(params, x_bd, cfg)
+    return jnp.where(pre_bs > buffers["threshold"], jax.nn.relu(pre_bs), 0.0)
+
+
+def _batchtopk_loss(params, buffers, x_bd, cfg, hp, dead_s):
+    pre_bs = preacts(params, x_bd, cfg)
+    acts_bs = _batchtopk_train_acts(pre_bs, cfg, hp)
+    x_hat_bd = decode(params, acts_bs)
+    mse = _mse(x_bd, x_hat_bd)
+    aux = auxk_loss(params, x_bd, x_hat_bd, pre_bs, dead_s, cfg, hp, sparse=False)
+    fired_bs = acts_bs > 0
+    # SAELens: threshold <- (1 - lr) threshold + lr * (smallest positive kept activation).
+    a = jax.lax.stop_gradient(acts_bs)
+    min_pos = jnp.min(jnp.where(fired_bs, a, jnp.inf))
+    lr = hp["topk_threshold_lr"]
+    new_threshold = jnp.where(jnp.isfinite(min_pos), (1 - lr) * buffers["threshold"] + lr * min_pos,
+                              buffers["threshold"])
+    out = StepOutput(
+        loss=mse + aux,
+        losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
+        metrics={**reconstruction_metrics(x_bd, x_hat_bd, fired_bs.sum(-1).mean()), "topk_threshold": new_threshold},
+        fired_s=fired_bs.sum(0),
+        buffers={"threshold": new_threshold},
+    )
+    return out.loss, out
+
+
+def _batchtopk_export(params, buffers, cfg, hp):
+    del hp
+    weights = _fold_common(params, cfg)
+    weights["threshold"] = jnp.full((cfg.d_sae,), buffers["threshold"], jnp.float32)
+    return "jumprelu", weights, {}
+
+
+register_architecture(
+    Architecture("batchtopk", lambda key, cfg: _init_common(key, cfg),
+                 lambda cfg: {"threshold": jnp.zeros((), jnp.float32)}, _batchtopk_encode, _batchtopk_loss,
+                 unit_norm_decoder, _batchtopk_export)
+)
+
+
+# ---------------------------------------------------------------- jumprelu (Gemma Scope)
+
+
+def _rectangle(u: jax.Array) -> jax.Array:
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@jax.custom_vjp
+def jumprelu(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """z * H(z - threshold). Pseudo-gradient (Gemma Scope): d/dz = H(z - t);
+    d/dt = -(t / eps) * rect((z - t) / eps)."""
+    return z * (z > threshold)
+
+
+def _jumprelu_fwd(z, threshold, bandwidth):
+    return z * (z > threshold), (z, threshold, bandwidth)
+
+
+def _jumprelu_bwd(res, g):
+    z, t, eps = res
+    d_t = -(t / eps) * _rectangle((z - t) / eps) * g
+    d_t = jnp.sum(d_t.reshape(-1, t.shape[-1]), axis=0)
+    return (z > t) * g, d_t, None
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@jax.custom_vjp
+def step_fn(z: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """H(z - threshold). Pseudo-gradient: d/dz = 0; d/dt = -(1 / eps) * rect((z - t) / eps)."""
+    return (z > threshold).astype(z.dtype)
+
+
+def _step_fwd(z, threshold, bandwidth):
+    return (z > threshold).astype(z.dtype), (z, threshold, bandwidth)
+
+
+def _step_bwd(res, g):
+    z, t, eps = res
+    d_t = -(1.0 / eps) * _rectangle((z - t) / eps) * g
+    return jnp.zeros_like(z), jnp.sum(d_t.reshape(-1, t.shape[-1]), axis=0), None
+
+
+step_fn.defvjp(_step_fwd, _step_bwd)
+
+
+def _jumprelu_init(key, cfg):
+    params = _init_common(key, cfg)
+    params["log_threshold_s"] = jnp.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold), jnp.float32)
+    return params
+
+
+def _jumprelu_encode(params, buffers, x_bd, cfg, hp):
+    del buffers, hp
+    pre_bs = preacts(params, x_bd, cfg)
+    t_s = jnp.exp(params["log_threshold_s"])
+    # ReLU then gate, as SAELens's inference JumpReLUSAE (equal to z*H(z-t) for t >= 0).
+    return jax.nn.relu(pre_bs) * (pre_bs > t_s)
+
+
+def _jumprelu_loss(params, buffers, x_bd, cfg, hp, dead_s):
+    del buffers, dead_s
+    pre_bs = preacts(params, x_bd, cfg)
+    t_s = jnp.exp(params["log_threshold_s"])
+    acts_bs = jumprelu(pre_bs, t_s, cfg.jumprelu_bandwidth)
+    x_hat_bd = decode(params, acts_bs)
+    mse = _mse(x_bd, x_hat_bd)
+    l0_b = jnp.sum(step_fn(pre_bs, t_s, cfg.jumprelu_bandwidth), axis=-1)
+    l0_loss = hp["l0_coefficient"] * jnp.mean(l0_b)
+    fired_bs = acts_bs > 0
+    out = StepOutput(
+        loss=mse + l0_loss,
+        losses={"mse_loss": mse, "l0_loss": l0_loss},
+        metrics=reconstruction_metrics(x_bd, x_hat_bd, fired_bs.sum(-1).mean()),
+        fired_s=fired_bs.sum(0),
+    )
+    return out.loss, out
+
+
+def _jumprelu_export(params, buffers, cfg, hp):
+    del buffers, hp
+    weights = _fold_common(params, cfg)
+    weights["threshold"] = jnp.exp(params["log_threshold_s"])
+    return "jumprelu", weights, {}
+
+
+register_architecture(
+    Architecture("jumprelu", _jumprelu_init, _no_buffers, _jumprelu_encode, _jumprelu_loss, unit_norm_decoder,
+                 _jumprelu_export)
+)
+
+
+def sweep_config(members: tuple[SAEConfig, ...] | list[SAEConfig]) -> tuple[SAEConfig, HParams]:
+    """Check that sweep members differ only in SWEEPABLE fields; return the static config
+    (k = the largest k) and the stacked [M] hyperparameters."""
+    members = tuple(members)
+    if not members:
+        raise ValueError("a site needs at least one SAEConfig; got an empty sweep")
+    first = members[0]
+    for i, m in enumerate(members[1:], start=1):
+        for f in dataclasses.fields(SAEConfig):
+            if f.name in SWEEPABLE:
+                continue
+            if getattr(m, f.name) != getattr(first, f.name):
+                raise ValueError(
+                    f"sweep member {i} has {f.name}={getattr(m, f.name)!r} but member 0 has "
+                    f"{getattr(first, f.name)!r}; a sweep may differ only in {SWEEPABLE} (same d_sae)"
+                )
+    static = dataclasses.replace(first, k=max(m.k for m in members))
+    hps = [m.hparams() for m in members]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *hps)
+    return static, stacked
+
+
+def member_names(members: tuple[SAEConfig, ...] | list[SAEConfig]) -> list[str]:
+    """Folder names for sweep members: `m{i}` plus the swept fields that differ, e.g. `m0_k32`."""
+    members = tuple(members)
+    varying = [f for f in SWEEPABLE if len({getattr(m, f) for m in members}) > 1]
+    return ["_".join([f"m{i}"] + [f"{f.split('_')[0]}{getattr(m, f)}" for f in varying])
+            for i, m in enumerate(members)]
+
+
+def architectures() -> Mapping[str, Architecture]:
+    """The registry (read-only view)."""
+    return dict(_REGISTRY)
