@@ -35,8 +35,9 @@ transform job, `--config.data.source` in the run job) and hands it to
       Options: `split` (default `train`), `test_examples` (default 1: how many
       of the last examples become test pairs, with their outputs as
       solutions), `streaming` (`true`/`false`; default: true for hub names,
-      false for local files), `id_prefix` (default `barc`), `cache_dir` (where
-      `datasets` keeps its Arrow cache for local parquet/arrow files).
+      false for local files; local JSON lines are always read a line at a time
+      and keep random access either way), `id_prefix` (default `barc`),
+      `cache_dir` (where `datasets` keeps its Arrow cache for local parquet/arrow files).
       Task ids are `{id_prefix}-{split}-{row:06d}` with `row` the 0-based row
       index in the dataset (or split), e.g. `barc-train-000123`.
 
@@ -616,7 +617,7 @@ def _check_options(spec: str, kind: str, options: Mapping[str, Any], accepted: S
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         acc = ", ".join(accepted) if accepted else "none"
-        raise ValueError(f"source {spec!r}: unknown option(s) {unknown} for a {kind} source; accepted: {acc}")
+        raise ValueError(f"source {spec!r}: unknown option(s) {unknown} for {kind} sources; accepted: {acc}")
 
 
 def _parse_bool(spec: str, key: str, v: Any) -> bool | None:

@@ -36,6 +36,7 @@ REASONS = (
     "bad_row",  # a dataset row that cannot be read at all
     "too_long",  # the prompt exceeds the length policy (prompt builder)
     "duplicate_id",  # a task id seen twice in one source
+    "too_many_test_pairs",  # more test pairs than the pipeline's prompt-index layout allows (pipeline)
 )
 
 

