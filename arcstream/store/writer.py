@@ -41,22 +41,29 @@ from arcstream.store.manifest import (Ledger, ProcessCommit, StoreLayout, canoni
 
 @dataclasses.dataclass
 class _Array:
-    """One zarr3 array this process owns, and the rows buffered for it since the last shard boundary."""
+    """One zarr3 array this process owns, and its host buffer for the shard being filled.
+
+    `buf` holds rows [base, base + rows_per_shard) of the array; the writer's
+    `_fill` says how many are valid. Appended rows are copied (and cast) once,
+    straight into `buf`; a full `buf` is handed to TensorStore as a whole-shard
+    write and replaced by a fresh one, so a buffer is never written while
+    TensorStore may still read it.
+    """
 
     name: str  # e.g. "activations/blocks.0.hook_resid_post" or "tokens/prompt"
     key: str  # path relative to the run directory
     store: ts.TensorStore  # replaced by the handle each resize returns
     dtype: np.dtype
     width: int | None  # d for activations, None for 1-D token arrays
-    chunks: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rows_per_shard: int
+    buf: np.ndarray = dataclasses.field(init=False)
 
-    def take_buffer(self) -> np.ndarray:
-        """The buffered rows as one array (and keeps them as a single chunk)."""
-        if len(self.chunks) != 1:
-            shape = (0,) if self.width is None else (0, self.width)
-            data = np.concatenate(self.chunks) if self.chunks else np.zeros(shape, self.dtype)
-            self.chunks = [data]
-        return self.chunks[0]
+    def __post_init__(self):
+        self.new_buffer()
+
+    def new_buffer(self) -> None:
+        shape = (self.rows_per_shard,) if self.width is None else (self.rows_per_shard, self.width)
+        self.buf = np.empty(shape, self.dtype)
 
 
 @dataclasses.dataclass
@@ -64,6 +71,9 @@ class _Pending:
     future: Any  # ts.Future
     nbytes: int
     what: str
+
+
+_RESERVE_SHARDS = 16  # how far ahead of the rows an array's extent may grow between commits
 
 
 class StoreWriter:
@@ -167,7 +177,7 @@ class StoreWriter:
         futures = {name: a.store[self._base:self._rows].read() for name, a in self._arrays.items()}
         for name, future in futures.items():
             try:
-                self._arrays[name].chunks = [np.asarray(future.result())]
+                self._arrays[name].buf[: self._rows - self._base] = np.asarray(future.result())
             except Exception as err:
                 raise StoreError(f"{self.location.url}: cannot read back committed rows "
                                  f"[{self._base}, {self._rows}) of {self._arrays[name].key}: {err}. "
@@ -229,11 +239,17 @@ class StoreWriter:
         self._check_usable()
         converted, n = self._validate(site_rows, tokens)
         self._register_prompts(prompts, converted["tokens/prompt"])
-        for name, data in converted.items():
-            if n:
-                self._arrays[name].chunks.append(data)
-        self._rows += n
-        self._flush_full_shards()
+        S = self.layout.rows_per_shard
+        done = 0
+        while done < n:
+            fill = self._rows - self._base
+            take = min(S - fill, n - done)
+            for name, data in converted.items():
+                self._arrays[name].buf[fill:fill + take] = data[done:done + take]  # the one copy (and cast)
+            self._rows += take
+            done += take
+            if self._rows - self._base == S:
+                self._flush_full_shard()
         self.wait(self.max_pending_bytes)
 
     def _validate(self, site_rows: Mapping[str, np.ndarray],
@@ -260,7 +276,7 @@ class StoreWriter:
                 n = x.shape[0]
             elif x.shape[0] != n:
                 raise ValueError(f"append: site_rows[{site!r}] has {x.shape[0]} rows, the first site has {n}")
-            out[f"activations/{site}"] = x.astype(dt)  # always a copy: the caller may reuse its buffer
+            out[f"activations/{site}"] = x
         assert n is not None
         for field, fdt in TOKEN_FIELDS.items():
             t = np.asarray(tokens[field])
@@ -275,7 +291,7 @@ class StoreWriter:
             if field in ("prompt", "position") and n and t.min() < 0:
                 raise ValueError(f"append: tokens[{field!r}] has a negative value {t.min()}; padding rows "
                                  "must not be stored")
-            out[f"tokens/{field}"] = t.astype(fdt)
+            out[f"tokens/{field}"] = t
         return out, n
 
     def _register_prompts(self, prompts: Sequence[Any], prompt_rows: np.ndarray) -> None:
@@ -304,51 +320,58 @@ class StoreWriter:
     # ------------------------------------------------------------------ writes
 
     def _grow(self, end: int) -> None:
-        """Grows every array to `end` rows (a metadata-only resize, all arrays concurrently)."""
+        """Makes every array at least `end` rows long (metadata-only resizes, all arrays concurrently).
+
+        Grows by up to `_RESERVE_SHARDS` shards beyond `end` so that most shard
+        writes need no metadata update; `commit` trims the extent back to the
+        exact row count, so a finished run's arrays are exactly its rows long.
+        """
         if end <= self._shape:
             return
-        futures = {name: a.store.resize(exclusive_max=[end] + ([None] if a.width else []),
-                                        expand_only=True, resize_metadata_only=True)
+        S = self.layout.rows_per_shard
+        if end % S:  # the tail at a commit: exact
+            self._set_extent(end)
+            return
+        ahead = max(end, min(2 * self._shape, self._shape + _RESERVE_SHARDS * S))
+        self._set_extent(-(-ahead // S) * S)
+
+    def _set_extent(self, rows: int) -> None:
+        futures = {name: a.store.resize(exclusive_max=[rows] + ([None] if a.width else []),
+                                        resize_metadata_only=True)
                    for name, a in self._arrays.items()}
         for name, future in futures.items():
             try:
                 self._arrays[name].store = future.result()
             except Exception as err:
-                self._fail(err, f"growing {self._arrays[name].key} to {end} rows")
-        self._shape = end
+                self._fail(err, f"resizing {self._arrays[name].key} to {rows} rows")
+        self._shape = rows
 
-    def _flush_full_shards(self) -> None:
+    def _flush_full_shard(self) -> None:
+        """Writes the full shard [base, base + S) of every array: one whole-shard write each, not awaited."""
         S = self.layout.rows_per_shard
-        n_full = (self._rows - self._base) // S
-        if n_full == 0:
-            return
-        end = self._base + n_full * S
-        self._grow(end)
+        lo = self._base
+        self._grow(lo + S)
         for a in self._arrays.values():
-            data = a.take_buffer()
-            for k in range(n_full):
-                lo = self._base + k * S
-                block = data[k * S:(k + 1) * S]
-                try:
-                    future = a.store[lo:lo + S].write(block).commit
-                except Exception as err:
-                    self._fail(err, f"writing rows [{lo}, {lo + S}) of {a.key}")
-                self._pending.append(_Pending(future, block.nbytes, f"rows [{lo}, {lo + S}) of {a.key}"))
-            rest = data[n_full * S:]
-            a.chunks = [rest.copy()] if len(rest) else []  # copy: don't pin the big block in memory
-        self._base = end
+            try:
+                future = a.store[lo:lo + S].write(a.buf).commit
+            except Exception as err:
+                self._fail(err, f"writing rows [{lo}, {lo + S}) of {a.key}")
+            self._pending.append(_Pending(future, a.buf.nbytes, f"rows [{lo}, {lo + S}) of {a.key}"))
+            a.new_buffer()
+        self._base = lo + S
 
     def _write_tail(self) -> None:
         """Writes rows [base, rows) of every array in one transaction (the only partial-shard write)."""
         if self._rows == self._base or self._tail_end == self._rows:
             return
         self._grow(self._rows)
+        fill = self._rows - self._base
         txn = ts.Transaction()
         writes, nbytes = [], 0
         for a in self._arrays.values():
-            data = a.take_buffer()
-            writes.append((a.key, a.store.with_transaction(txn)[self._base:self._rows].write(data)))
-            nbytes += data.nbytes
+            # a view of the live buffer: safe because commit awaits this write before returning
+            writes.append((a.key, a.store.with_transaction(txn)[self._base:self._rows].write(a.buf[:fill])))
+            nbytes += a.buf[:fill].nbytes
         for key, w in writes:
             try:
                 w.result()  # staged in the transaction (in memory)
@@ -409,6 +432,8 @@ class StoreWriter:
         extra = json.loads(canonical_json(dict(extra or {}), "commit extra"))
         self._write_tail()
         self.wait(0)
+        if self._shape != self._rows:
+            self._set_extent(self._rows)  # plain zarr readers of a finished run see exactly its rows
         segments = self._durable.prompt_segments
         if self._new_prompts:
             key = prompt_segment_key(self.process_index, len(segments))
@@ -508,7 +533,7 @@ def _open_arrays(location: RunLocation, layout: StoreLayout, process_index: int,
             if shape[0] > durable_rows:
                 store = store.resize(exclusive_max=[durable_rows] + ([None] if width else []),
                                      shrink_only=True).result()
-        arrays[name] = _Array(name, key, store, dt, width)
+        arrays[name] = _Array(name, key, store, dt, width, layout.rows_per_shard)
     return arrays
 
 
