@@ -1,0 +1,493 @@
+"""The run job's step loop: pipeline -> jitted forward + ring -> drain -> store (and online SAEs).
+
+One process per host runs this same loop. Step `s` always consumes batch `s`
+of this host's pipeline and appends the same rows, so a run resumed from its
+last commit rewrites exactly what an uninterrupted run would have written
+(DESIGN.md: deterministic, idempotent steps).
+
+Commit protocol (every `commit_every` steps and at the end), in this order:
+  1. the drain is joined: every captured row of steps < s is in the writer;
+  2. `writer.commit(s, extra={pipeline state, counters})`: data durable, then
+     this process's ledger (atomic);
+  3. online SAE state checkpointed for step s (Orbax);
+  4. barrier; process 0 replaces `manifest.json` (atomic): from now on the rows
+     count, and a resume starts at step s.
+A kill between 2 and 4 leaves the previous manifest in force; the resumed run
+redoes those steps and overwrites the same rows.
+
+Hosts must agree on the number of steps although their shards may yield
+different numbers of batches: with several processes, each step starts with a
+tiny all-gather of "I still have data"; a host that has run out feeds an empty
+(all-padding) batch until every host is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from arcstream.data.records import CELL_FIELDS, PackedBatch
+from arcstream.stream.ring import DrainQueue, RingSpec, RingState, init_ring, make_sampler, ring_put
+
+TOKEN_POLICIES = ("all", "grid", "answer")
+
+
+# --- which tokens are stored -------------------------------------------------------------------
+
+
+def store_mask(batch: PackedBatch, policy: str, fraction: float, seed: int) -> np.ndarray:
+    """bool [B, T]: the tokens of this batch the writer stores.
+
+    `policy`: "all" real tokens, "grid" cells only, "answer" the answer span only.
+    `fraction` < 1 keeps a deterministic pseudo-random subset of those, chosen by
+    a hash of (seed, prompt index, position) so that a resumed run and every
+    process count keep exactly the same tokens.
+    """
+    mask = batch.valid.copy()
+    if policy == "grid":
+        mask &= batch.grid_kind > 0
+    elif policy == "answer":
+        mask &= batch.answer_mask
+    elif policy != "all":
+        raise ValueError(f"store.tokens={policy!r}: expected one of {TOKEN_POLICIES}")
+    if fraction < 1.0:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"store.token_fraction={fraction!r}: expected a number in (0, 1]")
+        h = (batch.prompt_index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+             + batch.positions.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+             + np.uint64(seed) * np.uint64(0x94D049BB133111EB))
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0xD6E8FEB86659FD93)
+        h ^= h >> np.uint64(32)
+        mask &= (h % np.uint64(1 << 24)).astype(np.float64) < fraction * (1 << 24)
+    return mask
+
+
+def empty_batch_like(batch_size: int, seq_len: int) -> PackedBatch:
+    """An all-padding batch: what a host that ran out of data feeds while others finish."""
+    z32 = np.zeros((batch_size, seq_len), np.int32)
+    m8 = np.full((batch_size, seq_len), -1, np.int8)
+    return PackedBatch(tokens=z32, segment_ids=z32.copy(), positions=z32.copy(),
+                       prompt_index=np.full((batch_size, seq_len), -1, np.int32),
+                       grid_kind=np.zeros((batch_size, seq_len), np.int8), pair_index=m8, row=m8.copy(),
+                       col=m8.copy(), colour=m8.copy(), answer_mask=np.zeros((batch_size, seq_len), bool),
+                       prompts=())
+
+
+class StoreSink:
+    """Runs on the drain thread: picks the stored rows of a drained batch and appends them."""
+
+    def __init__(self, writer: Any, sites: Sequence[str], policy: str, fraction: float, seed: int):
+        self.writer = writer
+        self.sites = tuple(sites)
+        self.policy, self.fraction, self.seed = policy, fraction, seed
+        self.rows = 0
+        self.tokens_seen = 0
+
+    def __call__(self, host: Mapping[str, np.ndarray], batch: PackedBatch) -> None:
+        mask = store_mask(batch, self.policy, self.fraction, self.seed).reshape(-1)
+        rows = {s: host[s].reshape(-1, host[s].shape[-1])[mask] for s in self.sites}
+        tokens = {
+            "prompt": batch.prompt_index.reshape(-1)[mask],
+            "position": batch.positions.reshape(-1)[mask],
+            "token_id": batch.tokens.reshape(-1)[mask],
+            **{f: getattr(batch, f).reshape(-1)[mask] for f in CELL_FIELDS},
+        }
+        self.writer.append(rows, tokens, list(batch.prompts))
+        self.rows += int(mask.sum())
+        self.tokens_seen += int(batch.valid.sum())
+
+
+# --- the jitted step ---------------------------------------------------------------------------
+
+
+def make_step(model: Any, forward_fn: Callable, mesh: jax.sharding.Mesh, sites: Sequence[str],
+              store_sites: Sequence[str], with_ring: bool) -> tuple[Callable, Any]:
+    """Returns (step, model_state): `step(state, ring, slot, tokens, seg, pos, sae_mask)`.
+
+    The forward stops after the deepest captured layer (no logits). The ring is
+    donated, so writing the slot is in place; the stored sites are also
+    returned as their own arrays for the drain (the ring slot may be
+    overwritten `n_slots` steps later while the drain still reads them).
+    """
+    graphdef, state = nnx.split(model)
+    sites, store_sites = tuple(sites), tuple(store_sites)
+
+    def _step(state, ring, slot, tokens, seg, pos, sae_mask):
+        m = nnx.merge(graphdef, state)
+        out = forward_fn(m, tokens, seg, pos, sites=sites, return_logits=False)
+        if with_ring:
+            ring = ring_put(ring, slot, out.captures, sae_mask)
+        return ring, {s: out.captures[s] for s in store_sites}
+
+    return jax.jit(_step, donate_argnums=(1,)), state
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Assembles this host's rows into the global batch array (rows over 'data')."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def all_hosts(flag: bool) -> np.ndarray:
+    """bool per process: every host's `flag` (a no-op on one process)."""
+    if jax.process_count() == 1:
+        return np.array([flag])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.array([flag], np.int32))).reshape(-1).astype(bool)
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclasses.dataclass
+class Timings:
+    """Where the wall time went, for the summary (seconds, this process)."""
+
+    input: float = 0.0  # waiting for the next batch from the Grain pipeline
+    forward: float = 0.0  # the jitted step, until its outputs are ready
+    sae: float = 0.0  # online SAE steps
+    commit: float = 0.0  # joins + commits + checkpoints
+    backpressure: float = 0.0  # producer blocked on a full drain queue
+    d2h: float = 0.0  # drain thread: device-to-host copies
+    disk: float = 0.0  # drain thread: host compaction + store appends
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run did, for the summary and for tests (this process's view, plus global counts)."""
+
+    output_dir: str
+    model: str
+    model_note: str
+    sites: tuple[str, ...]
+    stored_sites: tuple[str, ...]
+    steps: int  # steps completed (global step count)
+    resumed_from: int  # step the run started at (0 = fresh)
+    prompts: int  # prompts consumed by this process in this invocation
+    tokens: int  # real tokens forwarded by this process in this invocation
+    rows_durable: int  # rows in the manifest (all processes)
+    skips: dict[str, int]
+    seconds: float
+    timings: dict[str, float]
+    backpressure_waits: int
+    sae_steps: int
+    sae_final: dict[str, dict[str, float]]
+    exports: list[str]
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        tok_s = self.tokens / max(self.seconds, 1e-9)
+        t = self.timings
+        rows = [
+            ("output_dir", self.output_dir),
+            ("model", f"{self.model}{' (' + self.model_note + ')' if self.model_note else ''}"),
+            ("sites captured", ", ".join(self.sites)),
+            ("sites stored", ", ".join(self.stored_sites) or "none"),
+            ("steps", f"{self.steps}" + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")),
+            ("prompts / tokens", f"{self.prompts} / {self.tokens} this process ({tok_s:,.0f} tokens/s)"),
+            ("rows durable", f"{self.rows_durable} (manifest.json)"),
+            ("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(self.skips.items())) or "none"),
+            ("time", f"{self.seconds:.1f} s: input {t['input']:.1f}, forward {t['forward']:.1f}, "
+                     f"sae {t['sae']:.1f}, commit {t['commit']:.1f}, waiting on writer {t['backpressure']:.1f}"),
+            ("drain thread", f"device->host {t['d2h']:.1f} s, store append {t['disk']:.1f} s; "
+                             f"backpressure waits {self.backpressure_waits}"),
+        ]
+        bound = max(("forward", t["forward"]), ("input", t["input"]), ("writer", t["backpressure"]),
+                    ("sae", t["sae"]), key=lambda kv: kv[1])[0]
+        rows.append(("bound by", bound))
+        if self.sae_steps:
+            rows.append(("online SAEs", f"{self.sae_steps} steps"))
+            for site, m in self.sae_final.items():
+                rows.append((f"  {site}", ", ".join(f"{k} {v:.3g}" for k, v in m.items())))
+            rows.append(("SAE exports", f"{len(self.exports)} under {self.output_dir}/saes/"))
+        return rows
+
+
+def _resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """The checkpoint to load, and a note for the summary when it is not a trained model."""
+    if config.model:
+        return str(config.model), ""
+    # No model given: a small random Qwen2 with arcstream's ARC tokenizer, built
+    # deterministically under output_dir/random_model (until a trained model ships).
+    from pathlib import Path
+
+    from arcstream.data.tokenizer import build_arc_tokenizer
+    from arcstream.model import ModelConfig, init_random, save_hf_checkpoint
+
+    path = Path(str(config.output_dir)) / "random_model"
+    if jax.process_index() == 0 and not (path / "config.json").exists():
+        tok = build_arc_tokenizer("digits")
+        mcfg = ModelConfig.tiny("qwen2", vocab_size=len(tok), hidden_size=int(config.random_model.hidden_size),
+                                num_layers=int(config.random_model.num_layers), intermediate_size=
+                                int(config.random_model.hidden_size) * 3, max_position_embeddings=32768,
+                                eos_token_ids=(int(tok.eos_token_id),))
+        save_hf_checkpoint(init_random(mcfg, seed=int(config.seed)), mcfg, path)
+        tok.save_pretrained(path)
+    barrier("random_model")
+    return str(path), "random weights: no trained model given (--config.model=...)"
+
+
+def _site_list(spec: str) -> list[str]:
+    return [s.strip() for s in str(spec).split(",") if s.strip()]
+
+
+def run(config: ml_collections.ConfigDict) -> RunResult:
+    """The run job: capture `config.sites` over `config.data.source` into `config.output_dir`."""
+    from transformers import AutoTokenizer
+
+    from arcstream import cli
+    from arcstream.data.pipeline import make_pipeline
+    from arcstream.model import forward, load_model, make_mesh, parse_sites
+    from arcstream.store import StoreWriter, write_manifest
+
+    start = time.perf_counter()
+    pidx, pcount = jax.process_index(), jax.process_count()
+    if not config.output_dir:
+        raise ValueError("--config.output_dir is empty: give a local path or a TensorStore URL (gs://...)")
+
+    # --- mesh and model
+    mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
+    model_path, model_note = _resolve_model(config)
+    with jax.set_mesh(mesh):
+        model, mcfg = load_model(model_path, dtype=str(config.dtype), mesh=mesh)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    sites = parse_sites(_site_list(config.sites), mcfg.num_layers)
+    stored = parse_sites(_site_list(config.store.sites), mcfg.num_layers) if config.store.sites else sites
+    if config.store.sites == "none":
+        stored = ()
+    missing = sorted(set(stored) - set(sites))
+    if missing:
+        raise ValueError(f"--config.store.sites names {missing}, which --config.sites does not capture ({list(sites)})")
+
+    # --- data
+    data_cfg = config.data
+    B, T = int(data_cfg.batch_size), int(data_cfg.seq_len)
+    pipeline = make_pipeline(data_cfg, tokenizer, process_index=pidx, process_count=pcount)
+    batch_sharding = NamedSharding(mesh, P("data", None))
+    if (B * pcount) % mesh.shape["data"]:
+        raise ValueError(f"data.batch_size={B} x {pcount} processes is not divisible by the mesh's data axis "
+                         f"({mesh.shape['data']}): set --config.data.batch_size to a multiple of "
+                         f"{mesh.shape['data'] // pcount or 1}")
+
+    # --- store (resume from its manifest)
+    resolved = json.loads(config.to_json_best_effort())
+    writer = StoreWriter.create_or_resume(
+        str(config.output_dir), sites={s: mcfg.hidden_size for s in stored}, config=_fingerprinted(resolved),
+        dtype=str(config.store.dtype), process_index=pidx, process_count=pcount,
+        rows_per_shard=int(config.store.rows_per_shard))
+    step0 = writer.resume_step
+    if step0:
+        state = writer.last_commit.extra.get("pipeline")
+        if state is None:
+            raise RuntimeError(f"{config.output_dir}: the commit at step {step0} has no pipeline state; cannot resume")
+        pipeline.set_state(state)
+        logging.info("resuming at step %d (%d durable rows on this process)", step0, writer.durable_rows)
+
+    # --- online SAEs
+    sae = None
+    if config.sae.enabled:
+        sae = _OnlineSAE(config, mesh, {s: mcfg.hidden_size for s in sites},
+                         resume_sae_step=writer.last_commit.extra.get("sae_step") if step0 else None)
+
+    # --- the step
+    n_slots = int(config.ring.n_slots)
+    ring = init_ring(RingSpec({s: mcfg.hidden_size for s in sites}, n_slots, B * pcount, T,
+                              str(config.ring.dtype)), mesh) if sae else None
+    step_fn, mstate = make_step(model, forward, mesh, sites, stored, with_ring=sae is not None)
+    sink = StoreSink(writer, stored, str(config.store.tokens), float(config.store.token_fraction), int(config.seed))
+    drain = DrainQueue(sink, max_in_flight=max(1, n_slots - 1))
+    tm = Timings()
+    commit_every = int(config.commit_every)
+    step, prompts, tokens, filled = step0, 0, 0, 0
+    from tqdm import tqdm
+
+    bar = tqdm(desc="run", unit="step", initial=step0, disable=pidx != 0 or not cli.progress_enabled(),
+               dynamic_ncols=True)
+    last_line = time.perf_counter()
+
+    def commit(step: int) -> None:
+        t0 = time.perf_counter()
+        drain.join()
+        extra = {"pipeline": pipeline.get_state()}
+        if sae is not None:
+            extra["sae_step"] = sae.save()
+        writer.commit(step, extra=extra)
+        barrier(f"commit_{step}")
+        if pidx == 0 and pcount > 1:
+            write_manifest(str(config.output_dir), pcount)
+        barrier(f"manifest_{step}")
+        tm.commit += time.perf_counter() - t0
+
+    try:
+        with jax.set_mesh(mesh):
+            while True:
+                t0 = time.perf_counter()
+                batch = next(pipeline, None)
+                tm.input += time.perf_counter() - t0
+                has = all_hosts(batch is not None)
+                if not has.any():
+                    break
+                if batch is None:
+                    batch = empty_batch_like(B, T)
+                sae_mask = batch.valid & ~((batch.positions == 0) if config.sae.exclude_first_token else False)
+                t0 = time.perf_counter()
+                args = [global_batch(a, batch_sharding) for a in (batch.tokens, batch.segment_ids, batch.positions,
+                                                                   sae_mask)]
+                slot = jnp.int32(step % n_slots)
+                ring, captured = step_fn(mstate, ring, slot, *args)
+                jax.block_until_ready(captured if captured else ring)
+                tm.forward += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if stored:
+                    drain.put(captured, batch)
+                tm.backpressure += time.perf_counter() - t0
+                filled = min(filled + 1, n_slots)
+                step += 1
+                prompts += len(batch.prompts)
+                tokens += int(batch.valid.sum())
+                if sae is not None:
+                    t0 = time.perf_counter()
+                    sae.train(ring, step, filled)
+                    tm.sae += time.perf_counter() - t0
+                if commit_every and step % commit_every == 0:
+                    commit(step)
+                status = (f"prompts {prompts}, {tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s, "
+                          f"durable rows {writer.durable_rows}, drain {drain.in_flight}/{max(1, n_slots - 1)}")
+                bar.set_postfix_str(status, refresh=False)
+                bar.update(1)
+                if bar.disable and pidx == 0 and time.perf_counter() - last_line > 30:
+                    logging.info("step %d: %s", step, status)  # a heartbeat in logs, where no bar is drawn
+                    last_line = time.perf_counter()
+            commit(step)
+    finally:
+        drain.close()
+        bar.close()
+    exports, sae_final = [], {}
+    if sae is not None:
+        exports, sae_final = sae.finish(str(config.output_dir), model_path)
+    from arcstream.store import open_run
+
+    rows_durable = open_run(str(config.output_dir)).rows if stored else 0
+    writer.close()
+    tm.d2h, tm.disk = drain.stats.d2h_seconds, drain.stats.sink_seconds
+    return RunResult(
+        output_dir=str(config.output_dir), model=str(config.model or model_path), model_note=model_note,
+        sites=tuple(sites), stored_sites=tuple(stored), steps=step, resumed_from=step0, prompts=prompts,
+        tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
+        timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
+        sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports)
+
+
+def _fingerprinted(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The config a store is tied to: everything that changes what rows are written.
+
+    Progress-only keys (how often to commit, ring size) may change between a
+    run and its resume without making the store a different store.
+    """
+    out = json.loads(json.dumps(resolved))
+    for key in ("commit_every",):
+        out.pop(key, None)
+    out.get("ring", {}).pop("n_slots", None)
+    return out
+
+
+class _OnlineSAE:
+    """The SAEs trained on the ring buffer, one per captured site (or a sweep per site)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
+                 resume_sae_step: int | None):
+        from arcstream.sae import SAECheckpointer, TrainConfig, make_train_step, site_specs
+
+        self.config = config
+        self.mesh = mesh
+        self.specs = site_specs(config.sae, dict(d_in))
+        total = int(config.sae.total_steps)
+        warm = min(int(config.sae.warmup_steps), total)
+        self.tc = TrainConfig(total_steps=total, warmup_steps=warm,
+                              decay_steps=min(int(round(float(config.sae.decay_fraction) * total)), total - warm),
+                              clip_norm=float(config.sae.clip_norm), seed=int(config.seed))
+        self.step_fn = make_train_step(self.specs, self.tc, mesh)
+        self.sample = make_sampler(mesh, int(config.sae.batch_size))
+        self.state = None
+        self.steps = 0
+        self.resume_sae_step = resume_sae_step
+        self.key = jax.random.key(int(config.seed) + 7)
+        from pathlib import Path
+
+        self.ckpt = SAECheckpointer(Path(str(config.output_dir)) / "saes" / "checkpoints")
+        self.metrics_path = None
+        self.last: dict[str, dict[str, float]] = {}
+
+    def train(self, ring: RingState, step: int, filled: int) -> None:
+        from arcstream.sae import init_train_state
+
+        if filled < min(int(self.config.sae.start_after_slots), int(self.config.ring.n_slots)):
+            return
+        for i in range(int(self.config.sae.steps_per_batch)):
+            batch = self.sample(ring, jax.random.fold_in(jax.random.fold_in(self.key, step), i))
+            if self.state is None:
+                self.state = init_train_state(self.specs, self.tc, batch, self.mesh)
+                if self.resume_sae_step:
+                    # The SAE state saved with the store's last commit (ledger extra "sae_step").
+                    self.state = self.ckpt.restore(self.state, step=int(self.resume_sae_step))
+                    self.steps = int(self.state.step)
+            if self.steps >= self.tc.total_steps:
+                return
+            self.state, metrics = self.step_fn(self.state, batch)
+            self.steps += 1
+            if self.steps % int(self.config.sae.log_every) == 0 or self.steps == 1:
+                self._log(jax.device_get(metrics), step)
+
+    def _log(self, metrics: Mapping[str, Mapping[str, np.ndarray]], run_step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        from pathlib import Path
+
+        path = Path(str(self.config.output_dir)) / "metrics.jsonl"
+        with path.open("a") as f:
+            for site, m in metrics.items():
+                rec = {"job": "run", "run_step": run_step, "sae_step": self.steps, "site": site,
+                       **{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}}
+                f.write(json.dumps(rec) + "\n")
+                self.last[site] = {k: rec[k] for k in ("loss", "l0", "fvu", "dead_fraction") if k in rec}
+
+    def save(self) -> int:
+        """Checkpoints the SAE state (once per SAE step) and returns its step, for the store's commit record."""
+        if self.state is None:
+            return 0
+        if self.ckpt.latest_step() != self.steps:
+            self.ckpt.save(self.state)
+        return self.steps
+
+    def finish(self, output_dir: str, model_name: str) -> tuple[list[str], dict[str, dict[str, float]]]:
+        from pathlib import Path
+
+        from arcstream.sae import export_all
+
+        exports = []
+        if self.state is not None and jax.process_index() == 0:
+            exports = [str(p) for p in export_all(self.state, self.specs, Path(output_dir) / "saes", model_name)]
+        self.ckpt.close()
+        return exports, self.last

