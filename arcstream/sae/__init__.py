@@ -26,3 +26,6 @@ from arcstream.sae.train import (
     state_shardings,
 )
 from arcstream.sae.export import decode, encode, export_sae, load_sae
+from arcstream.sae.data import ActivationSource, InMemorySource, batch_dataset
+from arcstream.sae.checkpoint import SAECheckpointer
+from arcstream.sae.offline import export_all, parse_sweep, site_specs, summary_lines, train_offline

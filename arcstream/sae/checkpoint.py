@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the SAE trainer: params, optimizer state, buffers, RNG, step
+(and the offline trainer's Grain iterator).
+
+Saved as `ocp.args.Composite(state=StandardSave(tree), data=grain CheckpointSave)`.
+Site names contain dots, which Orbax would read as path separators, so the saved
+tree names sites `site0, site1, ...` in sorted order (the site list is fixed by the
+config that the resumed run must repeat). The data iterator goes through Grain's
+own handler, which writes one file per process (JsonSave would keep only process 0's).
+Restoring needs a template state (same specs): shapes, dtypes and shardings come
+from it, so a restored state lands on the mesh as the template does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from arcstream.sae.train import SiteState, TrainState
+
+
+def _to_tree(state: TrainState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "rng": state.rng,
+        "sites": {
+            f"site{i}": {"params": s.params, "opt_state": s.opt_state, "buffers": s.buffers}
+            for i, (_, s) in enumerate(sorted(state.sites.items()))
+        },
+    }
+
+
+def _from_tree(tree: dict[str, Any], template: TrainState) -> TrainState:
+    sites = {
+        name: SiteState(**tree["sites"][f"site{i}"]) for i, name in enumerate(sorted(template.sites))
+    }
+    return TrainState(sites=sites, step=tree["step"], rng=tree["rng"])
+
+
+class SAECheckpointer:
+    """Save/restore a TrainState (and optionally a Grain iterator) under `directory`."""
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        )
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def save(self, state: TrainState, data_iter: grain.DatasetIterator | None = None) -> None:
+        """Save at `state.step` and wait until it is on disk (a kill afterwards loses nothing)."""
+        args = {"state": ocp.args.StandardSave(_to_tree(state))}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._mgr.save(int(state.step), args=ocp.args.Composite(**args), force=True)
+        self._mgr.wait_until_finished()
+
+    def restore(
+        self, template: TrainState, data_iter: grain.DatasetIterator | None = None, step: int | None = None
+    ) -> TrainState:
+        """The state saved at `step` (default: latest); `data_iter` is set to its saved position."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"SAECheckpointer.restore: no checkpoint under {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
+        args = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iter is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self._mgr.restore(step, args=ocp.args.Composite(**args))
+        return _from_tree(restored["state"], template)
+
+    def close(self) -> None:
+        self._mgr.close()

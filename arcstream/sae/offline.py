@@ -1,0 +1,176 @@
+"""The offline SAE trainer: stored activations -> Grain batches -> the shared step -> exports.
+
+`train_offline(config, source)` trains one SAE (or a sweep) per site on a
+`run_dir`'s stored activations, checkpointing with Orbax (state + Grain iterator)
+every `checkpoint_every` steps, and resumes from the latest checkpoint if one
+exists: a run killed after a checkpoint and restarted ends with exactly the
+parameters of an uninterrupted run. Exports go to `run_dir/saes/<site>/`
+(a sweep adds `<member>/`), metrics to `run_dir/saes/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from arcstream.sae.architectures import SWEEPABLE, SAEConfig, member_names
+from arcstream.sae.checkpoint import SAECheckpointer
+from arcstream.sae.data import ActivationSource, batch_dataset
+from arcstream.sae.export import export_sae
+from arcstream.sae.train import TrainConfig, TrainState, init_train_state, make_train_step, member_state
+
+
+def parse_sweep(sweep: str) -> dict[str, list[Any]]:
+    """`"k=16,32;l1_coefficient=1,5"` -> {"k": [16, 32], "l1_coefficient": [1.0, 5.0]} (zipped, equal lengths)."""
+    out: dict[str, list[Any]] = {}
+    for part in filter(None, (p.strip() for p in sweep.split(";"))):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in SWEEPABLE or not values:
+            raise ValueError(f"sae.sweep entry {part!r}: expected NAME=V1,V2,... with NAME in {SWEEPABLE}")
+        cast = int if name == "k" else float
+        out[name] = [cast(v) for v in values.split(",")]
+    lengths = {n: len(v) for n, v in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"sae.sweep lists differ in length {lengths}; members are zipped, so they must match")
+    return out
+
+
+def site_specs(sae_cfg: Mapping[str, Any], d_in_by_site: Mapping[str, int]) -> dict[str, list[SAEConfig]]:
+    """The per-site SAE configs from the `sae.*` config keys."""
+    specs = {}
+    sweep = parse_sweep(str(sae_cfg.get("sweep", "") or ""))
+    n = len(next(iter(sweep.values()))) if sweep else 1
+    for site, d_in in d_in_by_site.items():
+        d_sae = int(sae_cfg.get("d_sae", 0) or 0) or int(sae_cfg["expansion_factor"]) * d_in
+        base = dict(
+            architecture=sae_cfg["architecture"], d_in=d_in, d_sae=d_sae, k=int(sae_cfg["k"]),
+            l1_coefficient=float(sae_cfg["l1_coefficient"]), l0_coefficient=float(sae_cfg["l0_coefficient"]),
+            aux_coefficient=float(sae_cfg["aux_coefficient"]), lr=float(sae_cfg["lr"]),
+            dead_steps=int(sae_cfg["dead_steps"]), b_dec_init=str(sae_cfg["b_dec_init"]),
+            jumprelu_bandwidth=float(sae_cfg["jumprelu_bandwidth"]),
+            jumprelu_init_threshold=float(sae_cfg["jumprelu_init_threshold"]),
+        )
+        specs[site] = [SAEConfig(**{**base, **{f: v[i] for f, v in sweep.items()}}) for i in range(n)]
+    return specs
+
+
+def export_all(state: TrainState, specs: Mapping[str, list[SAEConfig]], saes_dir: Path,
+               model_name: str | None = None) -> list[Path]:
+    """Export every member: `saes_dir/<site>/` or, for a sweep, `saes_dir/<site>/<member>/`."""
+    out = []
+    for site, members in specs.items():
+        names = member_names(members)
+        for i, cfg in enumerate(members):
+            params, buffers = member_state(state, site, i)
+            folder = saes_dir / site if len(members) == 1 else saes_dir / site / names[i]
+            out.append(export_sae(params, cfg, folder, hook_name=site, buffers=buffers, model_name=model_name))
+    return out
+
+
+def train_offline(
+    config: Any,
+    source: ActivationSource,
+    *,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train SAEs on `source` per `config` (see configs/train_sae.py); returns a summary dict."""
+    run_dir = Path(config.run_dir)
+    sae_cfg = config.sae
+    sites = [s.strip() for s in str(config.sites or "").split(",") if s.strip()] or list(source.sites)
+    unknown = [s for s in sites if s not in set(source.sites)]
+    if unknown:
+        raise ValueError(f"--config.sites: {unknown} not in the run's stored sites {list(source.sites)}")
+    d_in = {s: int(source.activations(s).shape[1]) for s in sites}
+    specs = site_specs(sae_cfg, d_in)
+    batch_size = int(sae_cfg.batch_size)
+    total_steps = max(1, int(sae_cfg.train_tokens) // batch_size)
+    tc = TrainConfig(
+        total_steps=total_steps,
+        warmup_steps=min(int(sae_cfg.warmup_steps), total_steps),
+        decay_steps=min(int(round(float(sae_cfg.decay_fraction) * total_steps)),
+                        total_steps - min(int(sae_cfg.warmup_steps), total_steps)),
+        clip_norm=float(sae_cfg.clip_norm),
+        seed=int(config.seed),
+    )
+    ds = batch_dataset(source, sites, batch_size, chunk_rows=int(sae_cfg.chunk_rows), seed=int(config.seed))
+    it = iter(ds.to_iter_dataset())
+    saes_dir = run_dir / "saes"
+    saes_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = SAECheckpointer(saes_dir / "checkpoints")
+    metrics_path = saes_dir / "metrics.jsonl"
+
+    # The init batch is batch 0 of a *separate* iterator, so the training
+    # iterator's position depends only on the step (resume-safe).
+    first = next(iter(ds.to_iter_dataset()))
+    state = init_train_state(specs, tc, first)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, it)
+        start = int(state.step)
+        _truncate_metrics(metrics_path, start)
+        log(f"resumed SAE training from step {start} ({ckpt.directory})")
+    step = make_train_step(specs, tc)
+    every = int(config.checkpoint_every)
+    log_every = max(1, int(config.log_every))
+    stop_after = int(config.get("stop_after_steps", 0) or 0)
+    names = {site: member_names(m) for site, m in specs.items()}
+    t0, last = time.perf_counter(), {}
+    with metrics_path.open("a") as f:
+        for s in range(start, total_steps):
+            state, metrics = step(state, next(it))
+            done = s + 1
+            if done % log_every == 0 or done == total_steps:
+                host = jax.device_get(metrics)
+                for site, m in host.items():
+                    for i, name in enumerate(names[site]):
+                        rec = {"job": "train_sae", "step": done, "site": site, "member": name,
+                               **{k: float(np.asarray(v)[i]) for k, v in m.items()}}
+                        f.write(json.dumps(rec) + "\n")
+                        last[(site, name)] = rec
+                f.flush()
+            if (every and done % every == 0) or done == total_steps:
+                ckpt.save(state, it)
+            if stop_after and done >= stop_after and done < total_steps:
+                ckpt.close()
+                return {"stopped_at": done, "total_steps": total_steps}
+    elapsed = time.perf_counter() - t0
+    exports = export_all(state, specs, saes_dir, model_name=config.get("model_name") or None)
+    ckpt.close()
+    tokens = (total_steps - start) * batch_size
+    return {
+        "total_steps": total_steps,
+        "resumed_from": start,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "exports": [str(p) for p in exports],
+        "final": {f"{k[0]}/{k[1]}": v for k, v in last.items()},
+        "state": state,
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after the restored step (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """A one-screen summary of a finished run."""
+    lines = [f"SAE training: {summary['total_steps']} steps (resumed from {summary['resumed_from']}), "
+             f"{summary['tokens_per_s']:.0f} tokens/s"]
+    for key, rec in sorted(summary["final"].items()):
+        lines.append(f"  {key}: loss {rec['loss']:.4g}  L0 {rec['l0']:.1f}  FVU {rec['fvu']:.3f}  "
+                     f"dead {rec['dead_fraction']:.3f}  dense {rec['dense_fraction']:.3f}")
+    lines += [f"  export: {p}" for p in summary["exports"]]
+    return lines
+
+
+__all__ = ["export_all", "parse_sweep", "site_specs", "summary_lines", "train_offline"]
