@@ -5,6 +5,7 @@ Public API (shapes: B batch, T tokens, D width, V vocabulary):
 - `load_model(path_or_hub_name, *, dtype, mesh, rules) -> (Decoder, ModelConfig)`
 - `forward(model, tokens_bt, segment_ids_bt, positions_bt, *, sites, return_logits) -> ModelOutput`
   (`logits` [B,T,V] or None, `captures` {site: [B,T,D]}); segment id 0 = padding.
+  `forward_jit` is the same under `nnx.jit` (sites, return_logits static).
 - `parse_sites(spec, num_layers) -> tuple[str, ...]`
 - `generate(model, prompts, *, max_new_tokens, eos_id, pad_id, lengths=None) -> GenerateOutput`
 - `make_mesh(data=-1, model=1)`, `LOGICAL_AXIS_RULES`, `logical_to_spec`, `logical_sharding`
@@ -15,8 +16,9 @@ Test helpers (need torch) live in `arcstream.model.testing`.
 
 from arcstream.model.config import ModelConfig, RopeScaling
 from arcstream.model.generate import GenerateOutput, generate
-from arcstream.model.model import HOOKS, Decoder, ModelOutput, forward, init_random, parse_sites
-from arcstream.model.params import PARAM_TABLE, load_model, resolve_checkpoint, save_hf_checkpoint
+from arcstream.model.model import (HOOKS, Decoder, ModelOutput, forward, forward_jit,
+                                   parse_sites)
+from arcstream.model.params import PARAM_TABLE, init_random, load_model, resolve_checkpoint, save_hf_checkpoint
 from arcstream.model.sharding import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
@@ -28,7 +30,7 @@ from arcstream.model.sharding import (
 
 __all__ = [
     "HOOKS", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_TABLE", "Decoder", "GenerateOutput",
-    "ModelConfig", "ModelOutput", "RopeScaling", "constrain", "forward", "generate", "init_random",
+    "ModelConfig", "ModelOutput", "RopeScaling", "constrain", "forward", "forward_jit", "generate", "init_random",
     "load_model", "logical_sharding", "logical_to_spec", "make_mesh", "parse_sites",
     "resolve_checkpoint", "save_hf_checkpoint",
 ]

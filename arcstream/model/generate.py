@@ -87,13 +87,22 @@ def generate(model: Decoder, prompts: Sequence[np.ndarray] | np.ndarray, *, max_
         raise ValueError("generate: eos_id is empty; give at least one stop token id.")
     tokens_bp, valid_bp = _left_pad(prompts, lengths, pad_id, pad_to_multiple)
     graphdef, state = nnx.split(model)
+    # Stop ids as a fixed-size traced array (-1 never matches) so that changing
+    # them does not recompile.
+    if len(eos) > _MAX_EOS:
+        raise ValueError(f"generate: {len(eos)} eos ids given; at most {_MAX_EOS} are supported.")
+    eos_e = np.full((_MAX_EOS,), -1, np.int32)
+    eos_e[: len(eos)] = eos
     out = _generate_jit(graphdef, state, jnp.asarray(tokens_bp), jnp.asarray(valid_bp),
-                        max_new_tokens, eos, int(pad_id))
+                        jnp.asarray(eos_e), max_new_tokens, int(pad_id))
     return out
 
 
-@partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate_jit(graphdef, state, tokens_bp, valid_bp, max_new: int, eos: tuple[int, ...],
+_MAX_EOS = 8
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, max_new: int,
                   pad_id: int) -> GenerateOutput:
     model = nnx.merge(graphdef, state)
     c = model.config
@@ -105,7 +114,6 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, max_new: int, eos: tuple
     caches = [tuple(constrain(jnp.zeros((b, s, c.num_kv_heads, c.head_dim), model.dtype), _CACHE, rules)
                     for _ in range(2)) for _ in range(c.num_layers)]
     key_valid_bs = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
-    eos_e = jnp.asarray(eos, jnp.int32)
 
     def run(x_btd, positions_bt, mask_bts, caches, index):
         cos, sin = rope_tables(c, positions_bt, model.dtype)

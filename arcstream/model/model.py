@@ -326,23 +326,7 @@ def forward(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
     return ModelOutput(logits=logits, captures={s: captures[s] for s in sites})
 
 
-def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
-                mesh: jax.sharding.Mesh | None = None, rules: Rules = None) -> Decoder:
-    """A randomly initialised model (normal(0.02) weights, unit norms, zero biases).
-
-    With a mesh, parameters are created inside one jit whose outputs are
-    already sharded, so no host ever holds the whole model.
-    """
-    from arcstream.model.params import state_shardings  # local: params imports this module
-
-    def build() -> Decoder:
-        return Decoder(config, dtype=dtype, rngs=nnx.Rngs(params=seed), rules=rules)
-
-    if mesh is None:
-        return build()
-    abstract = nnx.eval_shape(build)
-    graphdef, abs_state = nnx.split(abstract)
-    shardings = state_shardings(abs_state, mesh, rules)
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+# `forward` under `nnx.jit` (sites and return_logits static).  One compile per
+# (shapes, sites); prefer it to calling `forward` eagerly, which dispatches and
+# compiles every operation separately.
+forward_jit = nnx.jit(forward, static_argnames=("sites", "return_logits"))

@@ -260,6 +260,48 @@ def _log_params(model: Decoder) -> None:
         log.info("param %-45s %-18s %-9s %s", path, tuple(v.shape), v.dtype, getattr(v, "sharding", None))
 
 
+# ---------------------------------------------------------------------------- random init
+def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
+                mesh: jax.sharding.Mesh | None = None, rules: Rules = None) -> Decoder:
+    """A random model: normal(0, 0.02) matrices, unit norm scales, zero biases.
+
+    Values come from NumPy (one generator per parameter, seeded by
+    `(seed, index)`), so they do not depend on the mesh, and nothing is
+    compiled (XLA's threefry init of a model compiles for many seconds).  With
+    a mesh, each parameter is generated and placed one at a time, like
+    `load_model`, so the host holds at most one full tensor.
+    """
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
+    graphdef, abs_state = nnx.split(abstract)
+    new_flat = []
+    for i, (path_parts, var) in enumerate(nnx.to_flat_state(abs_state)):
+        shape, np_dtype = tuple(var.shape), np.dtype(var.dtype)
+        leaf, owner = str(path_parts[-1]), ".".join(str(p) for p in path_parts[:-1])
+
+        def full(i=i, shape=shape, np_dtype=np_dtype, leaf=leaf, owner=owner) -> np.ndarray:
+            if leaf == "bias":
+                return np.zeros(shape, np_dtype)
+            if leaf == "weight" and "norm" in owner:
+                return np.ones(shape, np_dtype)
+            rng = np.random.default_rng([seed, i])
+            return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np_dtype)
+
+        if mesh is None:
+            value = jnp.asarray(full())
+        else:
+            sharding = logical_sharding(var.get_metadata()["logical_axes"], shape, mesh, rules)
+            whole: list[np.ndarray] = []
+
+            def cb(index: tuple, full=full, whole=whole) -> np.ndarray:
+                if not whole:
+                    whole.append(full())
+                return whole[0][index]
+
+            value = jax.make_array_from_callback(shape, sharding, cb)
+        new_flat.append((path_parts, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
 # ---------------------------------------------------------------------------- saving
 def save_hf_checkpoint(model: Decoder, config: ModelConfig, path: str | os.PathLike, *,
                        max_shard_bytes: int | None = None) -> Path:

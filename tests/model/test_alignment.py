@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arcstream.model import forward, load_model, parse_sites
+from arcstream.model import forward_jit, load_model, parse_sites
 from arcstream.model.testing import make_tiny_hf_checkpoint
 from tests.model.conftest import hf_reference, load_hf, rel_err
 
@@ -33,7 +33,7 @@ def _run(model, cfg, tokens_bt):
     b, t = tokens_bt.shape
     sites = parse_sites("blocks.*.hook_resid_pre,blocks.*.hook_resid_post,"
                         "blocks.*.hook_attn_out,blocks.*.hook_mlp_out", cfg.num_layers)
-    out = forward(model, jnp.asarray(tokens_bt), jnp.ones((b, t), jnp.int32),
+    out = forward_jit(model, jnp.asarray(tokens_bt), jnp.ones((b, t), jnp.int32),
                   jnp.tile(jnp.arange(t, dtype=jnp.int32), (b, 1)), sites=sites, return_logits=True)
     return sites, out
 

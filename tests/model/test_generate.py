@@ -1,0 +1,83 @@
+"""Batched greedy generation equals HF `generate(do_sample=False)` token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from arcstream.model import generate, load_model, make_mesh
+from tests.model.conftest import load_hf
+
+MAX_NEW = 12
+
+
+def _prompts(seed: int = 11) -> list[np.ndarray]:
+    rng = np.random.RandomState(seed)
+    return [rng.randint(3, 128, n).astype(np.int32) for n in (5, 13, 9)]
+
+
+def _hf_greedy(hf, prompt: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """HF's continuation of one unpadded prompt and the log-prob of each chosen token."""
+    with torch.no_grad():
+        res = hf.generate(torch.as_tensor(prompt[None], dtype=torch.long), max_new_tokens=MAX_NEW,
+                          do_sample=False, eos_token_id=eos, pad_token_id=2,
+                          output_logits=True, return_dict_in_generate=True)
+    new = res.sequences[0, prompt.size:].numpy()
+    lp = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(res.logits, new)]
+    return new, np.asarray(lp)
+
+
+def test_greedy_generation_matches_hf(family, tiny_ckpts):
+    model, cfg = load_model(tiny_ckpts[family])
+    hf = load_hf(tiny_ckpts[family])
+    prompts = _prompts()
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, eos_id=1, pad_id=2)
+    assert out.tokens.shape == (3, MAX_NEW) and out.logprobs.shape == (3, MAX_NEW)
+    for i, p in enumerate(prompts):
+        ref, ref_lp = _hf_greedy(hf, p, eos=1)
+        n = int(out.num_generated[i])
+        assert n == ref.size
+        np.testing.assert_array_equal(np.asarray(out.tokens[i, :n]), ref)
+        np.testing.assert_allclose(np.asarray(out.logprobs[i, :n]), ref_lp, atol=1e-4)
+
+    # Stop on EOS: make a token that row r first emits at step k >= 1 the stop token.
+    toks = np.asarray(out.tokens)
+    r, k = next(((r, k) for k in range(1, MAX_NEW) for r in range(3) if toks[r, k] not in toks[r, :k]),
+                (0, 0))
+    eos = int(toks[r, k])
+    stopped = generate(model, prompts, max_new_tokens=MAX_NEW, eos_id=[eos, 1], pad_id=2)
+    assert int(stopped.num_generated[r]) == k + 1
+    np.testing.assert_array_equal(np.asarray(stopped.tokens[r, : k + 1]), toks[r, : k + 1])
+    assert (np.asarray(stopped.tokens[r, k + 1:]) == 2).all()
+    assert (np.asarray(stopped.logprobs[r, k + 1:]) == 0).all()
+    for i, p in enumerate(prompts):
+        ref, _ = _hf_greedy(hf, p, eos=eos)
+        n = int(stopped.num_generated[i])
+        if 1 not in ref.tolist():  # HF was told only about `eos`
+            np.testing.assert_array_equal(np.asarray(stopped.tokens[i, :n]), ref)
+
+
+@pytest.mark.slow  # compiles the decode loop twice, once on a 2x4 mesh
+def test_padded_input_with_lengths_and_mesh_equal_list_input(tiny_ckpts):
+    path = tiny_ckpts["llama"]
+    model, _ = load_model(path)
+    prompts = _prompts(5) + _prompts(6)[:1]
+    ref = generate(model, prompts, max_new_tokens=6, eos_id=1, pad_id=2)
+    padded = np.full((4, 16), 2, np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : p.size] = p
+    sharded, _ = load_model(path, mesh=make_mesh(data=2, model=4))
+    out = generate(sharded, padded, lengths=[p.size for p in prompts], max_new_tokens=6, eos_id=1, pad_id=2)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+def test_generate_rejects_bad_input(tiny_ckpts):
+    model, _ = load_model(tiny_ckpts["qwen2"])
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generate(model, _prompts(), max_new_tokens=0, eos_id=1, pad_id=2)
+    with pytest.raises(ValueError, match="prompt 1 has shape"):
+        generate(model, [np.array([3, 4]), np.array([], np.int32)], max_new_tokens=2, eos_id=1, pad_id=2)
+    with pytest.raises(ValueError, match="lengths"):
+        generate(model, np.zeros((2, 4), np.int32), lengths=[2, 9], max_new_tokens=2, eos_id=1, pad_id=2)
