@@ -35,6 +35,9 @@ from arcstream.store import TOKEN_FIELDS, StoreWriter
 from arcstream.store.layout import activation_metadata, numpy_dtype, token_metadata
 
 
+_SPLIT: list[tuple[float, float, float]] = []  # arcstream: (in append, in commit, total) per run
+
+
 def make_batches(args):
     rng = np.random.default_rng(0)
     dt = numpy_dtype(args.dtype)
@@ -54,13 +57,22 @@ def bench_arcstream(root: Path, sites, batches, args) -> float:
     t0 = time.perf_counter()
     writer = StoreWriter.create_or_resume(str(root), sites=sites, config={"bench": True}, dtype=args.dtype,
                                           rows_per_shard=args.rows_per_shard)
+    in_append = in_commit = 0.0
     for i, (rows, tokens) in enumerate(batches):
         info = PromptInfo(i, "bench", 0, {}, np.zeros(args.batch, np.int32), args.batch)
+        t = time.perf_counter()
         writer.append(rows, tokens, [info])
+        in_append += time.perf_counter() - t
         if (i + 1) % args.commit_every == 0:
+            t = time.perf_counter()
             writer.commit(i + 1)
+            in_commit += time.perf_counter() - t
+    t = time.perf_counter()
     writer.commit(len(batches))
-    return time.perf_counter() - t0
+    in_commit += time.perf_counter() - t
+    seconds = time.perf_counter() - t0
+    _SPLIT.append((in_append, in_commit, seconds))
+    return seconds
 
 
 def bench_naive_ts(root: Path, sites, batches, args) -> float:
@@ -134,6 +146,9 @@ def main():
     print(f"{'method':<10} {'seconds':>8} {'rows/s':>10} {'MB/s':>8}")
     for name, seconds in best.items():
         print(f"{name:<10} {seconds:>8.3f} {n_rows / seconds:>10.0f} {nbytes / seconds / 1e6:>8.1f}")
+    in_append, in_commit, total = min(_SPLIT, key=lambda x: x[2])
+    print(f"arcstream caller time: {in_append:.3f} s in append ({in_append / len(batches) * 1e3:.2f} ms per "
+          f"{args.batch}-row batch), {in_commit:.3f} s in commit, of {total:.3f} s")
     for name in ("naive_ts", "np_save"):
         print(f"arcstream / {name}: {best[name] / best['arcstream']:.2f}x throughput")
 

@@ -424,6 +424,11 @@ class StoreWriter:
         the run job calls `write_manifest(output_dir, process_count)` on
         process 0 once every process's `commit` returned (barrier); until then
         readers and resumes see the previous manifest.
+
+        Cost: a rewrite of the partial last shard of every array plus a few
+        small fsynced files, about 0.1 s on the 2-core dev VM
+        (benchmarks/bench_store.py --commit_every=1): commit every
+        `rows_per_shard` rows or more, or every few seconds, not every batch.
         """
         self._check_usable()
         if not isinstance(step, (int, np.integer)) or step < self._durable.step:
