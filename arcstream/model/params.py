@@ -154,6 +154,8 @@ def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
     Raises with the file and key for missing/unexpected tensors, shape
     mismatches, and unsupported architectures or options.
     """
+    if str(jnp.dtype(dtype)) not in ("float32", "bfloat16"):
+        raise ValueError(f"load_model(dtype={dtype!r}): expected 'float32' or 'bfloat16'.")
     ckpt = resolve_checkpoint(path_or_hub_name)
     cfg_path = ckpt / "config.json"
     if not cfg_path.exists():
