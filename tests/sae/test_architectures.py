@@ -62,8 +62,8 @@ def _np_auxk(p, x, xh, pre, dead, coef):
 def _run(arch, cfg, p, x, dead=None, buffers=None):
     a = get_architecture(arch)
     jp = jax.tree.map(jnp.asarray, p)
-    return a.loss(jp, buffers or {}, jnp.asarray(x), cfg, cfg.hparams(),
-                  None if dead is None else jnp.asarray(dead))
+    loss = jax.jit(a.loss, static_argnums=(3,))
+    return loss(jp, buffers or {}, jnp.asarray(x), cfg, cfg.hparams(), None if dead is None else jnp.asarray(dead))
 
 
 def test_standard_encode_decode_loss_match_numpy():
