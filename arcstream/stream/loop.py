@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -340,6 +342,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         barrier(f"manifest_{step}")
         tm.commit += time.perf_counter() - t0
 
+    kill_at = int(os.environ.get("ARCSTREAM_FAULT_KILL_AT_STEP", "0") or 0)
     try:
         with jax.set_mesh(mesh):
             while True:
@@ -371,6 +374,8 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                     t0 = time.perf_counter()
                     sae.train(ring, step, filled)
                     tm.sae += time.perf_counter() - t0
+                if kill_at == step:
+                    _die_for_test(step)
                 if commit_every and step % commit_every == 0:
                     commit(step)
                 status = (f"prompts {prompts}, {tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s, "
@@ -398,6 +403,13 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
         timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
         sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports)
+
+
+def _die_for_test(step: int) -> None:
+    """Fault injection for the resume tests: SIGKILL this process mid-run (after step `step`'s
+    forward and drain hand-off, before its commit), exactly like `kill -9` at that moment."""
+    logging.warning("ARCSTREAM_FAULT_KILL_AT_STEP=%d: killing this process with SIGKILL", step)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fingerprinted(resolved: dict[str, Any]) -> dict[str, Any]:

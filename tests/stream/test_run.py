@@ -1,0 +1,202 @@
+"""The run job end to end, on a tiny checkpoint built here with transformers.
+
+- stored activations equal HF PyTorch hidden states of each prompt run alone;
+- kill -9 mid-run, then the same command again: the store equals an uninterrupted run's;
+- 1 process x 8 devices and 2 processes x 4 devices store the same rows;
+- a store written by another config is refused with the differing keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = "blocks.0.hook_resid_post,blocks.1.hook_resid_pre,blocks.2.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from arcstream.data.tokenizer import build_arc_tokenizer
+    from arcstream.model.testing import make_tiny_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-qwen2"
+    make_tiny_hf_checkpoint(path, "qwen2", num_hidden_layers=3, max_position_embeddings=4096)
+    build_arc_tokenizer("digits").save_pretrained(path)
+    return path
+
+
+def _config(ckpt: Path, out: Path, **over):
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import importlib
+
+        default = importlib.import_module("default")
+    finally:
+        sys.path.pop(0)
+    c = default.get_config("nosae")
+    c.model = str(ckpt)
+    c.output_dir = str(out)
+    c.sites = SITES
+    c.max_prompts = 6
+    c.commit_every = 1
+    c.store.dtype = "float32"
+    c.data.seq_len = 768
+    c.data.max_prompt_len = 768
+    c.data.batch_size = 2
+    c.mesh.data = 1
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _cli_overrides(ckpt: Path, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"--config={REPO / 'configs/default.py'}:nosae", f"--config.model={ckpt}", f"--config.output_dir={out}",
+        f"--config.sites={SITES}", "--config.max_prompts=6", "--config.commit_every=1",
+        "--config.store.dtype=float32", "--config.data.seq_len=768", "--config.data.max_prompt_len=768",
+        "--config.data.batch_size=2", *extra,
+    ]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               ARCSTREAM_NO_PROGRESS="1", HF_HUB_OFFLINE="1")
+    env.pop("ARCSTREAM_FAULT_KILL_AT_STEP", None)
+    return env
+
+
+def _rows_by_token(run_dir: Path) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """{(prompt, position): {site: row}}: the store's content independent of row order."""
+    from arcstream.store import open_run
+
+    r = open_run(str(run_dir))
+    tok = r.tokens()
+    acts = {s: np.asarray(r.activations(s)[:]) for s in r.sites}
+    keys = list(zip(tok["prompt"].tolist(), tok["position"].tolist()))
+    assert len(set(keys)) == len(keys), "a token was stored twice"
+    return {k: {s: a[i] for s, a in acts.items()} for i, k in enumerate(keys)}
+
+
+def test_stored_activations_equal_hf_hidden_states_of_each_prompt_alone(tiny_ckpt, tmp_path):
+    import torch
+    import transformers
+
+    from arcstream.stream.loop import run
+    from arcstream.store import open_run
+
+    result = run(_config(tiny_ckpt, tmp_path / "run"))
+    assert result.steps >= 2 and result.prompts == 6
+    r = open_run(str(tmp_path / "run"))
+    assert r.rows == result.tokens, "every real token is stored (store.tokens=all)"
+    tok = r.tokens()
+    prompts = r.prompts()
+    assert len(prompts) == 6
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    acts = {s: np.asarray(r.activations(s)[:]) for s in r.sites}
+    for p_index, info in list(prompts.items())[:3]:
+        ids = info.token_ids
+        rows = np.nonzero(tok["prompt"] == p_index)[0]
+        rows = rows[np.argsort(tok["position"][rows])]
+        np.testing.assert_array_equal(tok["position"][rows], np.arange(len(ids)))
+        np.testing.assert_array_equal(tok["token_id"][rows], ids)
+        with torch.no_grad():
+            hs = hf(torch.tensor(ids[None]), output_hidden_states=True).hidden_states
+        # resid_post of layer L = hidden_states[L+1] (layer 2 is the last: HF's last entry is after the
+        # final norm, so compare layer 2 through the pre-norm value: resid_pre of a 4th layer doesn't
+        # exist; use a forward hook on the last decoder layer instead).
+        captured = {}
+        h = hf.model.layers[2].register_forward_hook(lambda m, i, o: captured.setdefault("l2", o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            hf(torch.tensor(ids[None]))
+        h.remove()
+        want = {
+            "blocks.0.hook_resid_post": hs[1][0].numpy(),
+            "blocks.1.hook_resid_pre": hs[1][0].numpy(),
+            "blocks.2.hook_resid_post": captured["l2"][0].numpy(),
+        }
+        for site, w in want.items():
+            got = acts[site][rows]
+            err = np.abs(got - w).max() / np.abs(w).max()
+            assert err < 1e-4, f"{site} prompt {p_index}: relative error {err:.2e}"
+    # Cell metadata: a grid token's colour is its digit.
+    from arcstream.data.tokenizer import build_arc_tokenizer
+
+    t = build_arc_tokenizer("digits")
+    cells = tok["grid_kind"] > 0
+    assert cells.any()
+    digits = np.array([int(t.convert_ids_to_tokens(int(i))) for i in tok["token_id"][cells]])
+    np.testing.assert_array_equal(digits, tok["colour"][cells])
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_equals_uninterrupted(tiny_ckpt, tmp_path):
+    cmd = [sys.executable, "-m", "arcstream.run"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cmd + _cli_overrides(tiny_ckpt, full), env=_env(1), cwd=REPO, check=True,
+                   capture_output=True)
+    env = _env(1)
+    env["ARCSTREAM_FAULT_KILL_AT_STEP"] = "2"
+    p = subprocess.run(cmd + _cli_overrides(tiny_ckpt, killed), env=env, cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == -9, f"expected SIGKILL, got {p.returncode}: {p.stderr[-2000:]}"
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["step"] == 1, "the kill came after step 2's forward but before its commit"
+    p = subprocess.run(cmd + _cli_overrides(tiny_ckpt, killed), env=_env(1), cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed at 1" in p.stdout + p.stderr
+    a, b = _rows_by_token(full), _rows_by_token(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        for s in a[k]:
+            np.testing.assert_array_equal(a[k][s], b[k][s])
+    from arcstream.store import open_run
+
+    ra, rb = open_run(str(full)), open_run(str(killed))
+    assert ra.rows == rb.rows
+    for s in ra.sites:  # same rows in the same order, not only the same set
+        np.testing.assert_array_equal(np.asarray(ra.activations(s)[:]), np.asarray(rb.activations(s)[:]))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_store_the_same_rows_as_one(tiny_ckpt, tmp_path):
+    cmd = [sys.executable, "-m", "arcstream.run"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    # The same tasks on both (max_tasks is global, before sharding; max_prompts would be split per host).
+    same = ("--config.max_prompts=0", "--config.data.max_tasks=6", "--config.mesh.data=-1", "--config.mesh.model=2")
+    subprocess.run(cmd + _cli_overrides(tiny_ckpt, one, same + ("--config.data.batch_size=4",)),
+                   env=_env(8), cwd=REPO, check=True, capture_output=True)
+    p = subprocess.run([sys.executable, str(REPO / "launch/local.py"), "--processes", "2", "--devices", "4",
+                        "--log_dir", str(tmp_path / "logs"), "--"] + cmd +
+                       _cli_overrides(tiny_ckpt, two, same + ("--config.data.batch_size=2",)),
+                       env=_env(4), cwd=REPO, capture_output=True, text=True)
+    logs = "".join(f.read_text() for f in (tmp_path / "logs").glob("*.log"))
+    assert p.returncode == 0, (p.stderr + logs)[-4000:]
+    a, b = _rows_by_token(one), _rows_by_token(two)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        for s in a[k]:
+            np.testing.assert_allclose(a[k][s], b[k][s], rtol=1e-5, atol=1e-5)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["process_count"] == 2 and all(p["rows"] > 0 for p in manifest["processes"])
+
+
+def test_a_store_of_another_config_is_refused_with_the_diff(tiny_ckpt, tmp_path):
+    from arcstream.store import ConfigMismatchError
+    from arcstream.stream.loop import run
+
+    run(_config(tiny_ckpt, tmp_path / "run", max_prompts=2))
+    with pytest.raises(ConfigMismatchError, match="sites"):
+        run(_config(tiny_ckpt, tmp_path / "run", max_prompts=2, sites="blocks.0.hook_resid_post"))
