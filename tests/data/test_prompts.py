@@ -6,10 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from arcstream.data.augment import Augmentation, sample_augmentations
-from arcstream.data.encoders import DecodeError, get_encoder
+from arcstream.data.encoders import EXAMPLE_SPECS, DecodeError, get_encoder
 from arcstream.data.prompts import TEMPLATES, PromptConfig, build_prompt, decode_answer
 from arcstream.data.records import (GRID_NONE, GRID_TEST_INPUT, GRID_TEST_OUTPUT, GRID_TRAIN_INPUT,
                                     GRID_TRAIN_OUTPUT, EncodedPrompt)
@@ -48,7 +50,8 @@ def test_digits_tokenizer_has_one_token_per_digit_and_small_vocab():
     assert tok("7", add_special_tokens=True)["input_ids"] == [tok.bos_token_id, DIGIT_BASE_ID + 7]
     assert tok.pad_token_id == 0
     for w in STRUCTURAL_WORDS:
-        assert tok.convert_tokens_to_ids(w) != tok.unk_token_id and len(tok(w, add_special_tokens=False)["input_ids"]) == 1
+        assert tok(w, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(w)]
+        assert tok.convert_tokens_to_ids(w) != tok.unk_token_id
     # Every template's fixed text is in the vocabulary (no <|unk|>).
     for t in TEMPLATES.values():
         text = t.instruction + t.example_header.format(n=12) + t.input_label + t.output_label + t.test_header
@@ -146,6 +149,26 @@ def test_alignment_is_right_for_every_cell_of_real_tasks(kind, chat, spec, templ
                 check_invariants(p)
                 check_alignment(p, task, aug, tok)
                 assert p.augmentation == aug.to_json() and p.metadata["chat"] is chat
+
+
+small_grids = st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**32 - 1)).map(
+    lambda a: np.random.default_rng(a[2]).integers(0, 10, size=(a[0], a[1])).astype(np.int8))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), kind=st.sampled_from(KINDS), spec=st.sampled_from(EXAMPLE_SPECS),
+       template=st.sampled_from(sorted(TEMPLATES)), chat=st.booleans(), answer=st.booleans())
+def test_alignment_property_over_random_tasks_and_encoders(data, kind, spec, template, chat, answer):
+    n_train = data.draw(st.integers(1, 3))
+    train = tuple(Pair(data.draw(small_grids), data.draw(small_grids)) for _ in range(n_train))
+    task = Task("r", train, (Pair(data.draw(small_grids), data.draw(small_grids)),))
+    aug = sample_augmentations(task, 2, seed=data.draw(st.integers(0, 1000)))[1]
+    tok = tokenizer(kind)
+    p = build_prompt(task, 0, aug, tok, PromptConfig(encoder=spec, template=template, include_answer=answer,
+                                                     use_chat_template=chat))
+    check_invariants(p)
+    check_alignment(p, task, aug, tok)
+    assert p.answer_mask.any() == answer
 
 
 def test_merging_tokenizer_records_first_cell_and_count():
