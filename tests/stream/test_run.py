@@ -200,3 +200,29 @@ def test_a_store_of_another_config_is_refused_with_the_diff(tiny_ckpt, tmp_path)
     run(_config(tiny_ckpt, tmp_path / "run", max_prompts=2))
     with pytest.raises(ConfigMismatchError, match="sites"):
         run(_config(tiny_ckpt, tmp_path / "run", max_prompts=2, sites="blocks.0.hook_resid_post"))
+
+
+def test_online_saes_train_from_the_ring_and_export_in_saelens_layout(tiny_ckpt, tmp_path):
+    from arcstream.sae import load_sae
+    from arcstream.stream.loop import run
+
+    c = _config(tiny_ckpt, tmp_path / "run", **{
+        "sae.enabled": True, "sae.batch_size": 256, "sae.steps_per_batch": 3, "sae.start_after_slots": 1,
+        "sae.expansion_factor": 2, "sae.k": 4, "sae.log_every": 1, "sae.warmup_steps": 2,
+        "store.sites": "blocks.0.hook_resid_post"})
+    result = run(c)
+    assert result.sae_steps == 3 * result.steps
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sites = SITES.split(",")
+    assert {r["site"] for r in records} == set(sites)
+    for site in sites:
+        losses = [r["loss"] for r in records if r["site"] == site]
+        assert len(losses) == result.sae_steps and all(np.isfinite(losses))
+        params, cfg, _, meta = load_sae(tmp_path / "run" / "saes" / site)
+        assert cfg.d_in == 64 and cfg.d_sae == 128 and cfg.architecture == "topk"
+        cfg_json = json.loads((tmp_path / "run" / "saes" / site / "cfg.json").read_text())
+        assert cfg_json["metadata"]["hook_name"] == site
+    # Only the stored site is in the store; every captured site got an SAE.
+    from arcstream.store import open_run
+
+    assert list(open_run(str(tmp_path / "run")).sites) == ["blocks.0.hook_resid_post"]
