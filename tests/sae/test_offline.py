@@ -1,0 +1,84 @@
+"""The offline trainer: batches mix the store, a killed-and-restarted run equals an uninterrupted one."""
+
+import json
+
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from arcstream.sae import InMemorySource, batch_dataset, parse_sweep
+from configs.train_sae import get_config
+
+
+def _source(n=2048, seed=0):
+    r = np.random.default_rng(seed)
+    # two sites, rows aligned; row i encodes its own index in column 0 (to check mixing)
+    a = r.standard_normal((n, 16)).astype(np.float32)
+    a[:, 0] = np.arange(n)
+    b = r.standard_normal((n, 8)).astype(np.float32)
+    b[:, 0] = np.arange(n)
+    return InMemorySource({"blocks.0.hook_resid_post": a, "blocks.1.hook_mlp_out": b})
+
+
+def test_batches_mix_chunks_from_across_the_store_and_align_sites():
+    src = _source()
+    ds = batch_dataset(src, list(src.sites), 256, chunk_rows=16, seed=1)
+    batch = ds[0]
+    rows_a = batch["blocks.0.hook_resid_post"][:, 0]
+    np.testing.assert_array_equal(rows_a, batch["blocks.1.hook_mlp_out"][:, 0])  # same tokens
+    chunks = set((rows_a // 16).astype(int))
+    assert len(chunks) == 16  # 256 / 16 distinct chunks...
+    assert max(chunks) - min(chunks) > 32  # ...from all over the store, not consecutive
+    assert not np.all(np.diff(rows_a) == 1)  # rows permuted within the batch
+    with pytest.raises(ValueError, match="multiple of chunk_rows"):
+        batch_dataset(src, list(src.sites), 100, chunk_rows=16)
+
+
+def _config(run_dir, **over):
+    c = get_config()
+    c.run_dir = str(run_dir)
+    c.sae.architecture = "topk"
+    c.sae.expansion_factor = 2
+    c.sae.k = 4
+    c.sae.batch_size = 128
+    c.sae.chunk_rows = 16
+    c.sae.train_tokens = 128 * 8
+    c.sae.warmup_steps = 2
+    c.sae.dead_steps = 2
+    c.sae.sweep = "k=2,4"
+    c.checkpoint_every = 3
+    c.log_every = 1
+    for k, v in over.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.slow
+def test_killed_and_restarted_run_equals_uninterrupted(tmp_path):
+    src = _source()
+    full = _config(tmp_path / "full")
+    from arcstream.sae import train_offline
+
+    ref = train_offline(full, src, log=lambda s: None)
+    part = _config(tmp_path / "part", stop_after_steps=6)  # "killed" right after the step-6 checkpoint
+    stopped = train_offline(part, src, log=lambda s: None)
+    assert stopped == {"stopped_at": 6, "total_steps": 8}
+    resumed = train_offline(_config(tmp_path / "part"), src, log=lambda s: None)
+    assert resumed["resumed_from"] == 6
+    for site in src.sites:
+        for member in ("m0_k2", "m1_k4"):
+            a = (tmp_path / "full/saes" / site / member / "sae_weights.safetensors").read_bytes()
+            b = (tmp_path / "part/saes" / site / member / "sae_weights.safetensors").read_bytes()
+            assert a == b, (site, member)
+    lines = [json.loads(x) for x in (tmp_path / "part/saes/metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in lines}) == list(range(1, 9))
+    assert len(lines) == 8 * 2 * 2  # steps x sites x members, none duplicated by the resume
+
+
+def test_sweep_parsing_errors():
+    assert parse_sweep("k=16,32;lr=1e-4,3e-4") == {"k": [16, 32], "lr": [1e-4, 3e-4]}
+    with pytest.raises(ValueError, match="d_sae"):
+        parse_sweep("d_sae=1,2")
+    with pytest.raises(ValueError, match="differ in length"):
+        parse_sweep("k=1,2;lr=1e-3")
+    assert isinstance(get_config(), config_dict.ConfigDict)
