@@ -78,18 +78,6 @@ def _flat_params(state: nnx.State) -> Iterator[tuple[str, Any]]:
         yield ".".join(str(p) for p in path), var
 
 
-def state_shardings(abs_state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules = None) -> nnx.State:
-    """A State of NamedShardings, one per parameter, from its `logical_axes` metadata."""
-
-    def one(var: Any) -> Any:
-        axes = var.get_metadata().get("logical_axes")
-        if axes is None:
-            raise ValueError(f"parameter {var!r} has no logical_axes metadata.")
-        return var.replace(logical_sharding(axes, var.shape, mesh, rules))
-
-    return jax.tree.map(one, abs_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 # ---------------------------------------------------------------------------- locating
 def resolve_checkpoint(path_or_hub_name: str | os.PathLike) -> Path:
     """A local checkpoint directory for a path or an HF hub name (from the HF cache).

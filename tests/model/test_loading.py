@@ -144,3 +144,18 @@ def test_config_validation_names_the_field():
         ModelConfig.tiny("qwen2", num_heads=6, num_kv_heads=4)
     with pytest.raises(ValueError, match="model preset 'gpt5'"):
         ModelConfig.from_preset("gpt5")
+
+
+def test_hub_name_resolves_from_the_hf_cache_offline(tiny_ckpts, tmp_path, monkeypatch):
+    """A cached hub model loads by name with HF_HUB_OFFLINE=1 (the cache layout made by hand)."""
+    import huggingface_hub.constants
+
+    snap = tmp_path / "hub" / "models--arcstream-test--tiny-qwen2" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_ckpts["qwen2"], snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, cfg = load_model("arcstream-test/tiny-qwen2")
+    ref, _ = load_model(tiny_ckpts["qwen2"])
+    assert cfg.family == "qwen2"
+    np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), np.asarray(ref.norm.weight[...]))
