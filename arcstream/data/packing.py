@@ -9,9 +9,11 @@ iterator whose state is the parent's state at the start of the open rows plus
 the number of rows already emitted (so a restore re-packs the same rows).
 
 This module adds what is specific to arcstream:
-  - `prompt_element`: an `EncodedPrompt` as the flat dict of per-token arrays
-    Grain packs (plus its `PromptInfo`, carried as a non-sequence feature);
-  - `PADDING`: the values written on padding, per `PackedBatch` field;
+  - `prompt_element`: an `EncodedPrompt` as what Grain packs: two 2-D
+    features (int32 token id + prompt index; int8 cell fields + answer mask)
+    plus its `PromptInfo`, carried as a non-sequence feature;
+  - `row_fields`: a packed row back as `PackedBatch` fields, each with its
+    own padding value (`PADDING`);
   - `rows_to_batch`: the rows of one batch as a `PackedBatch`, padded to
     exactly `batch_size` rows (the last batch of a shard may have fewer rows of
     prompts; the jitted step wants one shape);
@@ -35,43 +37,43 @@ import numpy as np
 
 from arcstream.data.records import GRID_NONE, EncodedPrompt, PackedBatch, PromptInfo
 
-# Per-token features packed side by side; all have the prompt's length.
-# `prompt_index` is a per-token copy of the prompt's global index.
-SEQUENCE_FEATURES = ("tokens", "prompt_index", "grid_kind", "pair_index", "row", "col", "colour", "answer_mask")
-INFO_FEATURE = "info"  # the PromptInfo, a non-sequence feature: Grain gives a list per row
+# The per-token fields of a `PackedBatch`, with their dtype and value on padding.
+FIELDS: dict[str, tuple[Any, Any]] = {
+    "tokens": (np.int32, 0),
+    "prompt_index": (np.int32, -1),  # a per-token copy of the prompt's global index
+    "grid_kind": (np.int8, GRID_NONE),
+    "pair_index": (np.int8, -1),
+    "row": (np.int8, -1),
+    "col": (np.int8, -1),
+    "colour": (np.int8, -1),
+    "answer_mask": (np.bool_, False),
+}
+PADDING: dict[str, Any] = {name: pad for name, (_, pad) in FIELDS.items()}
 
-# Value on padding for each packed field (see the module invariants).
-PADDING: dict[str, Any] = {
-    "tokens": 0,
-    "prompt_index": -1,
-    "grid_kind": GRID_NONE,
-    "pair_index": -1,
-    "row": -1,
-    "col": -1,
-    "colour": -1,
-    "answer_mask": False,
-}
-_DTYPES = {
-    "tokens": np.int32,
-    "prompt_index": np.int32,
-    "grid_kind": np.int8,
-    "pair_index": np.int8,
-    "row": np.int8,
-    "col": np.int8,
-    "colour": np.int8,
-    "answer_mask": np.bool_,
-}
+# What Grain packs: the fields grouped by dtype into two 2-D features, because
+# Grain's packer costs about the same per feature whatever its width (8 narrow
+# features took ~4x the time of 2 wide ones). Column order is fixed below.
+# Grain pads every column of a feature with one value (-1); `row_fields` puts
+# each field's own padding value back.
+_IDS_COLUMNS = ("tokens", "prompt_index")  # int32 [n, 2]
+_CELL_COLUMNS = ("grid_kind", "pair_index", "row", "col", "colour", "answer_mask")  # int8 [n, 6]
+IDS_FEATURE, CELLS_FEATURE = "ids", "cells"
+SEQUENCE_FEATURES = (IDS_FEATURE, CELLS_FEATURE)
+SEGMENT_IDS, POSITIONS = f"{IDS_FEATURE}_segment_ids", f"{IDS_FEATURE}_positions"
+INFO_FEATURE = "info"  # the PromptInfo, a non-sequence feature: Grain gives a list per row
+_GRAIN_PAD = -1
 
 
 def prompt_element(prompt: EncodedPrompt, prompt_index: int) -> dict[str, Any]:
-    """The dict Grain's packer takes for one prompt: per-token arrays + its PromptInfo.
+    """The dict Grain's packer takes for one prompt: its per-token arrays + its PromptInfo.
 
     Raises ValueError if a per-token array's length differs from `token_ids`
     (a broken `EncodedPrompt` would otherwise shift every later cell attribute).
     """
     n = len(prompt)
-    arrays = {
+    columns = {
         "tokens": prompt.token_ids,
+        "prompt_index": np.full((n,), prompt_index, dtype=np.int32),
         "grid_kind": prompt.grid_kind,
         "pair_index": prompt.pair_index,
         "row": prompt.row,
@@ -79,17 +81,36 @@ def prompt_element(prompt: EncodedPrompt, prompt_index: int) -> dict[str, Any]:
         "colour": prompt.colour,
         "answer_mask": prompt.answer_mask,
     }
-    out: dict[str, Any] = {}
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        if a.shape != (n,):
+    for name, a in columns.items():
+        if np.shape(a) != (n,):
             raise ValueError(
                 f"EncodedPrompt for task {prompt.task_id} test {prompt.test_index}: field {name!r} has shape "
-                f"{a.shape} but token_ids has ({n},); every per-token array must have the token count"
+                f"{np.shape(a)} but token_ids has ({n},); every per-token array must have the token count"
             )
-        out[name] = a.astype(_DTYPES[name], copy=False)
-    out["prompt_index"] = np.full((n,), prompt_index, dtype=np.int32)
-    out[INFO_FEATURE] = prompt.info(prompt_index)
+    ids = np.empty((n, len(_IDS_COLUMNS)), np.int32)
+    for j, name in enumerate(_IDS_COLUMNS):
+        ids[:, j] = columns[name]
+    cells = np.empty((n, len(_CELL_COLUMNS)), np.int8)
+    for j, name in enumerate(_CELL_COLUMNS):
+        cells[:, j] = columns[name]
+    return {IDS_FEATURE: ids, CELLS_FEATURE: cells, INFO_FEATURE: prompt.info(prompt_index)}
+
+
+def row_fields(row: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One packed row (from `pack` or `pack_first_fit`) as `PackedBatch` fields, each `[T]`.
+
+    Also `segment_ids` and `positions`. Padding gets each field's `PADDING` value.
+    """
+    seg = np.asarray(row[SEGMENT_IDS], np.int32)
+    pad = seg == 0
+    out: dict[str, np.ndarray] = {"segment_ids": seg, "positions": np.asarray(row[POSITIONS], np.int32)}
+    for feature, names in ((IDS_FEATURE, _IDS_COLUMNS), (CELLS_FEATURE, _CELL_COLUMNS)):
+        x = np.asarray(row[feature])
+        for j, name in enumerate(names):
+            dtype, pad_value = FIELDS[name]
+            col = x[:, j].astype(dtype)
+            col[pad] = pad_value
+            out[name] = col
     return out
 
 
@@ -98,8 +119,9 @@ def pack(parent: grain.IterDataset, *, seq_len: int, num_bins: int) -> grain.Ite
 
     Every element must be at most `seq_len` long (the pipeline skips and counts
     longer prompts before this stage; Grain raises on them). Rows come out one
-    at a time as dicts with the `SEQUENCE_FEATURES`, `tokens_segment_ids`,
-    `tokens_positions` and `info` (the list of the row's PromptInfos in order).
+    at a time as dicts with the `SEQUENCE_FEATURES`, their segment ids and
+    positions, and `info` (the list of the row's PromptInfos in order);
+    `row_fields` reads one as `PackedBatch` fields.
     """
     if seq_len <= 0 or num_bins <= 0:
         raise ValueError(f"packing needs seq_len > 0 and num_bins > 0, got seq_len={seq_len}, num_bins={num_bins}")
@@ -109,7 +131,7 @@ def pack(parent: grain.IterDataset, *, seq_len: int, num_bins: int) -> grain.Ite
         num_packing_bins=num_bins,
         shuffle_bins=False,  # keep prompt order: deterministic, and rows read in prompt order
         meta_features=(INFO_FEATURE,),
-        padding_struct=dict(PADDING),
+        padding_struct={k: _GRAIN_PAD for k in SEQUENCE_FEATURES},
     )
 
 
@@ -121,29 +143,23 @@ def rows_to_batch(rows: Sequence[dict[str, Any]], *, batch_size: int, seq_len: i
     """
     if not 0 < len(rows) <= batch_size:
         raise ValueError(f"a batch needs 1..{batch_size} rows, got {len(rows)}")
-    n_pad = batch_size - len(rows)
-
-    def stack(rows_key: str, dtype, pad_value) -> np.ndarray:
-        x_bt = np.stack([np.asarray(r[rows_key], dtype=dtype) for r in rows])
-        if n_pad:
-            x_bt = np.concatenate([x_bt, np.full((n_pad, seq_len), pad_value, dtype=dtype)])
-        return x_bt
-
-    fields = {name: stack(name, _DTYPES[name], PADDING[name]) for name in SEQUENCE_FEATURES}
-    segment_ids = stack("tokens_segment_ids", np.int32, 0)
-    positions = stack("tokens_positions", np.int32, 0)
+    per_row = [row_fields(r) for r in rows]
+    empty = {name: np.full((seq_len,), pad, dtype) for name, (dtype, pad) in FIELDS.items()}
+    empty.update(segment_ids=np.zeros((seq_len,), np.int32), positions=np.zeros((seq_len,), np.int32))
+    per_row += [empty] * (batch_size - len(rows))
+    x = {name: np.stack([r[name] for r in per_row]) for name in per_row[0]}  # each [B, T]
     prompts: tuple[PromptInfo, ...] = tuple(info for r in rows for info in r[INFO_FEATURE])
     return PackedBatch(
-        tokens=fields["tokens"],
-        segment_ids=segment_ids,
-        positions=positions,
-        prompt_index=fields["prompt_index"],
-        grid_kind=fields["grid_kind"],
-        pair_index=fields["pair_index"],
-        row=fields["row"],
-        col=fields["col"],
-        colour=fields["colour"],
-        answer_mask=fields["answer_mask"],
+        tokens=x["tokens"],
+        segment_ids=x["segment_ids"],
+        positions=x["positions"],
+        prompt_index=x["prompt_index"],
+        grid_kind=x["grid_kind"],
+        pair_index=x["pair_index"],
+        row=x["row"],
+        col=x["col"],
+        colour=x["colour"],
+        answer_mask=x["answer_mask"],
         prompts=prompts,
     )
 
@@ -168,9 +184,9 @@ def pack_first_fit(elements: Iterable[dict[str, Any]], *, seq_len: int, num_bins
         used.clear()
 
     for e in elements:
-        n = len(e["tokens"])
+        n = len(e[IDS_FEATURE])
         if n > seq_len:
-            raise ValueError(f"prompt {int(e['prompt_index'][0])} has {n} tokens; the row length is {seq_len}")
+            raise ValueError(f"prompt {e[INFO_FEATURE].prompt_index} has {n} tokens; the row length is {seq_len}")
         for i, u in enumerate(used):
             if u + n <= seq_len:
                 open_rows[i].append(e)
@@ -186,16 +202,17 @@ def pack_first_fit(elements: Iterable[dict[str, Any]], *, seq_len: int, num_bins
 
 
 def _materialise_row(elements: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
-    row = {name: np.full((seq_len,), PADDING[name], dtype=_DTYPES[name]) for name in SEQUENCE_FEATURES}
-    row["tokens_segment_ids"] = np.zeros((seq_len,), np.int32)
-    row["tokens_positions"] = np.zeros((seq_len,), np.int32)
+    row: dict[str, Any] = {f: np.full((seq_len, e.shape[1]), _GRAIN_PAD, e.dtype)
+                           for f, e in ((f, elements[0][f]) for f in SEQUENCE_FEATURES)}
+    row[SEGMENT_IDS] = np.zeros((seq_len,), np.int32)
+    row[POSITIONS] = np.zeros((seq_len,), np.int32)
     start = 0
     for seg, e in enumerate(elements, start=1):
-        n = len(e["tokens"])
-        for name in SEQUENCE_FEATURES:
-            row[name][start:start + n] = e[name]
-        row["tokens_segment_ids"][start:start + n] = seg
-        row["tokens_positions"][start:start + n] = np.arange(n)
+        n = len(e[IDS_FEATURE])
+        for f in SEQUENCE_FEATURES:
+            row[f][start:start + n] = e[f]
+        row[SEGMENT_IDS][start:start + n] = seg
+        row[POSITIONS][start:start + n] = np.arange(n)
         start += n
     row[INFO_FEATURE] = [e[INFO_FEATURE] for e in elements]
     return row

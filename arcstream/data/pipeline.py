@@ -343,7 +343,7 @@ class _TakeOutSkipsIterator(grain.DatasetIterator):
             if isinstance(item, Skipped):
                 self._tally.add(item)
                 continue
-            n = len(item["tokens"])
+            n = len(item[packing.IDS_FEATURE])
             if n > self._seq_len:
                 info = item[packing.INFO_FEATURE]
                 self._tally.add(Skipped(

@@ -42,30 +42,32 @@ def _check_rows(rows, prompts, seq_len):
     """Each prompt appears exactly once, whole, at positions 0..n-1 of one segment, with its fields."""
     by_index = {1000 + i: p for i, p in enumerate(prompts)}
     seen = []
-    for row in rows:
-        seg = row["tokens_segment_ids"]
+    for packed in rows:
+        row = packing.row_fields(packed)
+        seg = row["segment_ids"]
         assert seg.shape == (seq_len,)
         n_segments = int(seg.max())
         # Segments are 1..k, contiguous, in order, padding (0) only at the end.
         used = int(np.count_nonzero(seg))
         assert np.all(seg[used:] == 0) and np.all(np.diff(seg[:used]) >= 0)
         assert set(np.unique(seg[:used])) == set(range(1, n_segments + 1))
-        infos = row[packing.INFO_FEATURE]
+        infos = packed[packing.INFO_FEATURE]
         assert [i.prompt_index for i in infos] == [int(row["prompt_index"][seg == s][0]) for s in range(1, n_segments + 1)]
         for s, info in enumerate(infos, start=1):
             p = by_index[info.prompt_index]
             at = seg == s
-            assert np.array_equal(row["tokens_positions"][at], np.arange(len(p)))
+            assert np.array_equal(row["positions"][at], np.arange(len(p)))
             assert np.array_equal(row["tokens"][at], p.token_ids)
             assert np.all(row["prompt_index"][at] == info.prompt_index)
             for f in ("grid_kind", "pair_index", "row", "col", "colour", "answer_mask"):
                 assert np.array_equal(row[f][at], getattr(p, f)), f
+                assert row[f].dtype == getattr(p, f).dtype, f
             assert info.task_id == p.task_id and np.array_equal(info.token_ids, p.token_ids)
             seen.append(info.prompt_index)
         pad = seg == 0
         for f, v in packing.PADDING.items():
             assert np.all(row[f][pad] == v), f
-        assert np.all(row["tokens_positions"][pad] == 0)
+        assert np.all(row["positions"][pad] == 0)
     assert sorted(seen) == sorted(by_index), "every prompt exactly once"
 
 
@@ -79,7 +81,7 @@ def test_grain_packing_matches_plain_first_fit_and_keeps_every_prompt_whole(num_
     _check_rows(want, prompts, 64)
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        for k in (*packing.SEQUENCE_FEATURES, "tokens_segment_ids", "tokens_positions"):
+        for k in (*packing.SEQUENCE_FEATURES, packing.SEGMENT_IDS, packing.POSITIONS):
             assert np.array_equal(g[k], w[k]), k
         assert [i.prompt_index for i in g["info"]] == [i.prompt_index for i in w["info"]]
 
@@ -89,8 +91,9 @@ def test_several_prompts_share_a_row():
     rows = packing.pack_first_fit(elements, seq_len=64, num_bins=2)
     # first fit: 10+20+30 fill row 0 to 60; 5 no longer fits there, goes to row 1
     assert [len(r["info"]) for r in rows] == [3, 1]
-    assert rows[0]["tokens_segment_ids"][:61].tolist() == [1] * 10 + [2] * 20 + [3] * 30 + [0]
-    assert rows[0]["tokens_positions"][10:13].tolist() == [0, 1, 2]
+    row0 = packing.row_fields(rows[0])
+    assert row0["segment_ids"][:61].tolist() == [1] * 10 + [2] * 20 + [3] * 30 + [0]
+    assert row0["positions"][10:13].tolist() == [0, 1, 2]
 
 
 def test_rows_to_batch_stacks_rows_and_pads_to_batch_size():
@@ -104,8 +107,9 @@ def test_rows_to_batch_stacks_rows_and_pads_to_batch_size():
     assert not b.valid[3:].any() and np.all(b.prompt_index[3:] == -1) and np.all(b.grid_kind[3:] == GRID_NONE)
     assert int(b.valid.sum()) == 120
     for r in range(3):
-        assert np.array_equal(b.tokens[r], rows[r]["tokens"])
-        assert np.array_equal(b.segment_ids[r], rows[r]["tokens_segment_ids"])
+        f = packing.row_fields(rows[r])
+        assert np.array_equal(b.tokens[r], f["tokens"]) and np.array_equal(b.colour[r], f["colour"])
+        assert np.array_equal(b.segment_ids[r], f["segment_ids"])
     with pytest.raises(ValueError, match="1..5 rows"):
         packing.rows_to_batch(rows * 2, batch_size=5, seq_len=64)
 
