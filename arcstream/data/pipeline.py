@@ -109,7 +109,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle = False  # shuffle task rows (globally, by seed) before sharding; needs a random-access source
     # Execution.
     c.worker_count = 0  # Grain worker processes (0 = in process; >0 needs the job under `if __name__ == "__main__"`)
-    c.read_threads = 2  # threads encoding tasks in each process (Grain ReadOptions.num_threads; 0 = none)
+    # Threads building prompts ahead, in the background, while the caller waits on the device (with 0,
+    # prompts are built only inside next(), in series with the step). Grain ReadOptions.num_threads.
+    c.read_threads = 2
     c.prefetch = 64  # tasks read ahead per process (Grain ReadOptions.prefetch_buffer_size)
     return c
 

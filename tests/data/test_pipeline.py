@@ -299,6 +299,17 @@ def test_resumed_pipeline_yields_exactly_the_remaining_batches(streaming):
         assert q.skip_counts == full_counts and full_counts["too_long"] > 0
 
 
+def test_resume_may_change_threads_and_prefetch():
+    items = make_tasks(12, seed=1)
+    _, full = _run(items, read_threads=0)
+    p = pl.build_pipeline(ListSource(items), TinyPrompter(), _options(read_threads=0), process_index=0, process_count=1)
+    head = [next(p), next(p)]
+    q = pl.build_pipeline(ListSource(items), TinyPrompter(), _options(read_threads=3, prefetch=5), process_index=0,
+                          process_count=1)
+    q.set_state(p.get_state())
+    assert _fingerprint_of(head + list(q)) == _fingerprint_of(full)
+
+
 def test_resume_refuses_a_state_from_other_options():
     items = make_tasks(6)
     p = pl.build_pipeline(ListSource(items), TinyPrompter(), _options(), process_index=0, process_count=2)
