@@ -91,4 +91,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sae.sweep = ""  # e.g. "k=8,16,32": several SAEs per site, vmapped in one step
 
     c.data.max_prompts = c.get_ref("max_prompts")
+    c.data.seed = c.get_ref("seed")
     return c
