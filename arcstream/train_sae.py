@@ -1,32 +1,32 @@
 """Offline SAE training: python -m arcstream.train_sae --config=configs/train_sae.py --config.run_dir=DIR
 
 Flags only; the work is `arcstream.sae.train_offline`. The activation source is
-the run directory's store (`arcstream.store.open_run(DIR)`).
+the run directory's store (`arcstream.store.open_run(DIR)`): only committed
+rows, so it also trains on a run still in progress.
 """
 
 from __future__ import annotations
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/train_sae.py", lock_config=True)
+from arcstream import cli
 
 
 def open_source(run_dir: str):
     """The run's activation store as an ActivationSource (`.sites`, `.activations(site)`)."""
-    from arcstream.store import open_run  # noqa: PLC0415 (the store is wired in at the entry point only)
+    from arcstream.store import open_run  # the store is wired in at the entry point only (sae knows no store)
 
     return open_run(run_dir)
 
 
-def main(argv) -> None:
-    del argv
-    config = _CONFIG.value
+def main(argv: list[str]) -> None:
+    from absl import app, flags, logging
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
+    config = flags.FLAGS.config
     if not config.run_dir:
         raise app.UsageError("--config.run_dir is required (the run directory holding the activation store)")
-    logging.info("jax %s, devices %s", jax.__version__, jax.devices())
-    from arcstream.sae import summary_lines, train_offline  # noqa: PLC0415
+    cli.log_environment()
+    from arcstream.sae import summary_lines, train_offline
 
     summary = train_offline(config, open_source(config.run_dir), log=logging.info)
     if "stopped_at" in summary:
@@ -36,5 +36,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
+    from absl import app
+
+    cli.define_config_flag()
     app.run(main)

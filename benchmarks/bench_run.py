@@ -83,7 +83,7 @@ def main() -> None:
         return [jax.device_put(x, sh) for x in (b.tokens, b.segment_ids, b.positions, b.valid)]
 
     # A and B alternate over `--repeats` rounds (best of each), so machine noise hits both alike.
-    step_fn, state = make_step(model, forward, mesh, sites, sites, with_ring=False)
+    step_fn, state = make_step(model, forward, mesh, sites, sites, with_ring=False, store_dtype=a.store_dtype)
     with jax.set_mesh(mesh):
         jax.block_until_ready(step_fn(state, None, jnp.int32(0), *put(batches[0]))[1])  # compile
 

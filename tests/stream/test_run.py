@@ -226,3 +226,27 @@ def test_online_saes_train_from_the_ring_and_export_in_saelens_layout(tiny_ckpt,
     from arcstream.store import open_run
 
     assert list(open_run(str(tmp_path / "run")).sites) == ["blocks.0.hook_resid_post"]
+
+
+@pytest.mark.slow
+def test_offline_train_sae_on_a_stored_run_exports_loadable_saes(tiny_ckpt, tmp_path):
+    from arcstream.sae import encode, load_sae
+    from arcstream.store import open_run
+    from arcstream.stream.loop import run
+
+    run(_config(tiny_ckpt, tmp_path / "run", **{"store.dtype": "bfloat16"}))
+    site = "blocks.2.hook_resid_post"
+    p = subprocess.run(
+        [sys.executable, "-m", "arcstream.train_sae", f"--config={REPO / 'configs/train_sae.py'}",
+         f"--config.run_dir={tmp_path / 'run'}", f"--config.sites={site}", "--config.sae.expansion_factor=2",
+         "--config.sae.k=4", "--config.sae.batch_size=512", "--config.sae.train_tokens=4096",
+         "--config.sae.warmup_steps=2", "--config.log_every=1"],
+        env=_env(1), cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    params, cfg, buffers, _ = load_sae(tmp_path / "run" / "saes" / site)
+    assert cfg.d_in == 64 and cfg.d_sae == 128
+    x = np.asarray(open_run(str(tmp_path / "run")).activations(site)[:256], np.float32)
+    acts = np.asarray(encode(params, cfg, x, buffers))
+    assert acts.shape == (256, 128) and ((acts > 0).sum(1) <= 4).all() and (acts > 0).any()
+    records = [json.loads(l) for l in (tmp_path / "run" / "saes" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(np.isfinite(r["loss"]) for r in records)
