@@ -1,0 +1,359 @@
+"""The analysis job: every SAE export of a run, streamed over the run's committed rows.
+
+For each site with both stored activations and an SAE under `saes/<site>/`:
+  pass 1 (all analysed rows, in chunks of `chunk_rows`): encode, fold into a
+    `FeatureAccumulator`; rows in the held-out range also feed an
+    `EvalAccumulator` (reconstruction via the SAE decoder);
+  pass 2 (only the prompts among the top examples of the dashboard features):
+    re-read those prompts' rows, encode, and keep each dashboard feature's
+    activation on every cell of each of its example prompts, plus the prompt's
+    grids rebuilt from the token metadata (the grids exactly as the model saw
+    them, augmentation applied).
+Then `features.json`, the dashboard and the report are written.
+
+Works on a run in progress: `open_run` fixes the committed manifest once, and
+nothing past its rows is read. Memory is O(chunk_rows * d_sae + d_sae * top_k),
+never O(rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arcstream import cli
+from arcstream.analysis.stats import (ACT_LOG10_EDGES, ATTRIBUTES, EvalAccumulator, FeatureAccumulator, FeatureStats,
+                                      Label, label_features)
+from arcstream.data.records import GRID_KIND_NAMES
+from arcstream.store import open_run
+
+FEATURES_FORMAT = "arcstream-features"
+FEATURES_VERSION = 1
+_TOKEN_FIELDS = ("prompt", "position", "token_id", "grid_kind", "pair_index", "row", "col", "colour")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeOptions:
+    """The job's settings (from configs/analyze.py); see that file for each field's meaning."""
+
+    run_dir: str
+    output_dir: str = ""  # "" = run_dir (must then be local)
+    sae_dir: str = ""  # "" = run_dir/saes
+    sites: tuple[str, ...] = ()  # () = every stored site with an SAE export
+    chunk_rows: int = 4096
+    max_rows: int = 0  # analyse at most this many rows (from the start); 0 = all committed rows
+    eval_rows: tuple[int, int] | None = None  # held-out [start, stop); None = the last eval_fraction of the rows
+    eval_fraction: float = 0.1
+    top_k: int = 16
+    dense_density: float = 0.1
+    dashboard_features: int = 64
+    examples_per_feature: int = 4
+    min_phi: float = 0.3
+
+    @classmethod
+    def from_config(cls, config: Any) -> "AnalyzeOptions":
+        run_dir = str(config.run_dir or "")
+        if not run_dir:
+            raise ValueError("config.run_dir is empty; pass --config.run_dir=DIR (a run directory of arcstream.run)")
+        eval_rows = None
+        spec = str(config.eval_rows or "").strip()
+        if spec:
+            try:
+                a, b = (int(v) for v in spec.split(":"))
+            except ValueError:
+                raise ValueError(f"config.eval_rows={spec!r}; expected 'START:STOP' row indices, e.g. '9000:10000', "
+                                 "or '' for the last eval_fraction of the rows") from None
+            if not 0 <= a < b:
+                raise ValueError(f"config.eval_rows={spec!r}; expected 0 <= START < STOP")
+            eval_rows = (a, b)
+        if not 0.0 <= float(config.eval_fraction) < 1.0:
+            raise ValueError(f"config.eval_fraction={config.eval_fraction}; expected a fraction in [0, 1)")
+        for name in ("chunk_rows", "top_k", "examples_per_feature"):
+            if int(config[name]) < 1:
+                raise ValueError(f"config.{name}={config[name]}; expected a positive integer")
+        sites = tuple(s.strip() for s in str(config.sites or "").split(",") if s.strip())
+        return cls(run_dir=run_dir, output_dir=str(config.output_dir or ""), sae_dir=str(config.sae_dir or ""),
+                   sites=sites, chunk_rows=int(config.chunk_rows), max_rows=int(config.max_rows), eval_rows=eval_rows,
+                   eval_fraction=float(config.eval_fraction), top_k=int(config.top_k),
+                   dense_density=float(config.dense_density), dashboard_features=int(config.dashboard_features),
+                   examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SiteAnalysis:
+    """Everything computed for one SAE."""
+
+    site: str
+    sae_folder: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    rows: int  # rows analysed
+    eval: dict[str, float]  # EvalAccumulator.result() on the held-out rows, plus their range
+    stats: FeatureStats
+    labels: list[Label]
+    dashboard: list[int]  # features with a dashboard page, in page order
+    examples: dict[int, list[dict[str, Any]]]  # feature -> example records (see _examples)
+    prompts: dict[int, dict[str, Any]]  # prompt index -> {task_id, test_index, augmentation, grids}
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeResult:
+    output_dir: str
+    rows: int
+    sites: list[SiteAnalysis]
+    files: dict[str, str]
+    seconds: float
+    dense_density: float = 0.1
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = [("output", self.output_dir), ("committed rows", str(self.rows))]
+        for s in self.sites:
+            e = s.eval
+            dead = int(s.stats.dead_mask().sum())
+            rows.append((s.site, f"{s.architecture} d_sae={s.d_sae}, {s.rows} rows"))
+            rows.append(("  held-out", f"rows {e['start']}:{e['stop']}  L0 {e['l0']:.2f}  FVU {e['fvu']:.4f}  "
+                                       f"explained var {e['explained_variance']:.4f}"))
+            labelled = sum(1 for lb in s.labels if lb.attribute)
+            rows.append(("  latents", f"dead {dead}  dense {int(s.stats.dense_mask(self.dense_density).sum())}  "
+                                      f"labelled {labelled}  pages {len(s.dashboard)}"))
+        rows += [(name, path) for name, path in self.files.items()]
+        rows.append(("time", f"{self.seconds:.1f} s"))
+        return rows
+
+
+def _encoder(params, cfg, buffers, chunk_rows: int):
+    """A jitted encode+decode of a fixed `[chunk_rows, d_in]` block (shorter blocks are padded: one compile)."""
+    import jax
+
+    from arcstream.sae import decode, encode
+
+    @jax.jit
+    def fn(x_nd):
+        acts = encode(params, cfg, x_nd, buffers)
+        return acts, decode(params, acts, buffers)
+
+    def run(x_nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = x_nd.shape[0]
+        if n < chunk_rows:
+            x_nd = np.concatenate([x_nd, np.zeros((chunk_rows - n, x_nd.shape[1]), x_nd.dtype)])
+        acts, x_hat = fn(x_nd)
+        return np.asarray(acts)[:n], np.asarray(x_hat)[:n]
+
+    return run
+
+
+def _read_tokens(reader, start: int, stop: int) -> dict[str, np.ndarray]:
+    futures = {f: reader.token_array(f)[start:stop].read() for f in _TOKEN_FIELDS}
+    return {f: np.asarray(fu.result()) for f, fu in futures.items()}
+
+
+def _grids_from_tokens(tok: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The grids of one prompt rebuilt from its stored cell tokens, in prompt order.
+
+    Cells no stored token covers (a token covering several cells records only its first) stay -1.
+    """
+    cells = tok["grid_kind"] > 0
+    grids: dict[tuple[int, int], dict[str, Any]] = {}
+    order = np.argsort(tok["position"][cells], kind="stable")
+    kind, pair = tok["grid_kind"][cells][order], tok["pair_index"][cells][order]
+    row, col, colour = tok["row"][cells][order], tok["col"][cells][order], tok["colour"][cells][order]
+    for key in dict.fromkeys(zip(kind.tolist(), pair.tolist())):
+        sel = (kind == key[0]) & (pair == key[1])
+        h, w = int(row[sel].max()) + 1, int(col[sel].max()) + 1
+        g = np.full((h, w), -1, np.int8)
+        g[row[sel], col[sel]] = colour[sel]
+        grids[key] = {"kind": GRID_KIND_NAMES[key[0]], "kind_code": key[0], "pair": key[1], "cells": g.tolist()}
+    return list(grids.values())
+
+
+def _pick_dashboard(stats: FeatureStats, labels: list[Label], limit: int) -> list[int]:
+    """Alive features, the best-labelled (highest phi) first, at most `limit`."""
+    alive = np.nonzero(stats.fire_count_s > 0)[0]
+    phi = np.array([labels[i].phi for i in alive])
+    return [int(i) for i in alive[np.argsort(-phi, kind="stable")][:limit]]
+
+
+def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions) -> SiteAnalysis:
+    """Both passes for one SAE (see the module docstring)."""
+    from arcstream.sae import load_sae
+
+    params, cfg, buffers, cfg_json = load_sae(sae_folder)
+    d_in = reader.sites[site]
+    if cfg.d_in != d_in:
+        raise ValueError(f"{sae_folder}/cfg.json: d_in={cfg.d_in}, but site {site!r} of {opts.run_dir} stores "
+                         f"width {d_in}; this SAE was trained on another site or model")
+    rows = reader.rows if opts.max_rows <= 0 else min(opts.max_rows, reader.rows)
+    if opts.eval_rows is None:
+        ev = (rows - int(round(rows * opts.eval_fraction)), rows)
+    else:
+        ev = (min(opts.eval_rows[0], rows), min(opts.eval_rows[1], rows))
+    acts_view = reader.activations(site)
+    run = _encoder(params, cfg, buffers, opts.chunk_rows)
+    feats = FeatureAccumulator(cfg.d_sae, opts.top_k)
+    evals = EvalAccumulator(d_in)
+    spans: dict[int, list[int]] = {}  # prompt -> [first row, last row]
+    n_chunks = math.ceil(rows / opts.chunk_rows)
+    for c in cli.progress(range(n_chunks), total=n_chunks, desc=f"analyse {site}", unit="chunk"):
+        a, b = c * opts.chunk_rows, min((c + 1) * opts.chunk_rows, rows)
+        x_nd = np.asarray(acts_view[a:b].read().result(), np.float32)
+        tok = _read_tokens(reader, a, b)
+        acts_ns, x_hat_nd = run(x_nd)
+        feats.update(acts_ns, tok, a)
+        lo, hi = max(a, ev[0]), min(b, ev[1])
+        if lo < hi:
+            evals.update(x_nd[lo - a:hi - a], x_hat_nd[lo - a:hi - a], acts_ns[lo - a:hi - a])
+        uniq, first = np.unique(tok["prompt"], return_index=True)
+        last = len(tok["prompt"]) - 1 - np.unique(tok["prompt"][::-1], return_index=True)[1]
+        for p, f, l in zip(uniq.tolist(), first.tolist(), last.tolist()):
+            span = spans.setdefault(p, [a + f, a + l])
+            span[0], span[1] = min(span[0], a + f), max(span[1], a + l)
+    stats = feats.result()
+    labels = label_features(stats, min_phi=opts.min_phi)
+    dashboard = _pick_dashboard(stats, labels, opts.dashboard_features)
+    examples, prompts = _examples(reader, site, run, stats, dashboard, spans, opts)
+    return SiteAnalysis(site=site, sae_folder=str(sae_folder), architecture=str(cfg_json.get("architecture")),
+                        d_in=d_in, d_sae=cfg.d_sae, rows=rows, eval={**evals.result(), "start": ev[0], "stop": ev[1]},
+                        stats=stats, labels=labels, dashboard=dashboard, examples=examples, prompts=prompts)
+
+
+def _examples(reader, site, run, stats: FeatureStats, dashboard: list[int], spans, opts: AnalyzeOptions):
+    """Pass 2: per dashboard feature, up to `examples_per_feature` distinct prompts among its top rows, each
+    with the feature's activation on every firing token of the prompt."""
+    wanted: dict[int, list[tuple[int, int, float]]] = {}  # feature -> [(prompt, top row, top value)]
+    for f in dashboard:
+        seen: list[tuple[int, int, float]] = []
+        for v, r, p in zip(stats.top_val_ks[:, f], stats.top_row_ks[:, f], stats.top_prompt_ks[:, f]):
+            if r >= 0 and all(p != q for q, _, _ in seen):
+                seen.append((int(p), int(r), float(v)))
+            if len(seen) == opts.examples_per_feature:
+                break
+        wanted[f] = seen
+    needed = sorted({p for ex in wanted.values() for p, _, _ in ex})
+    table = reader.prompts()
+    prompts: dict[int, dict[str, Any]] = {}
+    per_prompt: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+    feats = np.asarray(dashboard, np.int64)
+    for p in cli.progress(needed, total=len(needed), desc=f"examples {site}", unit="prompt"):
+        a, b = spans[p][0], spans[p][1] + 1
+        tok = _read_tokens(reader, a, b)
+        mine = tok["prompt"] == p  # spans may include other prompts' rows if a prompt was not contiguous
+        x_nd = np.asarray(reader.activations(site)[a:b].read().result(), np.float32)
+        acts = np.concatenate([run(x_nd[i:i + opts.chunk_rows])[0] for i in range(0, b - a, opts.chunk_rows)])
+        tok = {k: v[mine] for k, v in tok.items()}
+        per_prompt[p] = (tok, acts[mine][:, feats])
+        info = table.get(p)
+        prompts[p] = {"task_id": info.task_id if info else "?", "test_index": info.test_index if info else -1,
+                      "augmentation": info.augmentation if info else None, "grids": _grids_from_tokens(tok)}
+    column = {f: j for j, f in enumerate(dashboard)}
+    examples: dict[int, list[dict[str, Any]]] = {}
+    for f, ex in wanted.items():
+        out = []
+        for p, r, v in ex:
+            tok, acts = per_prompt[p]
+            a_n = acts[:, column[f]]
+            fire = np.nonzero(a_n > 0)[0]
+            top_i = int(np.argmax(a_n))
+            out.append({
+                "prompt": p, "row": r, "act": v, "position": int(tok["position"][top_i]),
+                "token_id": int(tok["token_id"][top_i]),
+                "cell": _cell_of(tok, top_i),
+                "cells": [[int(tok["grid_kind"][i]), int(tok["pair_index"][i]), int(tok["row"][i]),
+                           int(tok["col"][i]), round(float(a_n[i]), 5)] for i in fire if tok["grid_kind"][i] > 0],
+                "non_grid": [[int(tok["position"][i]), int(tok["token_id"][i]), round(float(a_n[i]), 5)]
+                             for i in fire if tok["grid_kind"][i] == 0][:64],
+            })
+        examples[f] = out
+    return examples, prompts
+
+
+def _cell_of(tok, i: int) -> list[int] | None:
+    if tok["grid_kind"][i] <= 0:
+        return None
+    return [int(tok["grid_kind"][i]), int(tok["pair_index"][i]), int(tok["row"][i]), int(tok["col"][i])]
+
+
+# ---------------------------------------------------------------------------------- outputs
+
+
+def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, dense_density: float) -> dict[str, Any]:
+    """The per-feature statistics as plain JSON (the `features.json` other tools read)."""
+    out: dict[str, Any] = {"format": FEATURES_FORMAT, "format_version": FEATURES_VERSION, "run_dir": run_dir,
+                           "committed_rows": rows, "activation_log10_edges": ACT_LOG10_EDGES.tolist(),
+                           "attributes": ATTRIBUTES, "saes": {}}
+    for s in result_sites:
+        st = s.stats
+        density, mean, mwf = st.density_s, st.mean_act_s, st.mean_when_firing_s
+        features = []
+        for i in range(s.d_sae):
+            lb = s.labels[i]
+            top = [{"row": int(r), "prompt": int(p), "act": float(v)}
+                   for v, r, p in zip(st.top_val_ks[:, i], st.top_row_ks[:, i], st.top_prompt_ks[:, i]) if r >= 0]
+            features.append({
+                "index": i, "density": float(density[i]), "fire_count": int(st.fire_count_s[i]),
+                "mean_activation": float(mean[i]), "mean_when_firing": float(mwf[i]), "max_activation": float(st.act_max_s[i]),
+                "label": lb.text, "label_attribute": lb.attribute, "label_value": lb.value, "label_phi": lb.phi,
+                "label_precision": lb.precision, "label_recall": lb.recall, "top": top,
+                "activation_histogram": st.hist_sb[i].tolist()})
+        out["saes"][s.site] = {
+            "sae_folder": s.sae_folder, "architecture": s.architecture, "d_in": s.d_in, "d_sae": s.d_sae,
+            "rows": s.rows, "eval": s.eval, "dead": int(st.dead_mask().sum()),
+            "dense": int(st.dense_mask(dense_density).sum()), "dense_density": dense_density,
+            "density_histogram": st.density_histogram(), "features": features}
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, Path]]:
+    sae_root = Path(opts.sae_dir or os.path.join(opts.run_dir, "saes"))
+    if opts.sites:
+        missing = [s for s in opts.sites if s not in reader.sites]
+        if missing:
+            raise ValueError(f"config.sites names {missing}, not stored in {opts.run_dir}; it stores {list(reader.sites)}")
+        for s in opts.sites:
+            if not (sae_root / s / "cfg.json").exists():
+                raise FileNotFoundError(f"config.sites names {s!r} but {sae_root / s}/cfg.json does not exist; "
+                                        "train or export an SAE for it (arcstream.train_sae), or set config.sae_dir")
+        return [(s, sae_root / s) for s in opts.sites]
+    found = [(s, sae_root / s) for s in reader.sites if (sae_root / s / "cfg.json").exists()]
+    if not found:
+        raise FileNotFoundError(f"no SAE export under {sae_root} for any stored site ({list(reader.sites)}); "
+                                "train one (arcstream.train_sae) or point config.sae_dir at a folder of exports")
+    return found
+
+
+def analyze(config: Any) -> AnalyzeResult:
+    """Runs the job on `config` (configs/analyze.py) and writes features.json, the dashboard and report.md."""
+    from arcstream.analysis.dashboard import write_dashboard
+    from arcstream.analysis.report import write_report
+
+    opts = config if isinstance(config, AnalyzeOptions) else AnalyzeOptions.from_config(config)
+    start = time.perf_counter()
+    out_dir = opts.output_dir or opts.run_dir
+    if "://" in out_dir:
+        raise ValueError(f"the analysis writes local files, but the output folder is {out_dir!r}; set "
+                         "config.output_dir to a local folder")
+    out = Path(out_dir)
+    reader = open_run(opts.run_dir)
+    sites = [analyze_site(reader, site, folder, opts) for site, folder in _find_saes(reader, opts)]
+    files: dict[str, str] = {}
+    data = features_json(sites, opts.run_dir, reader.rows, opts.dense_density)
+    _write_text(out / "analysis" / "features.json", json.dumps(data))
+    files["features.json"] = str(out / "analysis" / "features.json")
+    files["dashboard"] = str(write_dashboard(sites, out / "dashboard" / "index.html", title=opts.run_dir))
+    files["report"] = str(write_report(sites, out, opts))
+    return AnalyzeResult(output_dir=str(out), rows=reader.rows, sites=sites, files=files,
+                         seconds=time.perf_counter() - start, dense_density=opts.dense_density)
