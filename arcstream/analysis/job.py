@@ -135,8 +135,9 @@ def _encoder(params, cfg, buffers, chunk_rows: int):
 
     from arcstream.sae import decode, encode
 
+    # Weights are arguments, not closed-over constants: a 16k-latent SAE would otherwise be baked into the HLO.
     @jax.jit
-    def fn(x_nd):
+    def fn(params, buffers, x_nd):
         acts = encode(params, cfg, x_nd, buffers)
         return acts, decode(params, acts, buffers)
 
@@ -144,7 +145,7 @@ def _encoder(params, cfg, buffers, chunk_rows: int):
         n = x_nd.shape[0]
         if n < chunk_rows:
             x_nd = np.concatenate([x_nd, np.zeros((chunk_rows - n, x_nd.shape[1]), x_nd.dtype)])
-        acts, x_hat = fn(x_nd)
+        acts, x_hat = fn(params, buffers, x_nd)
         return np.asarray(acts)[:n], np.asarray(x_hat)[:n]
 
     return run

@@ -14,7 +14,7 @@ is > 0):
     (`ACT_LOG10_EDGES`), so chunks add without knowing the range in advance;
   - how often it fires on each value of each cell attribute the store records
     (`ATTRIBUTES`: colour, row, column, grid kind, position bucket, colour x
-    grid kind), as one matmul of the firing mask with one-hot attribute codes.
+    grid kind), counted over the firing (row, latent) pairs only (O(nnz)).
 
 `evaluate_chunk` / `EvalAccumulator` give the model-free reconstruction metrics
 on held-out rows: L0, FVU and explained variance (closed forms in
@@ -83,14 +83,6 @@ def attribute_codes(tokens: Mapping[str, np.ndarray]) -> np.ndarray:
     ], axis=1).astype(np.int32)
 
 
-def _onehot(codes_na: np.ndarray) -> np.ndarray:
-    """float32 [n, N_ATTRIBUTE_VALUES]: ones at every valid code of each row."""
-    out = np.zeros((codes_na.shape[0], N_ATTRIBUTE_VALUES), np.float32)
-    rows, cols = np.nonzero(codes_na >= 0)
-    out[rows, codes_na[rows, cols]] = 1.0
-    return out
-
-
 @dataclasses.dataclass
 class FeatureAccumulator:
     """Running per-latent statistics of one SAE; `update` per chunk, `result` at the end.
@@ -146,16 +138,22 @@ class FeatureAccumulator:
         self.top_val_ks = np.take_along_axis(cand_val, keep, 0)
         self.top_row_ks = np.take_along_axis(cand_row, keep, 0)
         self.top_key_ks = np.take_along_axis(cand_key, keep, 0)
-        # Histogram of non-zero activations on the fixed log bins.
+        # Everything below works on the (row, latent) pairs that fired: O(nnz), no dense [n, d_sae] temporaries.
         r, s = np.nonzero(fires_ns)
+        bins = len(ACT_LOG10_EDGES) - 1
         if r.size:
-            b = np.clip(np.searchsorted(ACT_LOG10_EDGES, np.log10(acts_ns[r, s]), side="right") - 1, 0,
-                        len(ACT_LOG10_EDGES) - 2)
-            np.add.at(self.hist_sb, (s, b), 1)
-        # Firing per attribute value: [s, n] @ [n, V].
-        onehot_nv = _onehot(attribute_codes(tokens))
-        self.attr_total_v += onehot_nv.sum(0).astype(np.int64)
-        self.attr_fire_sv += np.rint(fires_ns.T.astype(np.float32) @ onehot_nv).astype(np.int64)
+            b = np.clip(np.searchsorted(ACT_LOG10_EDGES, np.log10(acts_ns[r, s]), side="right") - 1, 0, bins - 1)
+            self.hist_sb += np.bincount(s * bins + b, minlength=self.d_sae * bins).reshape(self.d_sae, bins)
+        # Firing per attribute value: one bincount over (latent, value code) per attribute.
+        codes_na = attribute_codes(tokens)
+        valid = codes_na >= 0
+        self.attr_total_v += np.bincount(codes_na[valid], minlength=N_ATTRIBUTE_VALUES)
+        for a in range(codes_na.shape[1]):
+            code_r = codes_na[r, a]
+            ok = code_r >= 0
+            self.attr_fire_sv += np.bincount(s[ok] * N_ATTRIBUTE_VALUES + code_r[ok],
+                                             minlength=self.d_sae * N_ATTRIBUTE_VALUES).reshape(
+                                                 self.d_sae, N_ATTRIBUTE_VALUES)
 
     def result(self) -> "FeatureStats":
         return FeatureStats(
