@@ -80,56 +80,62 @@ class ModelGenerator:
     def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
         from arcstream.model import generate
 
-        out: list[Generation] = []
+        out: list[Generation | None] = [None] * len(prompts)
         stop = set(self.stop_ids)
-        for b0 in range(0, len(prompts), self.batch_size):
-            chunk = prompts[b0:b0 + self.batch_size]
-            rows = [np.asarray(p.token_ids, np.int32) for p in chunk]
-            # Pad the batch with copies of the first prompt so every call has batch_size rows (one compile).
+        # Batches of similar lengths waste less on left padding; the order is a pure function of the
+        # list (stable sort), so the same list always makes the same batches.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for b0 in range(0, len(order), self.batch_size):
+            idx = order[b0:b0 + self.batch_size]
+            rows = [np.asarray(prompts[i].token_ids, np.int32) for i in idx]
+            # Pad the batch with copies of its first prompt so every call has batch_size rows (one compile).
             rows += [rows[0]] * (self.batch_size - len(rows))
             res = generate(self.model, rows, max_new_tokens=self.max_new_tokens, eos_id=self.stop_ids,
                            pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
             tokens_bn = np.asarray(res.tokens)
             lp_bn = np.asarray(res.logprobs)
             n_b = np.asarray(res.num_generated)
-            for i in range(len(chunk)):
-                n = int(n_b[i])
-                toks = tokens_bn[i, :n].tolist()
+            for r, i in enumerate(idx):
+                n = int(n_b[r])
+                toks = tokens_bn[r, :n].tolist()
                 stopped = n > 0 and toks[-1] in stop
                 body = toks[:-1] if stopped else toks
                 text = self.tokenizer.decode(body, skip_special_tokens=False)
-                out.append(Generation(text, bool(stopped), float(lp_bn[i, :n].sum()), n))
-        return out
+                out[i] = Generation(text, bool(stopped), float(lp_bn[r, :n].sum()), n)
+        return out  # type: ignore[return-value]
 
     def score(self, prompts: Sequence[EncodedPrompt]) -> list[float]:
         import jax.numpy as jnp
 
         from arcstream.model import forward_jit
 
-        out: list[float] = []
-        for b0 in range(0, len(prompts), self.batch_size):
-            chunk = prompts[b0:b0 + self.batch_size]
-            t = _round_up(max(len(p) for p in chunk), self.pad_to_multiple)
-            b = self.batch_size
+        out = [0.0] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        b = self.batch_size
+        for b0 in range(0, len(order), b):
+            idx = order[b0:b0 + b]
+            t = _round_up(max(len(prompts[i]) for i in idx), self.pad_to_multiple)
             tokens_bt = np.full((b, t), self.pad_id, np.int32)
             seg_bt = np.zeros((b, t), np.int32)
             pos_bt = np.zeros((b, t), np.int32)
             mask_bt = np.zeros((b, t), bool)
-            for i, p in enumerate(chunk):
+            for r, i in enumerate(idx):
+                p = prompts[i]
+                if p.answer_start == 0 or not p.answer_mask.any():
+                    raise ValueError(f"task {p.task_id} test {p.test_index}: the prompt has no answer tokens after "
+                                     "a prefix; build scoring prompts with PromptConfig(include_answer=True) and a "
+                                     "test output")
                 n = len(p)
-                tokens_bt[i, :n] = p.token_ids
-                seg_bt[i, :n] = 1
-                pos_bt[i, :n] = np.arange(n)
-                mask_bt[i, :n] = p.answer_mask
+                tokens_bt[r, :n] = p.token_ids
+                seg_bt[r, :n] = 1
+                pos_bt[r, :n] = np.arange(n)
+                mask_bt[r, :n] = p.answer_mask
             logits_btv = forward_jit(self.model, jnp.asarray(tokens_bt), jnp.asarray(seg_bt), jnp.asarray(pos_bt),
                                      sites=(), return_logits=True).logits
+            # lp_bt[:, j] = log p(token j | tokens < j); position 0 has no prediction (and is never an answer).
             lp_bt = np.asarray(_next_token_logprobs(logits_btv, jnp.asarray(tokens_bt)))
-            # lp_bt[:, j] = log p(token j | tokens < j); position 0 has no prediction.
-            for i, p in enumerate(chunk):
-                if p.answer_start == 0:
-                    raise ValueError(f"task {p.task_id} test {p.test_index}: the answer starts at token 0; "
-                                     "nothing precedes it to condition on")
-                out.append(float(lp_bt[i][mask_bt[i]].sum()))
+            for r, i in enumerate(idx):
+                out[i] = float(lp_bt[r][mask_bt[r]].sum())
         return out
 
 

@@ -54,6 +54,8 @@ def test_score_equals_hf_answer_loglik(checkpoint, small_task):
         assert idx.size > 1 and idx[0] == p.answer_start
         want = sum(float(lp[j - 1, int(p.token_ids[j])]) for j in idx)
         assert g == pytest.approx(want, rel=1e-4, abs=1e-3)
+    with pytest.raises(ValueError, match="task tiny test 0: the prompt has no answer tokens"):
+        gen.score([build_prompt(small_task, 0, None, tok, PromptConfig())])
 
 
 def test_generate_equals_hf_greedy(checkpoint, small_task):
