@@ -21,6 +21,7 @@ product of likelihoods across augmentations instead of voting.
 import ml_collections
 
 from arcstream.data.pipeline import default_data_config
+from arcstream.predict.job import default_predict_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -39,10 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_tasks = 0  # only the first N tasks of the source (0 = all)
     c.data.seed = c.get_ref("seed")
 
-    c.predict = ml_collections.ConfigDict()
-    c.predict.selection = "product" if arg == "product" else "vote"  # vote | product (see arcstream/predict/vote.py)
-    c.predict.max_new_tokens = 1024  # answer token budget; an answer without a stop token counts as no_stop
-    c.predict.batch_size = 8  # prompts per generate / scoring call
-    c.predict.tasks_per_chunk = 8  # tasks whose prompts are generated together (the resume unit)
-    c.predict.fallback = "blank"  # attempt grid where fewer than two candidates decoded: blank ([[0]]) | input
+    c.predict = default_predict_section()  # every key commented in arcstream/predict/job.py
+    if arg == "product":
+        c.predict.selection = "product"  # the ARC Prize 2024 winners' product of likelihoods
+    elif arg:
+        raise ValueError(f"configs/predict.py:{arg}: unknown variant; expected none or 'product'")
     return c

@@ -7,13 +7,13 @@ Prize score), `generator.py` (the `Generator` interface the job talks to, and
 """
 
 from arcstream.predict.generator import Generation, Generator, ModelGenerator
-from arcstream.predict.job import (FAILURE_REASONS, FALLBACKS, SELECTIONS, PredictResult, failure_code, predict_tasks,
-                                   run_predictions)
+from arcstream.predict.job import (FAILURE_REASONS, FALLBACKS, SELECTIONS, PredictResult, default_predict_section,
+                                   failure_code, predict_config_from_run, predict_tasks, run_predictions)
 from arcstream.predict.score import Score, score_predictions
 from arcstream.predict.vote import Answer, Candidate, attempts, grid_key, rank_by_product, vote
 
 __all__ = [
     "FAILURE_REASONS", "FALLBACKS", "SELECTIONS", "Answer", "Candidate", "Generation", "Generator", "ModelGenerator",
-    "PredictResult", "Score", "attempts", "failure_code", "grid_key", "predict_tasks", "rank_by_product",
+    "PredictResult", "Score", "attempts", "default_predict_section", "failure_code", "grid_key", "predict_config_from_run", "predict_tasks", "rank_by_product",
     "run_predictions", "score_predictions", "vote",
 ]

@@ -236,6 +236,48 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
     return [records[t] for t in order]
 
 
+# --- configuration ------------------------------------------------------------------------------------
+
+
+def default_predict_section() -> Any:
+    """The `predict` section of a predictions config (configs/predict.py uses it; so can the run job)."""
+    import ml_collections
+
+    p = ml_collections.ConfigDict()
+    p.selection = "vote"  # vote | product (see arcstream/predict/vote.py)
+    p.max_new_tokens = 1024  # answer token budget; an answer without a stop token counts as no_stop
+    p.batch_size = 8  # prompts per generate / scoring call
+    p.tasks_per_chunk = 8  # tasks whose prompts are generated together (the resume unit)
+    p.fallback = "blank"  # attempt grid where fewer than two candidates decoded: blank ([[0]]) | input
+    return p
+
+
+def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predictions") -> Any:
+    """A predictions config for the tasks of a run config (`configs/default.py` layout).
+
+    Takes the run's `data` section (source, augmentations, encoder, template,
+    length policy, seed), `dtype` and `seed`; writes under
+    `run_config.output_dir/subdir`; `predict` keys come from
+    `run_config.predict_options` when the run config has that section, else the
+    defaults. `model` is the checkpoint the run loaded (the run may have built
+    a random one).
+    """
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.model = str(model)
+    c.dtype = str(run_config.get("dtype", "float32"))
+    c.output_dir = f"{str(run_config.output_dir).rstrip('/')}/{subdir}"
+    c.seed = int(run_config.get("seed", 0))
+    c.data = ml_collections.ConfigDict(json.loads(run_config.data.to_json()))
+    c.data.include_answer = False
+    c.predict = default_predict_section()
+    extra = run_config.get("predict_options")
+    if extra is not None:
+        c.predict.update(json.loads(extra.to_json()))
+    return c
+
+
 # --- the resumable job ------------------------------------------------------------------------------
 
 
@@ -283,10 +325,14 @@ def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
 
 
 def _check_config(path: pathlib.Path, resolved: dict[str, Any]) -> None:
-    """Writes config.json, or refuses to resume under a different config (naming the keys that differ)."""
+    """Writes config.json, or refuses to resume under a different config (naming the keys that differ).
+
+    `output_dir` is not compared: a run directory may be moved or copied and resumed there.
+    """
     if path.exists():
         old = json.loads(path.read_text())
-        diff = _diff(old, resolved)
+        diff = _diff({k: v for k, v in old.items() if k != "output_dir"},
+                     {k: v for k, v in resolved.items() if k != "output_dir"})
         if diff:
             raise ValueError(f"{path.parent} holds a run with another config; differing keys: " + "; ".join(diff)
                              + ". Use a fresh --config.output_dir, or the stored config")
@@ -354,15 +400,18 @@ def _chunks(items: Iterable[tuple[int, Task | Skipped]], size: int) -> Iterable[
 
 
 def run_predictions(config: Any, *, generator: Generator | None = None, tokenizer: Any = None,
-                    source: Any = None) -> PredictResult:
-    """The job (see the module docstring). `generator`/`tokenizer`/`source` replace what the config names.
+                    source: Any = None, model: Any = None) -> PredictResult:
+    """The job (see the module docstring). `generator`/`model`/`tokenizer`/`source` replace what the config names.
 
-    Without a generator, `config.model` is loaded (`load_model`) and wrapped in
-    a `ModelGenerator`; the tokenizer is then the checkpoint's.
+    Without a generator: `model` (an already loaded `Decoder`, e.g. the run
+    job's, with its `tokenizer`) or else `config.model` loaded with
+    `load_model` and its checkpoint's tokenizer, wrapped in a `ModelGenerator`
+    sized by `config.predict`.
     """
     from arcstream import cli
     from arcstream.data.pipeline import make_prompter
     from arcstream.data.sources import open_source
+    from arcstream.predict.generator import ModelGenerator
 
     start = time.perf_counter()
     p = config.predict
@@ -380,15 +429,17 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
 
     model_name = str(config.model) if generator is None else type(generator).__name__
     if generator is None:
-        if not config.model:
-            raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
-        from transformers import AutoTokenizer
+        if model is None:
+            if not config.model:
+                raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
+            from transformers import AutoTokenizer
 
-        from arcstream.model import load_model
-        from arcstream.predict.generator import ModelGenerator
+            from arcstream.model import load_model
 
-        model, _ = load_model(str(config.model), dtype=str(config.dtype))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(config.model))
+            model, _ = load_model(str(config.model), dtype=str(config.dtype))
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(config.model))
+        elif tokenizer is None:
+            raise ValueError("run_predictions: a loaded `model` needs its `tokenizer` too")
         generator = ModelGenerator(model, tokenizer, max_new_tokens=int(p.max_new_tokens),
                                    batch_size=int(p.batch_size))
     if tokenizer is None:

@@ -167,3 +167,35 @@ def test_rerun_with_another_config_is_refused(tmp_path, tokenizer, arc_tasks):
     with pytest.raises(ValueError, match=r"data\.n_augmentations: stored 4, now 3"):
         run_predictions(_config(tmp_path, max_tasks=1, n_augmentations=3), generator=OracleGenerator(arc_tasks),
                         tokenizer=tokenizer)
+
+
+def test_predictions_from_a_run_config(tmp_path, tokenizer, arc_tasks):
+    """The run job's `predict=True` path: the run's data section, output under output_dir/predictions."""
+    from arcstream.predict import predict_config_from_run
+    from configs.default import get_config as run_config
+
+    rc = run_config()
+    rc.output_dir = str(tmp_path)
+    rc.data.max_tasks = 2
+    rc.data.n_augmentations = 3
+    rc.data.include_answer = True  # a capture run may include answers; predictions must not show them
+    c = predict_config_from_run(rc, "some/model")
+    assert c.output_dir == f"{tmp_path}/predictions" and not c.data.include_answer
+    res = run_predictions(c, generator=OracleGenerator(arc_tasks), tokenizer=tokenizer)
+    assert res.score.solved == res.score.total > 0 and res.generations == 3 * res.test_inputs
+    assert (tmp_path / "predictions" / "predictions.json").exists()
+
+
+def test_resume_from_a_partly_finished_chunk_equals_uninterrupted(tmp_path, tokenizer, arc_tasks):
+    full = run_predictions(_config(tmp_path / "a"), generator=NoisyGenerator(arc_tasks), tokenizer=tokenizer)
+    lines = (tmp_path / "a" / "details.jsonl").read_text().splitlines()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_bytes((tmp_path / "a" / "config.json").read_bytes())
+    # task 0 and task 3 finished: chunks {0,1} and {2,3} are half done, chunk {4} not started
+    (tmp_path / "b" / "details.jsonl").write_text(lines[0] + "\n" + lines[3] + "\n")
+    gen = NoisyGenerator(arc_tasks)
+    res = run_predictions(_config(tmp_path / "b"), generator=gen, tokenizer=tokenizer)
+    assert res.resumed_tasks == 2 and gen.generated == full.generations  # every chunk had work: all recomputed
+    assert (tmp_path / "a" / "predictions.json").read_bytes() == (tmp_path / "b" / "predictions.json").read_bytes()
+    b = (tmp_path / "b" / "details.jsonl").read_text().splitlines()
+    assert b[:2] == [lines[0], lines[3]] and sorted(b) == sorted(lines)  # finished lines are not rewritten
