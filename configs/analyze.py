@@ -30,4 +30,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dashboard_features = 64  # features with a dashboard page (best-labelled first); all get a list row
     c.examples_per_feature = 4  # distinct prompts drawn per feature page
     c.min_phi = 0.3  # a label needs at least this correlation (phi) with its attribute value
+    c.invariance_groups = 32  # tasks stored under >= 2 augmentations used to judge invariance; 0 = off
+    c.invariance_threshold = 0.5  # mean Jaccard overlap needed to call a feature invariant / equivariant
     return c

@@ -10,7 +10,7 @@ JavaScript add search and sort to the feature list; each feature page is a
 Page contract (the tests rely on it):
   - the list is `<table id="features">`, one `<tr class="feature-row">` per
     latent with `data-site`, `data-index`, `data-label`, `data-density`,
-    `data-phi`;
+    `data-phi`, `data-invariance` (invariance.py's class);
   - a feature page is `<section class="feature" id="f-<site>-<index>">`;
   - a grid is `<table class="grid" data-kind=... data-pair=...>`, a cell
     `<td class="cN">` (N the colour; `cx` unknown), and a cell where the
@@ -61,7 +61,7 @@ table.grid td.top{outline:2px solid #ff00ff;outline-offset:-1px}
 _JS = """
 const q=document.getElementById('search'),tb=document.querySelector('#features tbody');
 q.addEventListener('input',()=>{const s=q.value.toLowerCase();for(const r of tb.rows){
- r.style.display=(r.dataset.label+' '+r.dataset.index+' '+r.dataset.site).toLowerCase().includes(s)?'':'none';}});
+ r.style.display=(r.dataset.label+' '+r.dataset.index+' '+r.dataset.site+' '+r.dataset.invariance).toLowerCase().includes(s)?'':'none';}});
 let dir={};for(const th of document.querySelectorAll('#features th')){th.addEventListener('click',()=>{
  const k=th.dataset.key,num=th.dataset.type==='num';dir[k]=-(dir[k]||(num?1:-1));
  const rows=[...tb.rows].sort((a,b)=>{const x=a.dataset[k],y=b.dataset[k];
@@ -149,10 +149,21 @@ def _feature_page(site, i: int, s, attrs_top: list[tuple[str, float, float, floa
             f'<p>density {st.density_s[i]:.4g} ({int(st.fire_count_s[i])} of {st.rows} rows), mean when firing '
             f'{st.mean_when_firing_s[i]:.4g}, max {float(st.act_max_s[i]):.4g}; label phi {lb.phi:.3f}, precision '
             f'{lb.precision:.3f}, recall {lb.recall:.3f}</p>'
+            f'{_invariance_html(s.invariance[i], s.invariance_groups)}'
             f'<h3>Activation histogram (log10 bins)</h3>{_histogram_svg(st.hist_sb[i])}'
             f'<h3>Best-correlated cell attributes</h3><table><tr><th>attribute = value</th><th>phi</th>'
             f'<th>P(value|fires)</th><th>P(fires|value)</th></tr>{rows}</table>'
             f'<h3>Top activations, whole ARC context</h3>{examples or "<p>no examples</p>"}</section>')
+
+
+def _invariance_html(inv: dict[str, Any], groups: int) -> str:
+    if inv["class"] == "untested":
+        return (f'<p class="invariance" data-class="untested">Across augmentations: untested (no view pair of the '
+                f'{groups} augmented tasks studied made it fire).</p>')
+    return (f'<p class="invariance" data-class="{inv["class"]}">Across augmentations: <b>{inv["class"]}</b> '
+            f'(mean Jaccard overlap of firing cells between views of a task: {inv["jaccard_original"]:.2f} on the '
+            f'original cells, {inv["jaccard_view"]:.2f} in the view\'s own frame; {inv["view_pairs"]} view pairs '
+            f'from {groups} tasks).</p>')
 
 
 def _top_attributes(s, i: int, phi_sv: np.ndarray, n: int = 6) -> list[tuple[str, float, float, float]]:
@@ -177,9 +188,10 @@ def render_dashboard(sites: list, title: str = "") -> str:
             link = (f'<a href="#{html.escape(page_id(s.site, i))}">{i}</a>' if i in paged else str(i))
             list_rows.append(
                 f'<tr class="feature-row" data-site="{html.escape(s.site)}" data-index="{i}" '
-                f'data-label="{html.escape(lb.text)}" data-density="{d:.6g}" data-phi="{lb.phi:.4f}">'
+                f'data-label="{html.escape(lb.text)}" data-density="{d:.6g}" data-phi="{lb.phi:.4f}" '
+                f'data-invariance="{s.invariance[i]["class"]}">'
                 f'<td>{html.escape(s.site)}</td><td>{link}</td><td>{html.escape(lb.text)}</td><td>{d:.4g}</td>'
-                f'<td>{lb.phi:.3f}</td></tr>')
+                f'<td>{lb.phi:.3f}</td><td>{s.invariance[i]["class"]}</td></tr>')
         for i in s.dashboard:
             pages.append(_feature_page(s.site, i, s, _top_attributes(s, i, phi_sv)))
     summary = "".join(
@@ -191,7 +203,7 @@ def render_dashboard(sites: list, title: str = "") -> str:
             f'<div id="list-pane"><input id="search" type="search" placeholder="search label, index, site">'
             f'<table id="features"><thead><tr><th data-key="site">site</th><th data-key="index" data-type="num">#</th>'
             f'<th data-key="label">label</th><th data-key="density" data-type="num">density</th>'
-            f'<th data-key="phi" data-type="num">phi</th></tr></thead><tbody>{"".join(list_rows)}</tbody></table>'
+            f'<th data-key="phi" data-type="num">phi</th><th data-key="invariance">views</th></tr></thead><tbody>{"".join(list_rows)}</tbody></table>'
             f'</div><div id="pages"><div id="intro"><h1>arcstream features</h1><p class="muted">'
             f'{html.escape(title)}</p><ul>{summary}</ul><p class="muted">Click a linked index for its page. '
             f'Cells where the feature fires are outlined in white, brighter = stronger; the top token\'s cell in '

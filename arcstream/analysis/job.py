@@ -56,6 +56,8 @@ class AnalyzeOptions:
     dashboard_features: int = 64
     examples_per_feature: int = 4
     min_phi: float = 0.3
+    invariance_groups: int = 32  # tasks (with >= 2 augmented views) used for the invariance study; 0 = off
+    invariance_threshold: float = 0.5
 
     @classmethod
     def from_config(cls, config: Any) -> "AnalyzeOptions":
@@ -83,7 +85,9 @@ class AnalyzeOptions:
                    sites=sites, chunk_rows=int(config.chunk_rows), max_rows=int(config.max_rows), eval_rows=eval_rows,
                    eval_fraction=float(config.eval_fraction), top_k=int(config.top_k),
                    dense_density=float(config.dense_density), dashboard_features=int(config.dashboard_features),
-                   examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi))
+                   examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi),
+                   invariance_groups=int(config.invariance_groups),
+                   invariance_threshold=float(config.invariance_threshold))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,6 +106,8 @@ class SiteAnalysis:
     dashboard: list[int]  # features with a dashboard page, in page order
     examples: dict[int, list[dict[str, Any]]]  # feature -> example records (see _examples)
     prompts: dict[int, dict[str, Any]]  # prompt index -> {task_id, test_index, augmentation, grids}
+    invariance: list[dict[str, Any]]  # per feature: InvarianceAccumulator.result()
+    invariance_groups: int  # tasks the invariance study used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +130,9 @@ class AnalyzeResult:
             labelled = sum(1 for lb in s.labels if lb.attribute)
             rows.append(("  latents", f"dead {dead}  dense {int(s.stats.dense_mask(self.dense_density).sum())}  "
                                       f"labelled {labelled}  pages {len(s.dashboard)}"))
+            classes = [v["class"] for v in s.invariance]
+            rows.append(("  across views", f"{s.invariance_groups} tasks: " + "  ".join(
+                f"{c} {classes.count(c)}" for c in ("invariant", "equivariant", "view-dependent", "untested"))))
         rows += [(name, path) for name, path in self.files.items()]
         rows.append(("time", f"{self.seconds:.1f} s"))
         return rows
@@ -219,13 +228,46 @@ def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions) -> S
     stats = feats.result()
     labels = label_features(stats, min_phi=opts.min_phi)
     dashboard = _pick_dashboard(stats, labels, opts.dashboard_features)
-    examples, prompts = _examples(reader, site, run, stats, dashboard, spans, opts)
-    return SiteAnalysis(site=site, sae_folder=str(sae_folder), architecture=str(cfg_json.get("architecture")),
+    table = reader.prompts()
+    examples, prompts = _examples(reader, site, run, stats, dashboard, spans, opts, table)
+    invariance = _invariance(reader, site, run, cfg.d_sae, spans, opts, table)
+    return SiteAnalysis(invariance=invariance.result(), invariance_groups=invariance.groups,
+                        site=site, sae_folder=str(sae_folder), architecture=str(cfg_json.get("architecture")),
                         d_in=d_in, d_sae=cfg.d_sae, rows=rows, eval={**evals.result(), "start": ev[0], "stop": ev[1]},
                         stats=stats, labels=labels, dashboard=dashboard, examples=examples, prompts=prompts)
 
 
-def _examples(reader, site, run, stats: FeatureStats, dashboard: list[int], spans, opts: AnalyzeOptions):
+def _prompt_rows(reader, site, run, p: int, spans, chunk_rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One prompt's token fields and latent activations [n, d_sae], in stored order."""
+    a, b = spans[p][0], spans[p][1] + 1
+    tok = _read_tokens(reader, a, b)
+    mine = tok["prompt"] == p  # spans may include other prompts' rows if a prompt was not contiguous
+    x_nd = np.asarray(reader.activations(site)[a:b].read().result(), np.float32)
+    acts = np.concatenate([run(x_nd[i:i + chunk_rows])[0] for i in range(0, b - a, chunk_rows)])
+    return {k: v[mine] for k, v in tok.items()}, acts[mine]
+
+
+def _invariance(reader, site, run, d_sae: int, spans, opts: AnalyzeOptions, table):
+    """Pass 3: the first `invariance_groups` tasks stored under >= 2 augmentations (see invariance.py)."""
+    from arcstream.analysis.invariance import InvarianceAccumulator, cell_keys
+
+    acc = InvarianceAccumulator(d_sae, opts.invariance_threshold)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for p, info in table.items():
+        if p in spans:
+            groups.setdefault((info.task_id, info.test_index), []).append(p)
+    chosen = [ps for ps in groups.values() if len(ps) >= 2][: opts.invariance_groups]
+    for ps in cli.progress(chosen, total=len(chosen), desc=f"invariance {site}", unit="task"):
+        views = []
+        for p in ps:
+            tok, acts = _prompt_rows(reader, site, run, p, spans, opts.chunk_rows)
+            orig, view = cell_keys(tok, table[p].augmentation)
+            views.append((orig, view, acts > 0))
+        acc.add_group(views)
+    return acc
+
+
+def _examples(reader, site, run, stats: FeatureStats, dashboard: list[int], spans, opts: AnalyzeOptions, table):
     """Pass 2: per dashboard feature, up to `examples_per_feature` distinct prompts among its top rows, each
     with the feature's activation on every firing token of the prompt."""
     wanted: dict[int, list[tuple[int, int, float]]] = {}  # feature -> [(prompt, top row, top value)]
@@ -238,18 +280,12 @@ def _examples(reader, site, run, stats: FeatureStats, dashboard: list[int], span
                 break
         wanted[f] = seen
     needed = sorted({p for ex in wanted.values() for p, _, _ in ex})
-    table = reader.prompts()
     prompts: dict[int, dict[str, Any]] = {}
     per_prompt: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
     feats = np.asarray(dashboard, np.int64)
     for p in cli.progress(needed, total=len(needed), desc=f"examples {site}", unit="prompt"):
-        a, b = spans[p][0], spans[p][1] + 1
-        tok = _read_tokens(reader, a, b)
-        mine = tok["prompt"] == p  # spans may include other prompts' rows if a prompt was not contiguous
-        x_nd = np.asarray(reader.activations(site)[a:b].read().result(), np.float32)
-        acts = np.concatenate([run(x_nd[i:i + opts.chunk_rows])[0] for i in range(0, b - a, opts.chunk_rows)])
-        tok = {k: v[mine] for k, v in tok.items()}
-        per_prompt[p] = (tok, acts[mine][:, feats])
+        tok, acts = _prompt_rows(reader, site, run, p, spans, opts.chunk_rows)
+        per_prompt[p] = (tok, acts[:, feats])
         info = table.get(p)
         prompts[p] = {"task_id": info.task_id if info else "?", "test_index": info.test_index if info else -1,
                       "augmentation": info.augmentation if info else None, "grids": _grids_from_tokens(tok)}
@@ -302,11 +338,12 @@ def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, den
                 "mean_activation": float(mean[i]), "mean_when_firing": float(mwf[i]), "max_activation": float(st.act_max_s[i]),
                 "label": lb.text, "label_attribute": lb.attribute, "label_value": lb.value, "label_phi": lb.phi,
                 "label_precision": lb.precision, "label_recall": lb.recall, "top": top,
-                "activation_histogram": st.hist_sb[i].tolist()})
+                "activation_histogram": st.hist_sb[i].tolist(), "invariance": s.invariance[i]})
         out["saes"][s.site] = {
             "sae_folder": s.sae_folder, "architecture": s.architecture, "d_in": s.d_in, "d_sae": s.d_sae,
             "rows": s.rows, "eval": s.eval, "dead": int(st.dead_mask().sum()),
             "dense": int(st.dense_mask(dense_density).sum()), "dense_density": dense_density,
+            "invariance_groups": s.invariance_groups,
             "density_histogram": st.density_histogram(), "features": features}
     return out
 

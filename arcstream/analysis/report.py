@@ -68,15 +68,18 @@ def write_report(sites: list, out_dir: str | Path, opts: Any) -> Path:
                   f"{e['explained_variance']:.4f} | {e['mse']:.4g} |", "",
                   f"Dead latents (never fired): {int(st.dead_mask().sum())} of {s.d_sae}; dense latents "
                   f"(density > {opts.dense_density}): {dense}.", "",
+                  "Across augmentations (" + str(s.invariance_groups) + " tasks with several views): " +
+                  ", ".join(f"{c} {sum(1 for v in s.invariance if v['class'] == c)}"
+                            for c in ("invariant", "equivariant", "view-dependent", "untested")) + ".", "",
                   f"![density histogram](analysis/{plots['density']})",
                   f"![density vs activation](analysis/{plots['scatter']})", "",
-                  "Best-labelled features:", "", "| feature | label | phi | precision | recall | density |",
-                  "|---|---|---|---|---|---|"]
+                  "Best-labelled features:", "",
+                  "| feature | label | phi | precision | recall | density | across views |", "|---|---|---|---|---|---|---|"]
         order = sorted(range(s.d_sae), key=lambda i: -s.labels[i].phi)[:10]
         for i in order:
             lb = s.labels[i]
             lines.append(f"| {i} | {lb.text} | {lb.phi:.3f} | {lb.precision:.3f} | {lb.recall:.3f} | "
-                         f"{st.density_s[i]:.4g} |")
+                         f"{st.density_s[i]:.4g} | {s.invariance[i]['class']} |")
         lines.append("")
     path = out_dir / "report.md"
     tmp = path.with_name(path.name + ".tmp")

@@ -15,7 +15,9 @@ import numpy as np
 SITE = "blocks.0.hook_resid_post"
 D_IN = 16
 D_SAE = 8
-PLANTED = 5  # the latent that fires exactly on colour-3 cells
+PLANTED = 5  # the latent that fires exactly on colour-3 cells (as each view shows them): view-dependent
+INVARIANT = 6  # fires on cells whose *original* colour is 3: the same original cells in every view
+EQUIVARIANT = 7  # fires on the first row of every grid as the view shows it: moves with the transform
 SCALE = 4.0  # size of the planted direction on colour-3 cells; noise sigma 0.3
 
 
@@ -56,7 +58,11 @@ def make_store(run_dir: Path, n_tasks: int = 3, rows_per_shard: int = 512) -> di
                  "token_id": ep.token_ids, "grid_kind": ep.grid_kind, "pair_index": ep.pair_index, "row": ep.row,
                  "col": ep.col, "colour": ep.colour}
             x = (rng.standard_normal((n, D_IN)) * 0.3).astype(np.float32)
-            x[:, 0] += SCALE * ((ep.colour == 3) & (ep.grid_kind > 0))
+            cell = ep.grid_kind > 0
+            original_colour = np.argsort(np.asarray(aug.colours))[np.maximum(ep.colour, 0)]
+            x[:, 0] += SCALE * (cell & (ep.colour == 3))
+            x[:, 1] += SCALE * (cell & (original_colour == 3))
+            x[:, 2] += SCALE * (cell & (ep.row == 0))
             infos.append(ep.info(index))
             batch_x.append(x)
             batch_t.append(t)
@@ -72,8 +78,8 @@ def make_store(run_dir: Path, n_tasks: int = 3, rows_per_shard: int = 512) -> di
 
 
 def planted_sae(folder: Path):
-    """A standard SAE: latent PLANTED = relu(x0 - 2) (fires iff the planted direction is there), the others
-    random directions; exported in SAELens layout. Returns (W_enc [d_in, d_sae], b_enc, W_dec, b_dec) in
+    """A standard SAE: latents PLANTED, INVARIANT, EQUIVARIANT = relu(x_dim - 2) on their planted dimension
+    (fire iff the planted direction is there), the others random directions off those dimensions; exported in SAELens layout. Returns (W_enc [d_in, d_sae], b_enc, W_dec, b_dec) in
     NumPy for the reference computations."""
     import jax.numpy as jnp
 
@@ -81,13 +87,15 @@ def planted_sae(folder: Path):
 
     rng = np.random.default_rng(1)
     w_enc_sd = rng.standard_normal((D_SAE, D_IN)).astype(np.float32) / np.sqrt(D_IN)
-    w_enc_sd[PLANTED] = 0.0
-    w_enc_sd[PLANTED, 0] = 1.0
+    w_enc_sd[:, :3] = 0.0  # the random latents ignore the planted directions
     b_enc_s = np.full(D_SAE, 0.05, np.float32)
-    b_enc_s[PLANTED] = -2.0
     w_dec_sd = rng.standard_normal((D_SAE, D_IN)).astype(np.float32) / np.sqrt(D_IN)
-    w_dec_sd[PLANTED] = 0.0
-    w_dec_sd[PLANTED, 0] = 1.0
+    for latent, dim in ((PLANTED, 0), (INVARIANT, 1), (EQUIVARIANT, 2)):
+        w_enc_sd[latent] = 0.0
+        w_enc_sd[latent, dim] = 1.0
+        b_enc_s[latent] = -2.0
+        w_dec_sd[latent] = 0.0
+        w_dec_sd[latent, dim] = 1.0
     b_dec_d = np.zeros(D_IN, np.float32)
     params = {"w_enc_sd": jnp.asarray(w_enc_sd), "b_enc_s": jnp.asarray(b_enc_s), "w_dec_sd": jnp.asarray(w_dec_sd),
               "b_dec_d": jnp.asarray(b_dec_d)}

