@@ -105,56 +105,77 @@ class ModelGenerator:
         return out  # type: ignore[return-value]
 
     def score(self, prompts: Sequence[EncodedPrompt]) -> list[float]:
-        import jax.numpy as jnp
+        """Summed answer log-likelihoods, without materialising [B, T, V] logits.
 
-        from arcstream.model import forward_jit
+        The forward stops at the last block (no LM head over the whole prompt);
+        the LM head runs only at the positions that predict an answer token
+        ([B, A, V], A = the longest answer in the batch, rounded up), which for
+        a 150k vocabulary and 4k-token prompts is the difference between a few
+        hundred MB and tens of GB.
+        """
+        import jax.numpy as jnp
 
         out = [0.0] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         b = self.batch_size
+        site = f"blocks.{self.model.config.num_layers - 1}.hook_resid_post"
         for b0 in range(0, len(order), b):
             idx = order[b0:b0 + b]
-            t = _round_up(max(len(prompts[i]) for i in idx), self.pad_to_multiple)
-            tokens_bt = np.full((b, t), self.pad_id, np.int32)
-            seg_bt = np.zeros((b, t), np.int32)
-            pos_bt = np.zeros((b, t), np.int32)
-            mask_bt = np.zeros((b, t), bool)
-            for r, i in enumerate(idx):
+            answers = []
+            for i in idx:
                 p = prompts[i]
-                if p.answer_start == 0 or not p.answer_mask.any():
+                pos = np.flatnonzero(p.answer_mask)
+                if p.answer_start == 0 or pos.size == 0 or pos[0] == 0:
                     raise ValueError(f"task {p.task_id} test {p.test_index}: the prompt has no answer tokens after "
                                      "a prefix; build scoring prompts with PromptConfig(include_answer=True) and a "
                                      "test output")
+                answers.append(pos)
+            t = _round_up(max(len(prompts[i]) for i in idx), self.pad_to_multiple)
+            a = _round_up(max(x.size for x in answers), self.pad_to_multiple)
+            tokens_bt = np.full((b, t), self.pad_id, np.int32)
+            seg_bt = np.zeros((b, t), np.int32)
+            pos_bt = np.zeros((b, t), np.int32)
+            gather_ba = np.zeros((b, a), np.int32)  # the position whose output predicts the answer token
+            target_ba = np.zeros((b, a), np.int32)
+            valid_ba = np.zeros((b, a), bool)
+            for r, (i, ans) in enumerate(zip(idx, answers)):
+                p = prompts[i]
                 n = len(p)
                 tokens_bt[r, :n] = p.token_ids
                 seg_bt[r, :n] = 1
                 pos_bt[r, :n] = np.arange(n)
-                mask_bt[r, :n] = p.answer_mask
-            logits_btv = forward_jit(self.model, jnp.asarray(tokens_bt), jnp.asarray(seg_bt), jnp.asarray(pos_bt),
-                                     sites=(), return_logits=True).logits
-            # lp_bt[:, j] = log p(token j | tokens < j); position 0 has no prediction (and is never an answer).
-            lp_bt = np.asarray(_next_token_logprobs(logits_btv, jnp.asarray(tokens_bt)))
+                gather_ba[r, :ans.size] = ans - 1
+                target_ba[r, :ans.size] = p.token_ids[ans]
+                valid_ba[r, :ans.size] = True
+            lp_ba = np.asarray(_answer_logprobs(self.model, jnp.asarray(tokens_bt), jnp.asarray(seg_bt),
+                                                jnp.asarray(pos_bt), jnp.asarray(gather_ba), jnp.asarray(target_ba),
+                                                site=site))
             for r, i in enumerate(idx):
-                out[i] = float(lp_bt[r][mask_bt[r]].sum())
+                out[i] = float(lp_ba[r][valid_ba[r]].sum(dtype=np.float64))
         return out
 
 
-def _next_token_logprobs_impl(logits_btv: Any, tokens_bt: Any) -> Any:
+def _answer_logprobs_impl(model: Any, tokens_bt: Any, seg_bt: Any, pos_bt: Any, gather_ba: Any, target_ba: Any,
+                          *, site: str) -> Any:
+    """log p(target_ba | prefix) at positions gather_ba: [B, A] float32."""
     import jax
     import jax.numpy as jnp
 
-    logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-    lp = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-    return jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], axis=1)
+    from arcstream.model import forward
+
+    h_btd = forward(model, tokens_bt, seg_bt, pos_bt, sites=(site,), return_logits=False).captures[site]
+    h_bad = jnp.take_along_axis(h_btd, gather_ba[:, :, None], axis=1)
+    logp_bav = jax.nn.log_softmax(model.logits(h_bad).astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_bav, target_ba[:, :, None], axis=-1)[..., 0]
 
 
-def _next_token_logprobs(logits_btv: Any, tokens_bt: Any) -> Any:
-    import jax
+def _answer_logprobs(model: Any, *args: Any, site: str) -> Any:
+    global _ANSWER_JIT
+    if _ANSWER_JIT is None:
+        from flax import nnx
 
-    global _NEXT_JIT
-    if _NEXT_JIT is None:
-        _NEXT_JIT = jax.jit(_next_token_logprobs_impl)
-    return _NEXT_JIT(logits_btv, tokens_bt)
+        _ANSWER_JIT = nnx.jit(_answer_logprobs_impl, static_argnames=("site",))
+    return _ANSWER_JIT(model, *args, site=site)
 
 
-_NEXT_JIT: Any = None
+_ANSWER_JIT: Any = None
