@@ -133,9 +133,12 @@ def _with_output(task: Task, test_index: int, grid: np.ndarray) -> Task:
     return dataclasses.replace(task, test=tuple(test))
 
 
-def _product_scores(work: _TestWork, cands: Sequence[Candidate], generator: Generator, tokenizer: Any,
-                    prompt_config: PromptConfig) -> tuple[dict[int, list[float]], list[int]]:
-    """Re-scores every candidate under every augmentation whose prompt builds for all candidates."""
+def _scoring_prompts(work: _TestWork, cands: Sequence[Candidate], tokenizer: Any,
+                     prompt_config: PromptConfig) -> tuple[dict[tuple[int, int], EncodedPrompt], list[int]]:
+    """Prompts holding each candidate as the answer, under every augmentation whose prompt builds for all of them.
+
+    Returns ({(candidate, augmentation): prompt}, the augmentations used).
+    """
     scoring_config = dataclasses.replace(prompt_config, include_answer=True)
     built: dict[tuple[int, int], EncodedPrompt] = {}
     usable = []
@@ -147,12 +150,7 @@ def _product_scores(work: _TestWork, cands: Sequence[Candidate], generator: Gene
             continue  # too long for some candidate: left out for all, so the sums compare
         built.update(ps)
         usable.append(a)
-    keys = list(built)
-    values = generator.score([built[k] for k in keys]) if keys else []
-    scores: dict[int, list[float]] = {i: [] for i in range(len(cands))}
-    for (i, _a), v in zip(keys, values):
-        scores[i].append(float(v))
-    return scores, usable
+    return built, usable
 
 
 def _test_record(work: _TestWork, answers: list[Answer], ranked: list[Candidate], selection: str,
@@ -215,15 +213,32 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
     for (w, a, _), g in zip(flat, gens):
         by_work.setdefault(id(w), {})[a] = g
 
+    # Vote; with the product selection, re-score every candidate of every test input in one batched call.
+    answers_w = [_answers(w, by_work.get(id(w), {}), prompt_config) for w in works]
+    ranked_w = [vote(a) for a in answers_w]
+    usable_w: list[list[int] | None] = [None] * len(works)
+    if selection == "product":
+        keys: list[tuple[int, int, int]] = []
+        prompts: list[EncodedPrompt] = []
+        for k, (w, ranked) in enumerate(zip(works, ranked_w)):
+            if len(ranked) > 1:
+                built, usable_w[k] = _scoring_prompts(w, ranked, tokenizer, prompt_config)
+                keys += [(k, i, a) for i, a in built]
+                prompts += list(built.values())
+        values = generator.score(prompts) if prompts else []
+        if len(values) != len(prompts):
+            raise RuntimeError(f"generator returned {len(values)} scores for {len(prompts)} prompts")
+        scores_w: dict[int, dict[int, list[float]]] = {}
+        for (k, i, _a), v in zip(keys, values):
+            scores_w.setdefault(k, {}).setdefault(i, []).append(float(v))
+        for k, usable in enumerate(usable_w):
+            if usable is not None:
+                per = scores_w.get(k, {})
+                ranked_w[k] = rank_by_product(ranked_w[k], {i: per.get(i, []) for i in range(len(ranked_w[k]))})
+
     records: dict[str, dict[str, Any]] = {}
     order: list[str] = []
-    for w in works:
-        answers = _answers(w, by_work.get(id(w), {}), prompt_config)
-        ranked = vote(answers)
-        usable = None
-        if selection == "product" and len(ranked) > 1:
-            scores, usable = _product_scores(w, ranked, generator, tokenizer, prompt_config)
-            ranked = rank_by_product(ranked, scores)
+    for w, answers, ranked, usable in zip(works, answers_w, ranked_w, usable_w):
         rec = records.get(w.task.id)
         if rec is None:
             rec = records[w.task.id] = {"task_id": w.task.id, "row": w.row, "tests": [], "failures": {}}

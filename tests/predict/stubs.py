@@ -35,6 +35,7 @@ class OracleGenerator:
         self.tasks = tasks
         self.generated = 0
         self.scored = 0
+        self.score_calls = 0
 
     def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
         self.generated += len(prompts)
@@ -46,6 +47,7 @@ class OracleGenerator:
 
     def score(self, prompts: Sequence[EncodedPrompt]) -> list[float]:
         self.scored += len(prompts)
+        self.score_calls += 1
         return [0.0 if np.array_equal(_answer_grid(p), _truth_in_frame(self.tasks, p)) else -50.0 for p in prompts]
 
 
@@ -95,3 +97,12 @@ class NoisyGenerator(OracleGenerator):
             text = get_encoder(p.metadata["encoder"]).encode(g)
             out.append(Generation(text, True, -float(h) / 3, len(text) + 1))
         return out
+
+
+class MajorityWrongGenerator(OracleGenerator):
+    """Right under the first of every 4 prompts, the grid [[0]] under the other 3: voting ranks the wrong grid
+    first; the oracle's likelihoods (0 for the truth, -50 for anything else) rank the truth first."""
+
+    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
+        gens = super().generate(prompts)
+        return [g if i % 4 == 0 else Generation("0", True, -1.0, 2) for i, g in enumerate(gens)]

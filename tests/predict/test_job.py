@@ -13,7 +13,7 @@ from arcstream.data.tokenizer import build_arc_tokenizer
 from arcstream.predict import run_predictions
 from arcstream.predict.job import predict_tasks
 from configs.predict import get_config
-from tests.predict.stubs import GARBAGE, GarbageGenerator, NoisyGenerator, OracleGenerator
+from tests.predict.stubs import GARBAGE, GarbageGenerator, MajorityWrongGenerator, NoisyGenerator, OracleGenerator
 
 N_TASKS = 5
 
@@ -97,14 +97,8 @@ def test_product_selection_overrules_a_majority(tokenizer, arc_tasks):
     prompter = make_prompter(c.data, tokenizer)
     task = next(iter(arc_tasks.values()))
 
-    class Majority(OracleGenerator):
-        def generate(self, prompts):
-            gens = super().generate(prompts)
-            from arcstream.predict import Generation
-            return [g if i % 4 == 0 else Generation("0", True, -1.0, 2) for i, g in enumerate(gens)]
-
     for selection, first_correct in (("vote", False), ("product", True)):
-        gen = Majority(arc_tasks)
+        gen = MajorityWrongGenerator(arc_tasks)
         [rec] = predict_tasks([(0, task)], gen, tokenizer, prompter=prompter, n_augmentations=4, seed=0,
                               selection=selection)
         t = rec["tests"][0]
@@ -113,6 +107,17 @@ def test_product_selection_overrules_a_majority(tokenizer, arc_tasks):
         if selection == "product":
             assert gen.scored == 2 * 4  # two candidates x four augmentations
             assert [c["product_logprob"] for c in t["candidates"]] == [0.0, -200.0]
+
+
+def test_product_job_rescores_each_chunk_in_one_call(tmp_path, tokenizer, arc_tasks):
+    c = _config(tmp_path)
+    c.predict.selection = "product"
+    gen = MajorityWrongGenerator(arc_tasks)
+    res = run_predictions(c, generator=gen, tokenizer=tokenizer)
+    sub = json.loads((tmp_path / "predictions.json").read_text())
+    assert all(e["attempt_1"] == p.output.tolist() for tid, t in arc_tasks.items() for e, p in zip(sub[tid], t.test))
+    assert res.score.solved == res.score.total
+    assert gen.score_calls == 3  # 5 tasks in chunks of 2: one scoring call per chunk
 
 
 def test_garbage_scores_zero_and_every_failure_is_counted(tmp_path, tokenizer, arc_tasks):
