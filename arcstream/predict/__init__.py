@@ -14,6 +14,6 @@ from arcstream.predict.vote import Answer, Candidate, attempts, grid_key, rank_b
 
 __all__ = [
     "FAILURE_REASONS", "FALLBACKS", "SELECTIONS", "Answer", "Candidate", "Generation", "Generator", "ModelGenerator",
-    "PredictResult", "Score", "attempts", "default_predict_section", "failure_code", "grid_key", "predict_config_from_run", "predict_tasks", "rank_by_product",
-    "run_predictions", "score_predictions", "vote",
+    "PredictResult", "Score", "attempts", "default_predict_section", "failure_code", "grid_key",
+    "predict_config_from_run", "predict_tasks", "rank_by_product", "run_predictions", "score_predictions", "vote",
 ]

@@ -25,6 +25,10 @@ Files in DIR:
   score.json        when the source has solutions: solved/total over test outputs and per task.
   skipped.jsonl     tasks the source could not read (they cannot have predictions).
 
+Batching: the prompts of a chunk of tasks (every test input x augmentation)
+go to the generator in one call (which batches them by length), and with the
+product selection every candidate of the chunk is re-scored in one more call.
+
 Resume and determinism: tasks are processed in fixed chunks of
 `predict.tasks_per_chunk` consecutive source rows; a chunk with any unfinished
 task is recomputed whole (its finished tasks are not rewritten), so the model
