@@ -206,28 +206,29 @@ class RunResult:
     def summary_rows(self) -> list[tuple[str, str]]:
         tok_s = self.tokens / max(self.seconds, 1e-9)
         t = self.timings
+        bound = max(("forward", t["forward"]), ("input", t["input"]), ("writer", t["backpressure"]),
+                    ("sae", t["sae"]), key=lambda kv: kv[1])[0]
         rows = [
             ("output_dir", self.output_dir),
-            ("model", f"{self.model}{' (' + self.model_note + ')' if self.model_note else ''}"),
-            ("sites captured", ", ".join(self.sites)),
-            ("sites stored", ", ".join(self.stored_sites) or "none"),
+            ("model", self.model),
+            *([("  note", self.model_note)] if self.model_note else []),
+            ("sites captured", ", ".join(s.removeprefix("blocks.") for s in self.sites)),
+            ("sites stored", ", ".join(s.removeprefix("blocks.") for s in self.stored_sites) or "none"),
             ("steps", f"{self.steps}" + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")),
             ("prompts / tokens", f"{self.prompts} / {self.tokens} this process ({tok_s:,.0f} tokens/s)"),
             ("rows durable", f"{self.rows_durable} (manifest.json)"),
             ("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(self.skips.items())) or "none"),
-            ("time", f"{self.seconds:.1f} s: input {t['input']:.1f}, forward {t['forward']:.1f}, "
-                     f"sae {t['sae']:.1f}, commit {t['commit']:.1f}, waiting on writer {t['backpressure']:.1f}"),
-            ("drain thread", f"device->host {t['d2h']:.1f} s, store append {t['disk']:.1f} s; "
-                             f"backpressure waits {self.backpressure_waits}"),
+            ("time", f"{self.seconds:.1f} s, bound by {bound}"),
+            ("  forward / input", f"{t['forward']:.1f} s / {t['input']:.1f} s (forward includes compilation)"),
+            ("  sae / commit", f"{t['sae']:.1f} s / {t['commit']:.1f} s"),
+            ("  writer", f"waited on {self.backpressure_waits}x ({t['backpressure']:.1f} s); "
+                         f"d2h {t['d2h']:.1f} s, append {t['disk']:.1f} s"),
         ]
-        bound = max(("forward", t["forward"]), ("input", t["input"]), ("writer", t["backpressure"]),
-                    ("sae", t["sae"]), key=lambda kv: kv[1])[0]
-        rows.append(("bound by", bound))
         if self.sae_steps:
             rows.append(("online SAEs", f"{self.sae_steps} steps"))
             for site, m in self.sae_final.items():
-                rows.append((f"  {site}", ", ".join(f"{k} {v:.3g}" for k, v in m.items())))
-            rows.append(("SAE exports", f"{len(self.exports)} under {self.output_dir}/saes/"))
+                rows.append((f"  {site.removeprefix('blocks.')}", ", ".join(f"{k} {v:.3g}" for k, v in m.items())))
+            rows.append(("SAE exports", f"{len(self.exports)} in saes/ (SAELens layout)"))
         return rows
 
 
@@ -252,7 +253,7 @@ def _resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
         save_hf_checkpoint(init_random(mcfg, seed=int(config.seed)), mcfg, path)
         tok.save_pretrained(path)
     barrier("random_model")
-    return str(path), "random weights: no trained model given (--config.model=...)"
+    return str(path), "random weights (no --config.model given)"
 
 
 def _site_list(spec: str) -> list[str]:
