@@ -32,4 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.min_phi = 0.3  # a label needs at least this correlation (phi) with its attribute value
     c.invariance_groups = 32  # tasks stored under >= 2 augmentations used to judge invariance; 0 = off
     c.invariance_threshold = 0.5  # mean Jaccard overlap needed to call a feature invariant / equivariant
+    c.ce_prompts = 8  # held-out prompts for CE loss recovered (runs the model); 0 = skip (no model needed)
+    c.model = ""  # model for CE loss recovered (hub name or local dir); "" = the run's config.json model
+    c.ce_pad_to = 256  # prompts are padded to a multiple of this many tokens (fewer compiles)
     return c

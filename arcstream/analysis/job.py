@@ -58,6 +58,9 @@ class AnalyzeOptions:
     min_phi: float = 0.3
     invariance_groups: int = 32  # tasks (with >= 2 augmented views) used for the invariance study; 0 = off
     invariance_threshold: float = 0.5
+    ce_prompts: int = 0  # held-out prompts for CE loss recovered (needs the model); 0 = off
+    model: str = ""  # model for CE loss recovered; "" = the run's config.json `model`
+    ce_pad_to: int = 256
 
     @classmethod
     def from_config(cls, config: Any) -> "AnalyzeOptions":
@@ -87,7 +90,8 @@ class AnalyzeOptions:
                    dense_density=float(config.dense_density), dashboard_features=int(config.dashboard_features),
                    examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi),
                    invariance_groups=int(config.invariance_groups),
-                   invariance_threshold=float(config.invariance_threshold))
+                   invariance_threshold=float(config.invariance_threshold), ce_prompts=int(config.ce_prompts),
+                   model=str(config.model or ""), ce_pad_to=int(config.ce_pad_to))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,6 +131,9 @@ class AnalyzeResult:
             rows.append((s.site, f"{s.architecture} d_sae={s.d_sae}, {s.rows} rows"))
             rows.append(("  held-out", f"rows {e['start']}:{e['stop']}  L0 {e['l0']:.2f}  FVU {e['fvu']:.4f}  "
                                        f"explained var {e['explained_variance']:.4f}"))
+            if "ce_loss_recovered" in e:
+                rows.append(("  CE loss", f"clean {e['ce_clean']:.4f}  SAE {e['ce_sae']:.4f}  zero {e['ce_zero']:.4f}"
+                                          f"  recovered {e['ce_loss_recovered']:.4f} ({e['prompts']} prompts)"))
             labelled = sum(1 for lb in s.labels if lb.attribute)
             rows.append(("  latents", f"dead {dead}  dense {int(s.stats.dense_mask(self.dense_density).sum())}  "
                                       f"labelled {labelled}  pages {len(s.dashboard)}"))
@@ -191,8 +198,8 @@ def _pick_dashboard(stats: FeatureStats, labels: list[Label], limit: int) -> lis
     return [int(i) for i in alive[np.argsort(-phi, kind="stable")][:limit]]
 
 
-def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions) -> SiteAnalysis:
-    """Both passes for one SAE (see the module docstring)."""
+def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions, model=None) -> SiteAnalysis:
+    """The passes for one SAE (see the module docstring); with `model`, also CE loss recovered."""
     from arcstream.sae import load_sae
 
     params, cfg, buffers, cfg_json = load_sae(sae_folder)
@@ -231,9 +238,16 @@ def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions) -> S
     table = reader.prompts()
     examples, prompts = _examples(reader, site, run, stats, dashboard, spans, opts, table)
     invariance = _invariance(reader, site, run, cfg.d_sae, spans, opts, table)
+    ce: dict[str, float] = {}
+    if model is not None:
+        from arcstream.analysis.ce import ce_loss_recovered
+
+        held_out = [p for p in table if p in spans and spans[p][0] >= ev[0]][: opts.ce_prompts]
+        ce = ce_loss_recovered(model, [table[p].token_ids for p in held_out], site, params, cfg, buffers,
+                               pad_to=opts.ce_pad_to)
     return SiteAnalysis(invariance=invariance.result(), invariance_groups=invariance.groups,
                         site=site, sae_folder=str(sae_folder), architecture=str(cfg_json.get("architecture")),
-                        d_in=d_in, d_sae=cfg.d_sae, rows=rows, eval={**evals.result(), "start": ev[0], "stop": ev[1]},
+                        d_in=d_in, d_sae=cfg.d_sae, rows=rows, eval={**evals.result(), "start": ev[0], "stop": ev[1], **ce},
                         stats=stats, labels=labels, dashboard=dashboard, examples=examples, prompts=prompts)
 
 
@@ -386,7 +400,19 @@ def analyze(config: Any) -> AnalyzeResult:
                          "config.output_dir to a local folder")
     out = Path(out_dir)
     reader = open_run(opts.run_dir)
-    sites = [analyze_site(reader, site, folder, opts) for site, folder in _find_saes(reader, opts)]
+    saes = _find_saes(reader, opts)
+    model = None
+    if opts.ce_prompts > 0:
+        from arcstream.model import load_model
+
+        spec = opts.model or str(reader.config.get("model", ""))
+        try:
+            model, _ = load_model(spec)
+        except Exception as err:
+            raise RuntimeError(f"CE loss recovered needs the run's model, but loading model={spec!r} failed "
+                               f"({type(err).__name__}: {err}); set --config.model=PATH, or "
+                               "--config.ce_prompts=0 to skip it") from err
+    sites = [analyze_site(reader, site, folder, opts, model) for site, folder in saes]
     files: dict[str, str] = {}
     data = features_json(sites, opts.run_dir, reader.rows, opts.dense_density)
     _write_text(out / "analysis" / "features.json", json.dumps(data))

@@ -66,6 +66,9 @@ def write_report(sites: list, out_dir: str | Path, opts: Any) -> Path:
                   "| held-out rows | L0 | FVU | explained variance | MSE |", "|---|---|---|---|---|",
                   f"| {e['start']}:{e['stop']} ({e['rows']}) | {e['l0']:.3f} | {e['fvu']:.4f} | "
                   f"{e['explained_variance']:.4f} | {e['mse']:.4g} |", "",
+                  *([f"CE loss recovered on {e['prompts']} held-out prompts ({e['tokens']} tokens): "
+                     f"{e['ce_loss_recovered']:.4f} (clean {e['ce_clean']:.4f}, with the SAE {e['ce_sae']:.4f}, "
+                     f"zero-ablated {e['ce_zero']:.4f} nats/token).", ""] if "ce_loss_recovered" in e else []),
                   f"Dead latents (never fired): {int(st.dead_mask().sum())} of {s.d_sae}; dense latents "
                   f"(density > {opts.dense_density}): {dense}.", "",
                   "Across augmentations (" + str(s.invariance_groups) + " tasks with several views): " +

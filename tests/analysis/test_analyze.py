@@ -277,7 +277,8 @@ def test_entry_point_writes_every_file_and_prints_the_summary(stored, tmp_path):
     chunks = -(-len(data["x"]) // 1024)
     env = dict(os.environ, JAX_PLATFORMS="cpu", ARCSTREAM_NO_PROGRESS="1", XLA_FLAGS="")
     p = subprocess.run([sys.executable, "-m", "arcstream.analyze", f"--config={REPO / 'configs/analyze.py'}",
-                        f"--config.run_dir={run_dir}", f"--config.output_dir={tmp_path}", "--config.chunk_rows=1024"],
+                        f"--config.run_dir={run_dir}", f"--config.output_dir={tmp_path}", "--config.chunk_rows=1024",
+                        "--config.ce_prompts=0"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "arcstream.analyze" in p.stdout and "held-out" in p.stdout and "labelled 3" in p.stdout and "across views" in p.stdout
