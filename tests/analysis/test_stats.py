@@ -18,11 +18,14 @@ def _random_tokens(rng, n):
             "colour": np.where(cell, rng.integers(0, 10, n), -1).astype(np.int8)}
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("chunks", [(1000,), (7, 300, 693), (64,) * 15 + (40,)])
-def test_streamed_statistics_equal_numpy_on_the_whole_array_whatever_the_chunking(chunks):
+def test_streamed_statistics_equal_numpy_on_the_whole_array_whatever_the_chunking(chunks, sparse):
     rng = np.random.default_rng(0)
     n, s, k = sum(chunks), 12, 5
     acts = np.maximum(rng.standard_normal((n, s)) * np.exp(rng.uniform(-3, 3, s)), 0).astype(np.float32)
+    if sparse:  # ~5% firing: the accumulator takes its sparse top-k path
+        acts *= rng.random((n, s)) < 0.1
     acts[:, 3] = 0  # a dead latent
     acts[:, 4] = np.where(np.arange(n) % 400 == 0, 1.5, 0)  # fires on 3 rows only: fewer than k examples
     tok = _random_tokens(rng, n)
