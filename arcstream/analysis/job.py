@@ -335,7 +335,19 @@ def _cell_of(tok, i: int) -> list[int] | None:
 
 
 def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, dense_density: float) -> dict[str, Any]:
-    """The per-feature statistics as plain JSON (the `features.json` other tools read)."""
+    """The per-feature statistics as plain JSON (the `features.json` other tools read).
+
+    Layout (format "arcstream-features", format_version 1):
+      committed_rows, run_dir, activation_log10_edges (the histogram bins), attributes (attribute -> value
+      names, the order of the attribute value codes);
+      saes[site]: sae_folder, architecture, d_in, d_sae, rows (analysed), dead, dense, dense_density,
+        eval {rows, start, stop, l0, fvu, explained_variance, mse [, prompts, tokens, ce_clean, ce_sae,
+        ce_zero, ce_loss_recovered]}, density_histogram {log10_edges, counts, dead}, invariance_groups,
+        features[i]: index, density, fire_count, mean_activation (over all rows), mean_when_firing,
+          max_activation, label, label_attribute, label_value, label_phi, label_precision, label_recall,
+          top [{row, prompt, act}] (descending), activation_histogram (counts on activation_log10_edges),
+          invariance {class, jaccard_original, jaccard_view, view_pairs}.
+    """
     out: dict[str, Any] = {"format": FEATURES_FORMAT, "format_version": FEATURES_VERSION, "run_dir": run_dir,
                            "committed_rows": rows, "activation_log10_edges": ACT_LOG10_EDGES.tolist(),
                            "attributes": ATTRIBUTES, "saes": {}}
