@@ -14,7 +14,8 @@ from arcstream.analysis.invariance import CLASSES as INVARIANCE_CLASSES
 from arcstream.analysis.invariance import InvarianceAccumulator, cell_keys
 
 __all__ = [
-    "ACT_LOG10_EDGES", "ARC_COLOURS", "ATTRIBUTES", "INVARIANCE_CLASSES", "InvarianceAccumulator", "cell_keys", "AnalyzeOptions", "AnalyzeResult", "EvalAccumulator",
+    "ACT_LOG10_EDGES", "ARC_COLOURS", "ATTRIBUTES", "INVARIANCE_CLASSES", "InvarianceAccumulator", "cell_keys",
+    "AnalyzeOptions", "AnalyzeResult", "EvalAccumulator",
     "FeatureAccumulator", "FeatureStats", "Label", "SiteAnalysis", "analyze", "analyze_site", "attribute_codes",
     "features_json", "label_features", "page_id", "render_dashboard", "write_dashboard", "write_report",
 ]

@@ -61,7 +61,8 @@ table.grid td.top{outline:2px solid #ff00ff;outline-offset:-1px}
 _JS = """
 const q=document.getElementById('search'),tb=document.querySelector('#features tbody');
 q.addEventListener('input',()=>{const s=q.value.toLowerCase();for(const r of tb.rows){
- r.style.display=(r.dataset.label+' '+r.dataset.index+' '+r.dataset.site+' '+r.dataset.invariance).toLowerCase().includes(s)?'':'none';}});
+ const text=[r.dataset.label,r.dataset.index,r.dataset.site,r.dataset.invariance].join(' ').toLowerCase();
+ r.style.display=text.includes(s)?'':'none';}});
 let dir={};for(const th of document.querySelectorAll('#features th')){th.addEventListener('click',()=>{
  const k=th.dataset.key,num=th.dataset.type==='num';dir[k]=-(dir[k]||(num?1:-1));
  const rows=[...tb.rows].sort((a,b)=>{const x=a.dataset[k],y=b.dataset[k];
@@ -203,7 +204,8 @@ def render_dashboard(sites: list, title: str = "") -> str:
             f'<div id="list-pane"><input id="search" type="search" placeholder="search label, index, site">'
             f'<table id="features"><thead><tr><th data-key="site">site</th><th data-key="index" data-type="num">#</th>'
             f'<th data-key="label">label</th><th data-key="density" data-type="num">density</th>'
-            f'<th data-key="phi" data-type="num">phi</th><th data-key="invariance">views</th></tr></thead><tbody>{"".join(list_rows)}</tbody></table>'
+            f'<th data-key="phi" data-type="num">phi</th><th data-key="invariance">views</th></tr></thead>'
+            f'<tbody>{"".join(list_rows)}</tbody></table>'
             f'</div><div id="pages"><div id="intro"><h1>arcstream features</h1><p class="muted">'
             f'{html.escape(title)}</p><ul>{summary}</ul><p class="muted">Click a linked index for its page. '
             f'Cells where the feature fires are outlined in white, brighter = stronger; the top token\'s cell in '

@@ -53,7 +53,8 @@ def _original_coords(transform: str, h: int, w: int) -> tuple[np.ndarray, np.nda
     return rows.reshape(h, w), cols.reshape(h, w)
 
 
-def cell_keys(tokens: Mapping[str, np.ndarray], augmentation: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+def cell_keys(tokens: Mapping[str, np.ndarray],
+              augmentation: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
     """int64 keys (original frame, view frame) for each row of one prompt's tokens; -1 on non-cell tokens.
 
     Grid shapes come from the tokens themselves (the largest row and column seen per grid), so the prompt's

@@ -308,7 +308,8 @@ def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions, mode
                                pad_to=opts.ce_pad_to)
     return SiteAnalysis(invariance=invariance.result(), invariance_groups=invariance.groups,
                         site=site, sae_folder=str(sae_folder), architecture=str(cfg_json.get("architecture")),
-                        d_in=d_in, d_sae=cfg.d_sae, rows=rows, eval={**evals.result(), "start": ev[0], "stop": ev[1], **ce},
+                        d_in=d_in, d_sae=cfg.d_sae, rows=rows,
+                        eval={**evals.result(), "start": ev[0], "stop": ev[1], **ce},
                         stats=stats, labels=labels, dashboard=dashboard, examples=examples, prompts=prompts)
 
 
@@ -425,7 +426,8 @@ def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, den
                    for v, r, p in zip(st.top_val_ks[:, i], st.top_row_ks[:, i], st.top_prompt_ks[:, i]) if r >= 0]
             features.append({
                 "index": i, "density": float(density[i]), "fire_count": int(st.fire_count_s[i]),
-                "mean_activation": float(mean[i]), "mean_when_firing": float(mwf[i]), "max_activation": float(st.act_max_s[i]),
+                "mean_activation": float(mean[i]), "mean_when_firing": float(mwf[i]),
+                "max_activation": float(st.act_max_s[i]),
                 "label": lb.text, "label_attribute": lb.attribute, "label_value": lb.value, "label_phi": lb.phi,
                 "label_precision": lb.precision, "label_recall": lb.recall, "top": top,
                 "activation_histogram": st.hist_sb[i].tolist(), "invariance": s.invariance[i]})
@@ -450,7 +452,8 @@ def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, Path]]:
     if opts.sites:
         missing = [s for s in opts.sites if s not in reader.sites]
         if missing:
-            raise ValueError(f"config.sites names {missing}, not stored in {opts.run_dir}; it stores {list(reader.sites)}")
+            raise ValueError(f"config.sites names {missing}, not stored in {opts.run_dir}; "
+                             f"it stores {list(reader.sites)}")
         for s in opts.sites:
             if not (sae_root / s / "cfg.json").exists():
                 raise FileNotFoundError(f"config.sites names {s!r} but {sae_root / s}/cfg.json does not exist; "

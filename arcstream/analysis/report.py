@@ -77,7 +77,8 @@ def write_report(sites: list, out_dir: str | Path, opts: Any) -> Path:
                   f"![density histogram](analysis/{plots['density']})",
                   f"![density vs activation](analysis/{plots['scatter']})", "",
                   "Best-labelled features:", "",
-                  "| feature | label | phi | precision | recall | density | across views |", "|---|---|---|---|---|---|---|"]
+                  "| feature | label | phi | precision | recall | density | across views |",
+                  "|---|---|---|---|---|---|---|"]
         order = sorted(range(s.d_sae), key=lambda i: -s.labels[i].phi)[:10]
         for i in order:
             lb = s.labels[i]

@@ -177,7 +177,8 @@ class FeatureAccumulator:
         return FeatureStats(
             rows=self.rows, fire_count_s=self.fire_count_s.copy(), act_sum_s=self.act_sum_s.copy(),
             act_max_s=self.act_max_s.copy(), top_val_ks=self.top_val_ks.copy(), top_row_ks=self.top_row_ks.copy(),
-            top_prompt_ks=self.top_key_ks.copy(), hist_sb=self.hist_sb.copy(), attr_fire_sv=self.attr_fire_sv.copy(), attr_total_v=self.attr_total_v.copy())
+            top_prompt_ks=self.top_key_ks.copy(), hist_sb=self.hist_sb.copy(), attr_fire_sv=self.attr_fire_sv.copy(),
+            attr_total_v=self.attr_total_v.copy())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

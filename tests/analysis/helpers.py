@@ -79,7 +79,8 @@ def make_store(run_dir: Path, n_tasks: int = 3, rows_per_shard: int = 512, token
 
 def planted_sae(folder: Path):
     """A standard SAE: latents PLANTED, INVARIANT, EQUIVARIANT = relu(x_dim - 2) on their planted dimension
-    (fire iff the planted direction is there), the others random directions off those dimensions; exported in SAELens layout. Returns (W_enc [d_in, d_sae], b_enc, W_dec, b_dec) in
+    (fire iff the planted direction is there), the others random directions off those dimensions; exported
+    in SAELens layout. Returns (W_enc [d_in, d_sae], b_enc, W_dec, b_dec) in
     NumPy for the reference computations."""
     import jax.numpy as jnp
 

@@ -45,7 +45,8 @@ def test_analysis_of_a_real_run_with_online_saes(tmp_path):
     c.sae.expansion_factor, c.sae.k, c.sae.warmup_steps = 2, 4, 2
     run(c)
 
-    result = analyze(AnalyzeOptions(run_dir=str(tmp_path / "run"), chunk_rows=512, ce_prompts=2, ce_pad_to=768, eval_fraction=0.5,
+    result = analyze(AnalyzeOptions(run_dir=str(tmp_path / "run"), chunk_rows=512, ce_prompts=2, ce_pad_to=768,
+                                    eval_fraction=0.5,
                                     dashboard_features=4, examples_per_feature=2))
     s = result.sites[0]
     e = s.eval
