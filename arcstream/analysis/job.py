@@ -130,16 +130,17 @@ class AnalyzeResult:
             dead = int(s.stats.dead_mask().sum())
             rows.append((s.site, f"{s.architecture} d_sae={s.d_sae}, {s.rows} rows"))
             rows.append(("  held-out", f"rows {e['start']}:{e['stop']}  L0 {e['l0']:.2f}  FVU {e['fvu']:.4f}  "
-                                       f"explained var {e['explained_variance']:.4f}"))
+                                       f"EV {e['explained_variance']:.4f}"))
             if "ce_loss_recovered" in e:
-                rows.append(("  CE loss", f"clean {e['ce_clean']:.4f}  SAE {e['ce_sae']:.4f}  zero {e['ce_zero']:.4f}"
-                                          f"  recovered {e['ce_loss_recovered']:.4f} ({e['prompts']} prompts)"))
+                rows.append(("  CE loss recovered", f"{e['ce_loss_recovered']:.4f} (clean {e['ce_clean']:.3f}, "
+                                                    f"SAE {e['ce_sae']:.3f}, zero {e['ce_zero']:.3f})"))
             labelled = sum(1 for lb in s.labels if lb.attribute)
             rows.append(("  latents", f"dead {dead}  dense {int(s.stats.dense_mask(self.dense_density).sum())}  "
                                       f"labelled {labelled}  pages {len(s.dashboard)}"))
             classes = [v["class"] for v in s.invariance]
             rows.append(("  across views", f"{s.invariance_groups} tasks: " + "  ".join(
-                f"{c} {classes.count(c)}" for c in ("invariant", "equivariant", "view-dependent", "untested"))))
+                f"{short} {classes.count(c)}" for c, short in (("invariant", "inv"), ("equivariant", "equiv"),
+                                                                ("view-dependent", "view-dep"), ("untested", "untested")))))
         rows += [(name, path) for name, path in self.files.items()]
         rows.append(("time", f"{self.seconds:.1f} s"))
         return rows
