@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from arcstream.model import Decoder, parse_sites
-from arcstream.model.model import rope_tables, segment_mask
+from arcstream.model import rope_tables, segment_mask
 
 MODES = ("clean", "sae", "zero")
 

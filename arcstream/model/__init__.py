@@ -17,7 +17,7 @@ Test helpers (need torch) live in `arcstream.model.testing`.
 from arcstream.model.config import ModelConfig, RopeScaling
 from arcstream.model.generate import GenerateOutput, generate
 from arcstream.model.model import (HOOKS, Decoder, ModelOutput, forward, forward_jit,
-                                   parse_sites)
+                                   parse_sites, rope_tables, segment_mask)
 from arcstream.model.params import PARAM_TABLE, init_random, load_model, resolve_checkpoint, save_hf_checkpoint
 from arcstream.model.sharding import (
     LOGICAL_AXIS_RULES,
@@ -31,6 +31,6 @@ from arcstream.model.sharding import (
 __all__ = [
     "HOOKS", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_TABLE", "Decoder", "GenerateOutput",
     "ModelConfig", "ModelOutput", "RopeScaling", "constrain", "forward", "forward_jit", "generate", "init_random",
-    "load_model", "logical_sharding", "logical_to_spec", "make_mesh", "parse_sites",
+    "load_model", "logical_sharding", "logical_to_spec", "make_mesh", "parse_sites", "rope_tables", "segment_mask",
     "resolve_checkpoint", "save_hf_checkpoint",
 ]
