@@ -22,6 +22,7 @@ Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=bloc
 import ml_collections
 
 from arcstream.data.pipeline import default_data_config
+from arcstream.predict.job import default_predict_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -32,8 +33,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.output_dir = "runs/default"  # run directory: a local path or a TensorStore kvstore URL (gs://...)
     c.seed = 0  # seeds augmentation, token subsampling, SAE init and sampling
     c.max_prompts = 64  # global prompt budget (copied into data.max_prompts); 0 = the whole source
-    c.predict = False  # also decode test answers (the predictions job; not yet wired into this job)
+    c.predict = False  # after capturing: decode, vote and score test answers into output_dir/predictions/
     c.commit_every = 8  # steps between commits (store durable + SAE checkpoint + manifest)
+
+    # Predictions (used when predict=True; configs/predict.py documents every key).
+    c.predict_options = default_predict_section()
+    c.predict_options.max_new_tokens = 1024  # an ARC answer grid is at most 30x31 tokens + the stop token
 
     # A random model, used only when `model` is empty.
     c.random_model = ml_collections.ConfigDict()

