@@ -11,20 +11,11 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
+def _job(config):
     from arcstream.analysis import analyze
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
-    cli.log_environment()
-    result = analyze(flags.FLAGS.config)
-    cli.print_summary("arcstream.analyze", result.summary_rows())
+    return analyze(config)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    cli.define_config_flag()
-    app.run(main)
+    cli.run_job("arcstream.analyze", _job)

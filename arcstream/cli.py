@@ -17,7 +17,7 @@ import importlib.metadata
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
 
 from absl import logging
@@ -136,3 +136,31 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", *,
             of = f"/{total}" if total is not None else ""
             rate = f"{n / secs:.1f}" if secs > 0 else "inf"
             print(f"{desc or 'progress'}: {n}{of} {unit} in {secs:.1f} s ({rate} {unit}/s)", file=stream, flush=True)
+
+
+def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False) -> None:
+    """The whole `__main__` of an entry point: `--config` flag, environment log, `job(config)`, summary.
+
+    `job` returns an object with `summary_rows()`; the summary is printed by
+    process 0 only. `distributed=True` joins the pod first
+    (`arcstream.distributed.maybe_initialize`), before anything touches JAX.
+    """
+    from absl import app, flags
+
+    define_config_flag()
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
+        if distributed:
+            from arcstream.distributed import maybe_initialize
+
+            maybe_initialize()
+        log_environment()
+        result = job(flags.FLAGS.config)
+        import jax
+
+        if jax.process_index() == 0:
+            print_summary(title, result.summary_rows())
+
+    app.run(main)

@@ -11,26 +11,11 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    from arcstream.distributed import maybe_initialize
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
-    maybe_initialize()
-    cli.log_environment()
+def _job(config):
     from arcstream.stream.loop import run
 
-    result = run(flags.FLAGS.config)
-    import jax
-
-    if jax.process_index() == 0:
-        cli.print_summary("arcstream.run", result.summary_rows())
+    return run(config)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    cli.define_config_flag()
-    app.run(main)
+    cli.run_job("arcstream.run", _job, distributed=True)

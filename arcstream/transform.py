@@ -210,20 +210,7 @@ def transform(config: Any) -> TransformResult:
 # --- entry point --------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
-    cli.log_environment()
-    result = transform(flags.FLAGS.config)
-    cli.print_summary("arcstream.transform", result.summary_rows())
-
-
 if __name__ == "__main__":
-    from absl import app
-
-    # Defined here, not at import, so tests and other jobs can import this module
-    # without a clash over the global `--config` flag.
-    cli.define_config_flag()
-    app.run(main)
+    # The flag is defined here (inside run_job), not at import, so tests and other
+    # jobs can import this module without a clash over the global `--config` flag.
+    cli.run_job("arcstream.transform", transform)

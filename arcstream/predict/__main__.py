@@ -8,20 +8,11 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-
+def _job(config):
     from arcstream.predict.job import run_predictions
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
-    cli.log_environment()
-    result = run_predictions(flags.FLAGS.config)
-    cli.print_summary("arcstream.predict", result.summary_rows())
+    return run_predictions(config)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    cli.define_config_flag()
-    app.run(main)
+    cli.run_job("arcstream.predict", _job)
