@@ -11,6 +11,7 @@ parameters of an uninterrupted run. Exports go to `run_dir/saes/<site>/`
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -114,7 +115,7 @@ def train_offline(
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, it)
         start = int(state.step)
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
         log(f"resumed SAE training from step {start} ({ckpt.directory})")
     step = make_train_step(specs, tc)
     every = int(config.checkpoint_every)
@@ -154,12 +155,17 @@ def train_offline(
     }
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after the restored step (they will be written again)."""
+def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
+    """Drop metrics.jsonl lines whose `key` is past the restored step (a resumed run writes them again).
+
+    Replaces the file atomically, so a kill here leaves the old file, never a half-written one.
+    """
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:

@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -96,7 +95,6 @@ class StoreSink:
         self.sites = tuple(sites)
         self.policy, self.fraction, self.seed = policy, fraction, seed
         self.rows = 0
-        self.tokens_seen = 0
 
     def __call__(self, host: Mapping[str, np.ndarray], batch: PackedBatch) -> None:
         mask = store_mask(batch, self.policy, self.fraction, self.seed).reshape(-1)
@@ -109,7 +107,6 @@ class StoreSink:
         }
         self.writer.append(rows, tokens, list(batch.prompts))
         self.rows += int(mask.sum())
-        self.tokens_seen += int(batch.valid.sum())
 
 
 # --- the jitted step ---------------------------------------------------------------------------
@@ -368,7 +365,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                     break
                 if batch is None:
                     batch = empty_batch_like(B, T)
-                sae_mask = batch.valid & ~((batch.positions == 0) if config.sae.exclude_first_token else False)
+                sae_mask = batch.valid & (batch.positions > 0) if config.sae.exclude_first_token else batch.valid
                 t0 = time.perf_counter()
                 args = [global_batch(a, batch_sharding) for a in (batch.tokens, batch.segment_ids, batch.positions,
                                                                    sae_mask)]
@@ -482,7 +479,6 @@ class _OnlineSAE:
         from pathlib import Path
 
         self.ckpt = SAECheckpointer(Path(str(config.output_dir)) / "saes" / "checkpoints")
-        self.metrics_path = None
         self.last: dict[str, dict[str, float]] = {}
 
     def train(self, ring: RingState, step: int, filled: int) -> None:
@@ -510,14 +506,10 @@ class _OnlineSAE:
         """On resume: metrics.jsonl lines of SAE steps past the checkpoint are logged again, so drop them."""
         from pathlib import Path
 
-        path = Path(str(self.config.output_dir)) / "metrics.jsonl"
-        if jax.process_index() != 0 or not path.exists():
-            return
-        keep = [l for l in path.read_text().splitlines()
-                if l.strip() and json.loads(l).get("sae_step", 0) <= sae_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        os.replace(tmp, path)
+        from arcstream.sae.offline import truncate_metrics
+
+        if jax.process_index() == 0:
+            truncate_metrics(Path(str(self.config.output_dir)) / "metrics.jsonl", sae_step, key="sae_step")
 
     def _log(self, metrics: Mapping[str, Mapping[str, np.ndarray]], run_step: int) -> None:
         if jax.process_index() != 0:
