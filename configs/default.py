@@ -95,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sae.exclude_first_token = True  # never train on position 0 (attention-sink norms)
     c.sae.log_every = 10  # SAE steps between metrics.jsonl records
     c.sae.sweep = ""  # e.g. "k=8,16,32": several SAEs per site, vmapped in one step
+    c.sae.checkpoint_dir = ""  # Orbax SAE checkpoints: a local dir or gs:// URL; "" = output_dir/saes/checkpoints
 
     c.data.max_prompts = c.get_ref("max_prompts")
     c.data.seed = c.get_ref("seed")

@@ -8,16 +8,24 @@ config that the resumed run must repeat). The data iterator goes through Grain's
 own handler, which writes one file per process (JsonSave would keep only process 0's).
 Restoring needs a template state (same specs): shapes, dtypes and shardings come
 from it, so a restored state lands on the mesh as the template does.
+
+The directory is a local path (or `file://` URL) or an object-store URL that
+`etils.epath` knows (`gs://`, `s3://`, `az://`): Orbax writes its small files
+through epath and the arrays through TensorStore (as MaxText does for `gs://`).
+Other kvstore URLs (`memory://`) cannot hold Orbax checkpoints: `checkpoint_path`
+refuses them with an error naming `--config.sae.checkpoint_dir`.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from arcstream.sae.train import SiteState, TrainState
 
@@ -40,14 +48,39 @@ def _from_tree(tree: dict[str, Any], template: TrainState) -> TrainState:
     return TrainState(sites=sites, step=tree["step"], rng=tree["rng"])
 
 
-class SAECheckpointer:
-    """Save/restore a TrainState (and optionally a Grain iterator) under `directory`."""
+# URL schemes etils.epath (hence Orbax) can write; gs:// needs gcsfs (or TensorFlow) installed.
+EPATH_SCHEMES = ("gs://", "s3://", "az://")
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
-        self.directory = Path(directory).absolute()
-        self._mgr = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-        )
+
+def checkpoint_path(directory: str | os.PathLike, flag: str = "checkpoint directory") -> Path | epath.Path:
+    """The Orbax directory for `directory`: an absolute local `Path`, or an `epath.Path` for an object-store URL.
+
+    `flag` names the setting in errors (e.g. `--config.sae.checkpoint_dir`).
+    """
+    text = os.fspath(directory).removeprefix("file://")
+    if "://" not in text:
+        return Path(text).expanduser().absolute()
+    if not text.startswith(EPATH_SCHEMES):
+        raise ValueError(
+            f"{flag}={text!r}: Orbax checkpoints can go to a local path or a {', '.join(EPATH_SCHEMES)} URL, "
+            f"not to {text.split('://')[0]}:// (TensorStore can write there, Orbax's file layer cannot); "
+            f"set {flag} to a local directory or a gs:// URL")
+    return epath.Path(text)
+
+
+class SAECheckpointer:
+    """Save/restore a TrainState (and optionally a Grain iterator) under `directory`
+    (a local path, or a gs:// / s3:// / az:// URL: see `checkpoint_path`)."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, flag: str = "checkpoint directory"):
+        self.directory = checkpoint_path(directory, flag)
+        try:
+            self._mgr = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+            )
+        except ImportError as err:  # e.g. fsspec without gcsfs for gs://
+            raise ImportError(f"{flag}={str(self.directory)!r}: writing Orbax checkpoints there needs a file "
+                              f"system package for its URL scheme (gs://: pip install gcsfs): {err}") from err
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()

@@ -7,6 +7,10 @@ in (W_enc * c, W_dec / c, b_dec / c; thresholds live in pre-activation space and
 do not change), so `normalize_activations` is "none". BatchTopK is exported as
 JumpReLU with its learned global threshold, as SAELens does. `sae_lens_version`
 is written (>= 6.0.0): without it SAELens rewrites the config and drops metadata.
+
+A folder may be a local path or a TensorStore kvstore URL (`gs://...`,
+`memory://...`): both files go through `arcstream.store.layout.RunLocation`,
+each replaced whole (a reader never sees half a file), weights before cfg.json.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from arcstream.sae.architectures import Buffers, Params, SAEConfig, get_architecture
+from arcstream.store.layout import RunLocation, is_url
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -34,8 +40,9 @@ def export_sae(
     hook_name: str,
     buffers: Buffers | None = None,
     model_name: str | None = None,
-) -> Path:
-    """Write one SAE (a single member: no leading sweep axis) in SAELens layout; returns the folder.
+) -> Path | str:
+    """Write one SAE (a single member: no leading sweep axis) in SAELens layout; returns the folder
+    (a `Path` for a local folder, the URL string for a kvstore URL).
 
     `buffers` holds `scale` (default 1) and, for batchtopk, `threshold`.
     """
@@ -72,26 +79,30 @@ def export_sae(
         "metadata": metadata,
         **extra,
     }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
-    (folder / CFG_FILE).write_text(json.dumps(cfg_json, indent=2))
-    return folder
+    location = RunLocation(folder)
+    tensors = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    location.write_bytes_atomic(WEIGHTS_FILE, save_safetensors(tensors))
+    location.write_bytes_atomic(CFG_FILE, json.dumps(cfg_json, indent=2).encode())
+    return str(folder) if is_url(folder) else Path(folder)
 
 
 def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, Any]]:
-    """Read a SAELens folder (ours or SAELens's own `save_model` output) as arcstream params.
+    """Read a SAELens folder (ours or SAELens's own `save_model` output; a local path or a kvstore
+    URL) as arcstream params.
 
     Returns (params, cfg, buffers, cfg_json). Supported: standard, topk, jumprelu
     (a BatchTopK export comes back as jumprelu). `buffers["scale"]` is 1: the
     folder's weights already work on raw activations.
     """
-    folder = Path(folder)
-    cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
-    for p in (cfg_path, w_path):
-        if not p.exists():
+    location = RunLocation(folder)
+    where = str(folder).rstrip("/")
+    cfg_path, w_path = f"{where}/{CFG_FILE}", f"{where}/{WEIGHTS_FILE}"
+    data = {}
+    for name, p in ((CFG_FILE, cfg_path), (WEIGHTS_FILE, w_path)):
+        data[name] = location.read_bytes(name)
+        if data[name] is None:
             raise FileNotFoundError(f"load_sae: {p} is missing; a SAELens folder holds {CFG_FILE} and {WEIGHTS_FILE}")
-    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json = json.loads(data[CFG_FILE])
     arch = cfg_json.get("architecture", "standard")
     if arch not in ("standard", "topk", "jumprelu"):
         raise ValueError(f"load_sae: {cfg_path} has architecture={arch!r}; expected standard, topk or jumprelu")
@@ -101,7 +112,7 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
             f"load_sae: {cfg_path} has normalize_activations={norm!r}; only 'none' is supported "
             "(fold the normalisation into the weights first)"
         )
-    w = load_file(str(w_path))
+    w = load_safetensors(data[WEIGHTS_FILE])
     d_in, d_sae = int(cfg_json["d_in"]), int(cfg_json["d_sae"])
     for name, want in (("W_enc", (d_in, d_sae)), ("W_dec", (d_sae, d_in)), ("b_enc", (d_sae,)), ("b_dec", (d_in,))):
         if name not in w or tuple(w[name].shape) != want:

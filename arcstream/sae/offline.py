@@ -25,6 +25,7 @@ from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.data import ActivationSource, batch_dataset
 from arcstream.sae.export import export_sae
 from arcstream.sae.train import TrainConfig, TrainState, init_train_state, make_train_step, member_state
+from arcstream.store.layout import file_location, join_location
 
 
 def parse_sweep(sweep: str) -> dict[str, list[Any]]:
@@ -62,15 +63,18 @@ def site_specs(sae_cfg: Mapping[str, Any], d_in_by_site: Mapping[str, int]) -> d
     return specs
 
 
-def export_all(state: TrainState, specs: Mapping[str, list[SAEConfig]], saes_dir: Path,
-               model_name: str | None = None) -> list[Path]:
-    """Export every member: `saes_dir/<site>/` or, for a sweep, `saes_dir/<site>/<member>/`."""
+def export_all(state: TrainState, specs: Mapping[str, list[SAEConfig]], saes_dir: str | Path,
+               model_name: str | None = None) -> list[Path | str]:
+    """Export every member: `saes_dir/<site>/` or, for a sweep, `saes_dir/<site>/<member>/`.
+
+    `saes_dir`: a local path (folders come back as `Path`s) or a kvstore URL (URL strings).
+    """
     out = []
     for site, members in specs.items():
         names = member_names(members)
         for i, cfg in enumerate(members):
             params, buffers = member_state(state, site, i)
-            folder = saes_dir / site if len(members) == 1 else saes_dir / site / names[i]
+            folder = join_location(saes_dir, site) if len(members) == 1 else join_location(saes_dir, site, names[i])
             out.append(export_sae(params, cfg, folder, hook_name=site, buffers=buffers, model_name=model_name))
     return out
 
@@ -155,17 +159,19 @@ def train_offline(
     }
 
 
-def truncate_metrics(path: Path, step: int, key: str = "step") -> None:
+def truncate_metrics(path: str | os.PathLike, step: int, key: str = "step") -> None:
     """Drop metrics.jsonl lines whose `key` is past the restored step (a resumed run writes them again).
 
-    Replaces the file atomically, so a kill here leaves the old file, never a half-written one.
+    `path`: a local file or a file in a kvstore URL (`gs://bucket/run/metrics.jsonl`). Replaces the
+    file atomically (`RunLocation.write_bytes_atomic`), so a kill here leaves the old file, never a
+    half-written one.
     """
-    if not path.exists():
+    location, name = file_location(path)
+    data = location.read_bytes(name)
+    if data is None:
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    keep = [ln for ln in data.decode().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
+    location.write_bytes_atomic(name, "".join(ln + "\n" for ln in keep).encode())
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:

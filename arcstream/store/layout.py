@@ -284,6 +284,33 @@ class RunLocation:
         self.write_bytes_atomic(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """True for a kvstore URL (`gs://...`, `memory://...`, also `file://...`), False for a plain path."""
+    return "://" in os.fspath(path)
+
+
+def join_location(base: str | os.PathLike, *parts: str) -> str | Path:
+    """`base/part/...`: a plain path stays a `Path`; a URL is joined with '/' and stays a string.
+
+    (`Path("gs://b/run")` would collapse the '//' and turn the URL into a relative path.)
+    """
+    if not is_url(base):
+        return Path(base).joinpath(*parts)
+    return "/".join([os.fspath(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def file_location(path: str | os.PathLike) -> tuple[RunLocation, str]:
+    """(the location of the folder holding `path`, the file's key in it), for one small file."""
+    text = os.fspath(path)
+    if not is_url(text):
+        p = Path(text)
+        return RunLocation(p.parent), p.name
+    folder, _, name = text.rstrip("/").rpartition("/")
+    if not name or not is_url(folder):
+        raise ValueError(f"{text!r} names no file inside a kvstore URL (expected e.g. gs://bucket/run/metrics.jsonl)")
+    return RunLocation(folder), name
+
+
 def _write_and_fsync(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -239,23 +240,71 @@ def _resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
     if config.model:
         return str(config.model), ""
     # No model given: a small random Qwen2 with arcstream's ARC tokenizer, built
-    # deterministically under output_dir/random_model (until a trained model ships).
-    from pathlib import Path
+    # deterministically (until a trained model ships). The loader needs a local
+    # directory: output_dir/random_model when output_dir is local, else a local
+    # cache folder named after the model's settings, built by every process that
+    # lacks it (hosts of a pod do not share a disk).
+    from arcstream.store.layout import RunLocation
+
+    local = RunLocation(str(config.output_dir)).local
+    note = "random weights (no --config.model given)"
+    if local is not None:
+        path = local / "random_model"
+        if jax.process_index() == 0 and not (path / "config.json").exists():
+            _build_random_model(config, path)
+        barrier("random_model")
+        return str(path), note
+    path = _random_model_cache_dir(config)
+    if not (path / "config.json").exists():
+        _build_random_model(config, path)
+    logging.info("--config.output_dir=%s is not a local directory: the random model (no --config.model) "
+                 "is built in the local cache %s", config.output_dir, path)
+    return str(path), f"{note}; built in the local cache {path}"
+
+
+def _random_model_cache_dir(config: ml_collections.ConfigDict) -> Path:
+    """`$XDG_CACHE_HOME/arcstream/random_model/<hash of the settings>` (default cache: ~/.cache).
+
+    The settings are everything `_build_random_model` reads plus arcstream's
+    version, so equal settings share one folder and any change gets a new one.
+    """
+    import hashlib
+
+    import arcstream
+
+    settings = {"family": "qwen2", "tokenizer": "digits", "hidden_size": int(config.random_model.hidden_size),
+                "num_layers": int(config.random_model.num_layers), "seed": int(config.seed),
+                "arcstream": arcstream.__version__}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "arcstream" / "random_model" / digest
+
+
+def _build_random_model(config: ml_collections.ConfigDict, path: Path) -> None:
+    """Writes the random model to `path`: built in a temporary sibling, then renamed into place, so
+    processes that share the disk never load (or collide on) a half-written folder."""
+    import shutil
+    import uuid
 
     from arcstream.data.tokenizer import build_arc_tokenizer
     from arcstream.model import ModelConfig, init_random, save_hf_checkpoint
 
-    path = Path(str(config.output_dir)) / "random_model"
-    if jax.process_index() == 0 and not (path / "config.json").exists():
-        tok = build_arc_tokenizer("digits")
-        mcfg = ModelConfig.tiny("qwen2", vocab_size=len(tok), hidden_size=int(config.random_model.hidden_size),
-                                num_layers=int(config.random_model.num_layers), intermediate_size=
-                                int(config.random_model.hidden_size) * 3, max_position_embeddings=32768,
-                                eos_token_ids=(int(tok.eos_token_id),))
-        save_hf_checkpoint(init_random(mcfg, seed=int(config.seed)), mcfg, path)
-        tok.save_pretrained(path)
-    barrier("random_model")
-    return str(path), "random weights (no --config.model given)"
+    tok = build_arc_tokenizer("digits")
+    mcfg = ModelConfig.tiny("qwen2", vocab_size=len(tok), hidden_size=int(config.random_model.hidden_size),
+                            num_layers=int(config.random_model.num_layers), intermediate_size=
+                            int(config.random_model.hidden_size) * 3, max_position_embeddings=32768,
+                            eos_token_ids=(int(tok.eos_token_id),))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        save_hf_checkpoint(init_random(mcfg, seed=int(config.seed)), mcfg, tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "config.json").exists():  # not "another process won the race"
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _site_list(spec: str) -> list[str]:
@@ -278,6 +327,14 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     if config.predict and pcount > 1:
         raise ValueError("--config.predict=True runs in one process; on a pod run python -m arcstream.predict "
                          "--config=configs/predict.py ... after the capture run")
+    from arcstream.store.layout import RunLocation
+
+    if config.predict and RunLocation(str(config.output_dir)).local is None:
+        raise ValueError(f"--config.predict=True writes predictions to local files, but --config.output_dir="
+                         f"{config.output_dir!r} is a URL; run python -m arcstream.predict "
+                         "--config=configs/predict.py with a local --config.output_dir after the capture run")
+    if config.sae.enabled:
+        _sae_checkpoint_dir(config)  # a bad checkpoint location fails now, not after the model has loaded
 
     # --- mesh and model
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
@@ -427,8 +484,11 @@ def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tok
     first `max_prompts / n_augmentations` tasks (about the ones the run captured).
     """
     from arcstream.predict import predict_config_from_run, run_predictions
+    from arcstream.store.layout import RunLocation, is_url
 
     pc = predict_config_from_run(config, model_path)
+    if is_url(str(config.output_dir)):  # a file:// URL (run() refuses the others): predict writes with pathlib
+        pc.output_dir = str(RunLocation(str(config.output_dir)).local / "predictions")
     if not int(pc.data.max_tasks) and int(config.max_prompts):
         pc.data.max_tasks = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
     with jax.set_mesh(mesh):
@@ -476,9 +536,11 @@ class _OnlineSAE:
         self.steps = 0
         self.resume_sae_step = resume_sae_step
         self.key = jax.random.key(int(config.seed) + 7)
-        from pathlib import Path
-
-        self.ckpt = SAECheckpointer(Path(str(config.output_dir)) / "saes" / "checkpoints")
+        self.ckpt = SAECheckpointer(_sae_checkpoint_dir(config), flag="--config.sae.checkpoint_dir")
+        self.metrics = _MetricsLog(str(config.output_dir))
+        if resume_sae_step is not None and jax.process_index() == 0:
+            # metrics.jsonl lines of SAE steps past the checkpoint the run resumes from are logged again.
+            self.metrics.truncate(int(resume_sae_step))
         self.last: dict[str, dict[str, float]] = {}
 
     def train(self, ring: RingState, step: int, filled: int) -> None:
@@ -494,7 +556,6 @@ class _OnlineSAE:
                     # The SAE state saved with the store's last commit (ledger extra "sae_step").
                     self.state = self.ckpt.restore(self.state, step=int(self.resume_sae_step))
                     self.steps = int(self.state.step)
-                    self._drop_metrics_after(self.steps)
             if self.steps >= self.tc.total_steps:
                 return
             self.state, metrics = self.step_fn(self.state, batch)
@@ -502,43 +563,109 @@ class _OnlineSAE:
             if self.steps % int(self.config.sae.log_every) == 0 or self.steps == 1:
                 self._log(jax.device_get(metrics), step)
 
-    def _drop_metrics_after(self, sae_step: int) -> None:
-        """On resume: metrics.jsonl lines of SAE steps past the checkpoint are logged again, so drop them."""
-        from pathlib import Path
-
-        from arcstream.sae.offline import truncate_metrics
-
-        if jax.process_index() == 0:
-            truncate_metrics(Path(str(self.config.output_dir)) / "metrics.jsonl", sae_step, key="sae_step")
-
     def _log(self, metrics: Mapping[str, Mapping[str, np.ndarray]], run_step: int) -> None:
         if jax.process_index() != 0:
             return
-        from pathlib import Path
-
-        path = Path(str(self.config.output_dir)) / "metrics.jsonl"
-        with path.open("a") as f:
-            for site, m in metrics.items():
-                rec = {"job": "run", "run_step": run_step, "sae_step": self.steps, "site": site,
-                       **{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}}
-                f.write(json.dumps(rec) + "\n")
-                self.last[site] = {k: rec[k] for k in ("loss", "l0", "fvu", "dead_fraction") if k in rec}
+        for site, m in metrics.items():
+            rec = {"job": "run", "run_step": run_step, "sae_step": self.steps, "site": site,
+                   **{k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}}
+            self.metrics.append(rec)
+            self.last[site] = {k: rec[k] for k in ("loss", "l0", "fvu", "dead_fraction") if k in rec}
 
     def save(self) -> int:
-        """Checkpoints the SAE state (once per SAE step) and returns its step, for the store's commit record."""
+        """Checkpoints the SAE state (once per SAE step), writes the metrics logged so far, and returns the
+        SAE step for the store's commit record."""
         if self.state is None:
             return 0
         if self.ckpt.latest_step() != self.steps:
             self.ckpt.save(self.state)
+        if jax.process_index() == 0:
+            self.metrics.flush()
         return self.steps
 
     def finish(self, output_dir: str, model_name: str) -> tuple[list[str], dict[str, dict[str, float]]]:
-        from pathlib import Path
-
         from arcstream.sae import export_all
+        from arcstream.store.layout import join_location
 
         exports = []
         if self.state is not None and jax.process_index() == 0:
-            exports = [str(p) for p in export_all(self.state, self.specs, Path(output_dir) / "saes", model_name)]
+            self.metrics.flush()
+            saes = join_location(output_dir, "saes")
+            exports = [str(p) for p in export_all(self.state, self.specs, saes, model_name)]
         self.ckpt.close()
         return exports, self.last
+
+
+def _sae_checkpoint_dir(config: ml_collections.ConfigDict) -> str:
+    """Where the online SAEs' Orbax checkpoints go: `sae.checkpoint_dir`, else output_dir/saes/checkpoints.
+
+    Raises when that is a URL Orbax cannot write (e.g. memory://), naming the flag to set.
+    """
+    from arcstream.sae.checkpoint import checkpoint_path
+    from arcstream.store.layout import join_location
+
+    flag = "--config.sae.checkpoint_dir"
+    explicit = str(config.sae.get("checkpoint_dir", "") or "")
+    if explicit:
+        checkpoint_path(explicit, flag)
+        return explicit
+    default = str(join_location(str(config.output_dir), "saes", "checkpoints"))
+    try:
+        checkpoint_path(default, flag)
+    except ValueError:
+        raise ValueError(
+            f"--config.output_dir={config.output_dir!r}: the online SAEs' Orbax checkpoints cannot be written "
+            f"under it ({default}); set {flag} to a local directory or a gs:// URL "
+            "(or --config.sae.enabled=False)") from None
+    return default
+
+
+class _MetricsLog:
+    """`output_dir/metrics.jsonl` of the online SAEs (process 0 only), written at each commit.
+
+    Records wait in memory until `flush()` (each commit, and the end). A local
+    file is appended to and fsynced; an object store has no append, so there
+    the whole file is kept in memory and rewritten as one object (a single-key
+    write: readers see the old or the new file, never part of one). Either way
+    a kill loses only records after the last commit, which a resumed run logs
+    again; `truncate` first drops any logged past the SAE step it resumes from
+    (a kill between the SAE checkpoint and the store's commit leaves some).
+    """
+
+    FILE = "metrics.jsonl"
+
+    def __init__(self, output_dir: str):
+        from arcstream.store.layout import RunLocation
+
+        self.output_dir = output_dir
+        self.location = RunLocation(output_dir)
+        self._pending: list[str] = []
+        self._whole: bytes | None = None  # object stores: the file's content as last written
+
+    def truncate(self, sae_step: int) -> None:
+        from arcstream.sae.offline import truncate_metrics
+        from arcstream.store.layout import join_location
+
+        truncate_metrics(join_location(self.output_dir, self.FILE), sae_step, key="sae_step")
+        self._whole = None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self._pending.append(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = "".join(self._pending).encode()
+        if self.location.local is not None:
+            path = self.location.local / self.FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            if self._whole is None:
+                self._whole = self.location.read_bytes(self.FILE) or b""
+            self.location.write_bytes_atomic(self.FILE, self._whole + data)
+            self._whole += data
+        self._pending.clear()
