@@ -135,7 +135,11 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", *,
             secs = time.perf_counter() - start
             of = f"/{total}" if total is not None else ""
             rate = f"{n / secs:.1f}" if secs > 0 else "inf"
-            print(f"{desc or 'progress'}: {n}{of} {unit} in {secs:.1f} s ({rate} {unit}/s)", file=stream, flush=True)
+            try:
+                print(f"{desc or 'progress'}: {n}{of} {unit} in {secs:.1f} s ({rate} {unit}/s)", file=stream,
+                      flush=True)
+            except ValueError:  # the stream was closed first (a generator collected at interpreter exit)
+                pass
 
 
 def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False) -> None:

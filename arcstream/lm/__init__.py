@@ -1,0 +1,1 @@
+"""Training the embedded default model (arcstream-tiny): data mixture, loss mask, trainer, export and card."""

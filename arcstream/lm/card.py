@@ -1,0 +1,207 @@
+"""After training: the HF-layout export, the final held-out evaluation, and the model card (README.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+
+def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Path, *, dtype: str) -> Path:
+    """config.json + model.safetensors (in `dtype`) + tokenizer files, loadable by transformers and `load_model`."""
+    from arcstream.model import Decoder, save_hf_checkpoint
+
+    cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    abstract = nnx.eval_shape(lambda: Decoder(mcfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    gdef, _ = nnx.split(abstract)
+    del graphdef  # same structure; the exported graph carries the export dtype
+    save_hf_checkpoint(nnx.merge(gdef, cast), mcfg, path)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
+                     log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export."""
+    from arcstream.lm.train import eval_pipeline, held_out_loss, make_nll_fn
+    from arcstream.model import load_model
+
+    e = config.eval
+    if not e.source:
+        return {}, None
+    model, _ = load_model(str(export_dir), dtype="float32")
+    graphdef, params = nnx.split(model)
+    nll_fn = make_nll_fn(graphdef)
+    tokenizer = _tokenizer(export_dir)
+    put = lambda *a: tuple(jnp.asarray(x) for x in a)  # noqa: E731 - single host, default device
+    with eval_pipeline(config, tokenizer, str(e.source), int(e.final_prompts)) as pipe:
+        held = held_out_loss(nll_fn, params, pipe, put).as_dict()
+        held["skipped"] = dict(pipe.skip_counts)
+    log(f"held-out ({e.source}): answer-cell loss {held['answer_cell']:.4f} nats vs uniform {math.log(10):.4f}")
+    accuracy = None
+    if e.accuracy:
+        from arcstream.predict.job import default_predict_section, run_predictions
+
+        c = ml_collections.ConfigDict()
+        c.model = str(export_dir)
+        c.dtype = "float32"
+        c.output_dir = str(Path(str(config.output_dir)).absolute() / "eval_predictions")
+        c.seed = 0
+        c.data = ml_collections.ConfigDict(json.loads(config.data.to_json()))
+        for k in ("sources", "exclude"):
+            del c.data[k]
+        c.data.source = str(e.source)
+        c.data.include_answer = False
+        c.data.n_augmentations = int(e.n_augmentations)
+        c.data.max_tasks = int(e.accuracy_tasks)
+        c.data.seed = 0
+        c.predict = default_predict_section()
+        c.predict.max_new_tokens = int(e.max_new_tokens)
+        c.predict.batch_size = int(e.predict_batch_size)
+        result = run_predictions(c, model=model, tokenizer=tokenizer)
+        s = result.score
+        accuracy = {"source": str(e.source), "score": s.score if s else 0.0, "correct": float(s.solved if s else 0),
+                    "total": int(s.total if s else 0), "tasks": result.tasks,
+                    "n_augmentations": int(e.n_augmentations), "failures": dict(result.failures),
+                    "skipped": dict(result.skipped), "predictions": c.output_dir}
+        log(f"accuracy on {e.source}: {accuracy['correct']:.0f}/{accuracy['total']} test outputs")
+    return held, accuracy
+
+
+def _tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """loss_curve.png: training loss per logged step and the held-out answer-cell loss, with ln 10 for reference."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1, label="train (output-grid tokens)")
+    held = [r for r in records if "held_out" in r]
+    if held:
+        ax.plot([r["step"] for r in held], [r["held_out"]["answer_cell"] for r in held], "o-", ms=3,
+                label="held-out answer cells")
+    ax.axhline(math.log(10), color="grey", ls="--", lw=1, label="uniform over 10 colours (ln 10)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir: Path, metrics: Path) -> Path:
+    """export_dir/README.md (HF model card front matter + what, how, how well, how to reproduce)."""
+    records = _read_metrics(metrics)
+    plot = plot_loss_curve(records, export_dir / "loss_curve.png")
+    (export_dir / "training_metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    h, a, m, t, d = result.held_out, result.accuracy, config.model, config.train, config.data
+    lines = [
+        "---", "license: apache-2.0", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags: [arc-agi, arcstream, qwen2]", "---", "",
+        f"# {config.name}", "",
+        "A small Qwen2-architecture language model trained by arcstream (`python -m arcstream.train_lm`) to write "
+        "ARC output grids. It is the model of arcstream's embedded default run: small enough to run on a CPU, "
+        "trained enough that its activations reflect ARC grids rather than noise.", "",
+        "## Model", "",
+        f"- Architecture: {m.family}, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads "
+        f"({m.num_kv_heads} KV heads), MLP {m.intermediate_size}, tied embeddings, RoPE theta {m.rope_theta:g}; "
+        f"{result.params / 1e6:.2f}M parameters, stored in {config.export_dtype}.",
+        f"- Tokenizer: arcstream `{config.tokenizer}` ({_vocab(export_dir)} tokens): one token per colour digit, "
+        "per character of the structural text, plus special tokens.",
+        f"- Prompt format: template `{d.template}`, encoder `{d.encoder}`, chat template "
+        f"{'on' if d.use_chat_template else 'off'}; arcstream's `configs/default.py` uses the same.", "",
+        "## Data", "",
+        f"- Training tasks: {result.train_tasks} ({', '.join(f'{k}: {v}' for k, v in result.source_stats['per_source'].items())}).",
+        f"- Held out: every task of `{d.exclude}` ({result.source_stats['held_out_tasks']} tasks), matched by id "
+        f"and by content; {result.source_stats['excluded']} training-set copies of them were removed "
+        f"(ARC-AGI-2's training set contains ARC-AGI-1 evaluation tasks), and "
+        f"{result.source_stats['duplicates']} duplicates between the training sets dropped.",
+        f"- Each prompt is a fresh random augmentation ({d.augmentations}; background colour kept), "
+        f"one per test pair, a new shuffle and augmentation seed per epoch; rows of {d.seq_len} tokens packed "
+        f"with several prompts; prompts over {d.max_prompt_len} tokens drop train pairs ({d.drop_policy}).",
+        "- Loss: next-token cross-entropy on the output grids only (every train output grid's cells and line "
+        "breaks, and the whole answer with its stop token).", "",
+        "## Training", "",
+        f"- {result.steps} steps of {d.batch_size} rows x {d.seq_len} tokens; {result.tokens_trained:,} tokens "
+        f"seen, {result.target_tokens:,} of them targets; {result.epochs:.0f} full epochs completed.",
+        f"- AdamW (b1 {t.b1}, b2 {t.b2}, weight decay {t.weight_decay} on matrices), peak lr {t.lr:g}, "
+        f"{t.warmup_steps} warm-up steps then cosine to {t.min_lr_ratio:g} x peak, clip {t.clip_norm}.",
+        f"- {result.tokens_per_s:,.0f} tokens/s; {result.seconds / 60:.0f} min wall time in total on the "
+        "machine that trained it (2 CPU cores).",
+        f"- Final training loss (last log window): {result.final_loss:.4f} nats/token.", "",
+    ]
+    if plot:
+        lines += ["![loss curve](loss_curve.png)", "", "Per-step records: `training_metrics.jsonl`.", ""]
+    lines += ["## Evaluation (held-out)", ""]
+    if h:
+        lines += [
+            f"On `{config.eval.source}` ({h['prompts']} prompts, identity augmentation, {h['answer_cells']:,} "
+            "answer cells), next-token loss of the exported weights:", "",
+            "| target tokens | loss (nats) |", "|---|---|",
+            f"| answer cells | {h['answer_cell']:.4f} |",
+            f"| all answer tokens (cells, line breaks, stop) | {h['answer_token']:.4f} |",
+            f"| cells of train outputs in the prompt | {h['train_output_cell']:.4f} |",
+            f"| uniform over 10 colours (baseline) | {math.log(10):.4f} |", "",
+            f"The answer-cell loss is {h['answer_cell_vs_uniform']:.2f}x the uniform baseline.", "",
+        ]
+    if a:
+        lines += [
+            f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding, "
+            f"{a['n_augmentations']} augmentation(s) per test input, two attempts, exact match): "
+            f"**{a['correct']:.0f}/{a['total']} = {100 * a['score']:.2f}%**. Failures by reason: "
+            f"{', '.join(f'{k} {v}' for k, v in a['failures'].items()) or 'none'}.", "",
+        ]
+    lines += [
+        "## Use", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)  # this folder",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```", "",
+        "In arcstream: `python -m arcstream.run --config=configs/default.py` (it uses this model), or "
+        "`--config.model=PATH` in any job.", "",
+        "## Reproduce", "",
+        "```bash",
+        "python -m arcstream.train_lm --config=configs/train_lm.py --config.output_dir=runs/train_lm",
+        "```", "",
+        "The run resumes from its latest checkpoint if stopped; the export, this card and the loss curve are "
+        "written to `runs/train_lm/export/`. Training is deterministic for a given seed on one machine; "
+        "numbers move slightly with the device count and XLA version.", "",
+    ]
+    path = export_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _vocab(export_dir: Path) -> int:
+    try:
+        return int(json.loads((export_dir / "config.json").read_text())["vocab_size"])
+    except (OSError, KeyError, ValueError):
+        return -1

@@ -1,0 +1,455 @@
+"""The LM trainer behind `python -m arcstream.train_lm`: a small Qwen2-architecture model learns ARC output grids.
+
+One process or many (data parallel over the global mesh's 'data' axis, the
+parameters replicated; `mesh.model` > 1 shards heads and MLP as in the run job).
+The data is the run job's Grain pipeline over a `TaskMixture` (training
+sources minus held-out sets), with `include_answer=True`, one freshly sampled
+augmentation per test pair, and a new shuffle and augmentation seed each epoch
+(`seed + epoch`), so epoch e sees different views of the same tasks. The loss
+is next-token cross-entropy on the output grids (`arcstream.lm.data.loss_mask`).
+
+Resumable: an Orbax checkpoint every `train.checkpoint_every` steps holds the
+parameters, the optax state, the step, the epoch and every process's pipeline
+state; the same command continues from the latest one, and the metrics file is
+cut back to it (no duplicated records). At the end the model is exported in the
+HF layout (config.json, model.safetensors, tokenizer files) under
+`output_dir/export`, evaluated on the held-out set, and `output_dir/export/README.md`
+(the model card: data, steps, loss curve, held-out loss and accuracy) is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from arcstream.data.records import GRID_TEST_OUTPUT, GRID_TRAIN_OUTPUT
+from arcstream.lm.data import TaskMixture, targets
+
+UNIFORM_CELL_NATS = math.log(10.0)  # the loss of a model that gives every colour the same probability
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Any):
+    """The ModelConfig of the `model` section, with the tokenizer's vocabulary and stop token."""
+    from arcstream.model import ModelConfig
+
+    m = config.model
+    return ModelConfig(
+        family=str(m.family), vocab_size=len(tokenizer), hidden_size=int(m.hidden_size), num_layers=int(m.num_layers),
+        num_heads=int(m.num_heads), num_kv_heads=int(m.num_kv_heads), head_dim=int(m.hidden_size) // int(m.num_heads),
+        intermediate_size=int(m.intermediate_size), rope_theta=float(m.rope_theta), tie_word_embeddings=bool(m.tie),
+        qkv_bias=str(m.family) == "qwen2", qk_norm=str(m.family) == "qwen3", rms_norm_eps=1e-6,
+        max_position_embeddings=int(config.data.seq_len), eos_token_ids=(int(tokenizer.eos_token_id),),
+        bos_token_id=int(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None)
+
+
+def training_source(config: ml_collections.ConfigDict) -> TaskMixture:
+    return TaskMixture(_split(config.data.sources), _split(config.data.exclude))
+
+
+def _split(spec: str) -> list[str]:
+    return [s.strip() for s in str(spec).split(",") if s.strip()]
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`, global-norm clipping,
+    weight decay on matrices only (not norms, biases)."""
+    if int(t.steps) < 1 or not 0 <= int(t.warmup_steps) < int(t.steps):
+        raise ValueError(f"--config.train.steps={t.steps} and --config.train.warmup_steps={t.warmup_steps}: "
+                         "need steps >= 1 and 0 <= warmup_steps < steps")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, float(t.lr), int(t.warmup_steps), max(int(t.steps), 1),
+                                                  end_value=float(t.lr) * float(t.min_lr_ratio))
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    opt = optax.chain(
+        optax.clip_by_global_norm(float(t.clip_norm)) if t.clip_norm else optax.identity(),
+        optax.adamw(schedule, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay), mask=decay_mask),
+    )
+    return opt, schedule
+
+
+def _nll(graphdef: Any, params: Any, tokens, seg, pos, tgt):
+    from arcstream.model import forward
+
+    model = nnx.merge(graphdef, params)
+    logits = forward(model, tokens, seg, pos, sites=(), return_logits=True).logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+
+
+def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation) -> Callable:
+    def loss_fn(params, tokens, seg, pos, tgt, w):
+        nll = _nll(graphdef, params, tokens, seg, pos, tgt)
+        n = jnp.maximum(w.sum(), 1.0)
+        return (nll * w).sum() / n, n
+
+    def step(params, opt_state, tokens, seg, pos, tgt, w):
+        (loss, n), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, seg, pos, tgt, w)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "target_tokens": n, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_nll_fn(graphdef: Any) -> Callable:
+    """jitted (params, tokens, seg, pos, tgt) -> per-token NLL [B, T] of the next token (float32)."""
+    return jax.jit(lambda params, tokens, seg, pos, tgt: _nll(graphdef, params, tokens, seg, pos, tgt))
+
+
+# --- held-out evaluation -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HeldOutLoss:
+    """Mean next-token losses (nats) on held-out prompts, by what the target token is."""
+
+    answer_cell: float  # cells of the test output (the answer grid): comparable to ln 10 = 2.303
+    answer_token: float  # every answer token (cells, line breaks, stop token)
+    train_output_cell: float  # cells of the train output grids inside the prompts
+    answer_cells: int  # how many answer cells were scored
+    prompts: int
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["uniform_cell"] = UNIFORM_CELL_NATS
+        d["answer_cell_vs_uniform"] = self.answer_cell / UNIFORM_CELL_NATS
+        return d
+
+
+def held_out_loss(nll_fn: Callable, params: Any, batches: Any, put: Callable) -> HeldOutLoss:
+    sums = np.zeros(3)
+    counts = np.zeros(3)
+    prompts = 0
+    for batch in batches:
+        tgt, _ = targets(batch)
+        nll = np.asarray(jax.device_get(nll_fn(params, *put(batch.tokens, batch.segment_ids, batch.positions, tgt))))
+        nxt_kind = np.zeros_like(batch.grid_kind)
+        nxt_kind[:, :-1] = batch.grid_kind[:, 1:]
+        nxt_ans = np.zeros_like(batch.answer_mask)
+        nxt_ans[:, :-1] = batch.answer_mask[:, 1:]
+        same = np.zeros(batch.tokens.shape, bool)
+        same[:, :-1] = (batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]) & (batch.segment_ids[:, 1:] > 0)
+        for i, m in enumerate((nxt_ans & (nxt_kind == GRID_TEST_OUTPUT), nxt_ans, nxt_kind == GRID_TRAIN_OUTPUT)):
+            m = m & same
+            sums[i] += float(nll[m].sum())
+            counts[i] += int(m.sum())
+        prompts += len(batch.prompts)
+    mean = sums / np.maximum(counts, 1)
+    return HeldOutLoss(float(mean[0]), float(mean[1]), float(mean[2]), int(counts[0]), prompts)
+
+
+def eval_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, source_spec: str, max_prompts: int):
+    """The held-out prompts: identity augmentation, answer included, same prompt format as training."""
+    from arcstream.data.pipeline import make_pipeline
+
+    data = ml_collections.ConfigDict(json.loads(config.data.to_json()))
+    with data.unlocked():
+        for k in ("sources", "exclude"):
+            del data[k]
+        data.source = source_spec
+        data.n_augmentations = 1
+        data.shuffle = False
+        data.max_prompts = int(max_prompts)
+        data.seed = 0
+    return make_pipeline(data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+# --- the training pipeline (epochs) ----------------------------------------------------------------------
+
+
+class EpochStream:
+    """Endless training batches: one Grain pipeline per epoch, epoch e shuffled and augmented with `seed + e`.
+
+    `state()` / `restore(state)` are JSON: the epoch and the pipeline's own state,
+    so a resumed run yields exactly the batches an uninterrupted run would have.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, source: TaskMixture):
+        self._config, self._tokenizer, self._source = config, tokenizer, source
+        self.epoch = 0
+        self.skips: dict[str, int] = {}
+        self._pipe = self._open(0)
+
+    def _open(self, epoch: int):
+        from arcstream.data.pipeline import PipelineOptions, build_pipeline, make_prompter
+
+        data = self._config.data
+        prompter = make_prompter(data, self._tokenizer)
+        # Training never needs the unaugmented view first: every prompt is a fresh random view.
+        prompter = dataclasses.replace(prompter, augment_config=dataclasses.replace(
+            prompter.augment_config, include_identity=not data.augmentations))
+        options = dataclasses.replace(PipelineOptions.from_config(data), seed=int(data.seed) + epoch, shuffle=True,
+                                      n_augmentations=1, max_prompts=0)
+        return build_pipeline(self._source, prompter, options, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+
+    def __iter__(self) -> "EpochStream":
+        return self
+
+    def __next__(self):
+        for _ in range(2):
+            try:
+                return next(self._pipe)
+            except StopIteration:
+                for k, v in self._pipe.skip_counts.items():
+                    self.skips[k] = self.skips.get(k, 0) + v
+                self._pipe.close()
+                self.epoch += 1
+                self._pipe = self._open(self.epoch)
+        raise RuntimeError(f"training source {self._source.spec} yields no batch in a whole epoch: every task "
+                           f"was skipped ({self._pipe.skip_counts()}); check data.seq_len / data.max_prompt_len")
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pipeline": self._pipe.get_state(), "skips": dict(self.skips)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._pipe.close()
+        self.epoch = int(state["epoch"])
+        self.skips = {k: int(v) for k, v in state.get("skips", {}).items()}
+        self._pipe = self._open(self.epoch)
+        self._pipe.set_state(state["pipeline"])
+
+    def close(self) -> None:
+        self._pipe.close()
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able `obj`, in process order (one collective)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
+    padded = np.zeros(n, np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded[None], tiled=True))
+    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
+# --- the job ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainLMResult:
+    output_dir: str
+    export_dir: str
+    steps: int
+    resumed_from: int | None
+    params: int
+    tokens_trained: int
+    target_tokens: int
+    epochs: float
+    final_loss: float
+    held_out: dict[str, Any]
+    accuracy: dict[str, Any] | None
+    train_tasks: int
+    source_stats: dict[str, Any]
+    seconds: float
+    tokens_per_s: float
+    total_steps: int = 0
+    stopped_at: int | None = None  # set when train.stop_after ended the run early
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        h = self.held_out
+        if self.stopped_at is not None:
+            return [("stopped", f"at step {self.stopped_at} of {self.total_steps} (train.stop_after); the "
+                                f"checkpoint is saved: rerun the same command to continue"),
+                    ("tokens", f"{self.tokens_trained:,} seen"), ("output", self.output_dir)]
+        rows = [
+            ("export", self.export_dir),
+            ("model", f"{self.params / 1e6:.2f}M parameters"),
+            ("steps", f"{self.steps}" + (f" (resumed from {self.resumed_from})" if self.resumed_from else "")),
+            ("data", f"{self.train_tasks} training tasks; {self.source_stats.get('excluded', 0)} held-out tasks "
+                     f"excluded, {self.source_stats.get('duplicates', 0)} duplicates dropped"),
+            ("tokens", f"{self.tokens_trained:,} seen, {self.target_tokens:,} targets, {self.epochs:.0f} epochs completed"),
+            ("speed", f"{self.tokens_per_s:,.0f} tokens/s over {self.seconds:.0f} s"),
+            ("train loss", f"{self.final_loss:.4f} (mean of the last log window)"),
+        ]
+        if h:
+            rows.append(("held-out", f"answer cells {h['answer_cell']:.4f} nats vs uniform {UNIFORM_CELL_NATS:.4f} "
+                                     f"({h['answer_cell_vs_uniform']:.2f}x), {h['prompts']} prompts"))
+        if self.accuracy:
+            a = self.accuracy
+            rows.append(("accuracy", f"{a['score']:.4f} ({a['correct']:.1f}/{a['total']} test outputs, "
+                                     f"{a['source']}, pass@2)"))
+        return rows
+
+
+def _metrics_writer(path: Path, resume_step: int | None) -> Callable[[dict[str, Any]], None]:
+    from arcstream.sae.offline import truncate_metrics
+
+    if jax.process_index() != 0:
+        return lambda rec: None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and path.exists():
+        truncate_metrics(path, resume_step)
+    elif resume_step is None and path.exists():
+        path.unlink()
+
+    def write(rec: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    return write
+
+
+def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> TrainLMResult:
+    """Trains (or resumes), exports, evaluates and writes the model card; see the module docstring."""
+    from arcstream import cli
+    from arcstream.data.tokenizer import build_arc_tokenizer
+    from arcstream.model import init_random, make_mesh
+
+    start = time.perf_counter()
+    out = Path(str(config.output_dir)).absolute()
+    t = config.train
+    tokenizer = build_arc_tokenizer(str(config.tokenizer))
+    mcfg = model_config(config, tokenizer)
+    mesh = make_mesh(data=int(config.mesh.data), model=int(config.mesh.model))
+    B = int(config.data.batch_size)
+    if (B * jax.process_count()) % mesh.shape["data"]:
+        raise ValueError(f"data.batch_size={B} x {jax.process_count()} processes is not divisible by the mesh's "
+                         f"data axis ({mesh.shape['data']}); use a multiple of {mesh.shape['data']}")
+    with jax.set_mesh(mesh):
+        model = init_random(mcfg, seed=int(config.seed), mesh=mesh)
+    graphdef, params = nnx.split(model)
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+    optimizer, schedule = make_optimizer(t)
+    replicated = NamedSharding(mesh, P())
+    opt_state = jax.tree.map(  # optax's step counters are born on one device; the mesh needs them replicated
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        jax.jit(optimizer.init)(params))
+    step_fn = make_train_step(graphdef, optimizer)
+    nll_fn = make_nll_fn(graphdef)
+    batch_sharding = NamedSharding(mesh, P("data", None))
+
+    def put(*arrays):
+        return tuple(jax.make_array_from_process_local_data(batch_sharding, np.asarray(a)) for a in arrays)
+
+    source = training_source(config)
+    log(f"training tasks: {len(source)} from {source.per_source}; {source.stats}")
+    stream = EpochStream(config, tokenizer, source)
+
+    # --- resume
+    ckpt = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True))
+    step, resumed_from = 0, None
+    counters = {"tokens": 0, "targets": 0, "seconds": 0.0}  # over all sessions of the run
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+        restored = ckpt.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
+        meta = restored["meta"]
+        if meta["fingerprint"] != _fingerprint(config):
+            raise ValueError(f"{out}/checkpoints was written by another configuration; use a new "
+                             f"--config.output_dir or the same config (saved: {meta['fingerprint']})")
+        stream.restore(meta["streams"][jax.process_index()])
+        counters = meta["counters"]
+        step = resumed_from = int(latest)
+        log(f"resumed from step {step} (epoch {stream.epoch})")
+    write_metrics = _metrics_writer(out / "metrics.jsonl", resumed_from)
+
+    saved = {"step": latest}
+
+    def save(at: int) -> None:
+        if saved["step"] == at:
+            return
+        saved["step"] = at
+        meta = {"fingerprint": _fingerprint(config), "streams": _allgather_json(stream.state()),
+                "counters": counters}
+        ckpt.save(at, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                                              meta=ocp.args.JsonSave(meta)), force=True)
+        ckpt.wait_until_finished()
+
+    eval_batches = None
+    if t.eval_every and config.eval.source:
+        with eval_pipeline(config, tokenizer, str(config.eval.source), int(config.eval.prompts)) as pipe:
+            eval_batches = list(pipe)
+
+    total = int(t.steps)
+    window: list[float] = []
+    last_loss = float("nan")
+    t_window, tok_window = time.perf_counter(), 0
+    bar = cli.progress(range(step, total), total=total - step, desc="train_lm", unit="step")
+    for step_i in bar:
+        batch = next(stream)
+        tgt, w = targets(batch)
+        params, opt_state, m = step_fn(params, opt_state, *put(batch.tokens, batch.segment_ids, batch.positions,
+                                                               tgt, w))
+        step = step_i + 1
+        n_tok = int(batch.valid.sum()) * jax.process_count()
+        counters["tokens"] += n_tok
+        counters["targets"] += int(w.sum()) * jax.process_count()
+        tok_window += n_tok
+        if step % int(t.log_every) == 0 or step == total:
+            loss = float(m["loss"])
+            window.append(loss)
+            dt = time.perf_counter() - t_window
+            counters["seconds"] += dt
+            rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
+                   "epoch": stream.epoch, "tokens": counters["tokens"], "tokens_per_s": tok_window / max(dt, 1e-9)}
+            if eval_batches is not None and (step % int(t.eval_every) == 0 or step == total):
+                rec["held_out"] = held_out_loss(nll_fn, params, eval_batches, put).as_dict()
+                log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
+            write_metrics(rec)
+            last_loss = float(np.mean(window[-5:]))
+            log(f"step {step}/{total} loss {loss:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
+                f"epoch {stream.epoch}")
+            t_window, tok_window = time.perf_counter(), 0
+        if step % int(t.checkpoint_every) == 0 and step != total:
+            save(step)
+        if int(t.stop_after) and step >= int(t.stop_after) and step != total:
+            break
+    bar.close()  # a broken-off progress generator prints its final line now, not when collected
+    save(step)
+    stream.close()
+    ckpt.close()
+    stats = {**source.stats, "per_source": source.per_source, "skips": stream.skips}
+    if step < total:  # stopped early on purpose (train.stop_after): the checkpoint is saved, rerun to go on
+        return TrainLMResult(
+            output_dir=str(out), export_dir="", steps=step, resumed_from=resumed_from, params=n_params,
+            tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]), epochs=float(stream.epoch),
+            final_loss=last_loss, held_out={}, accuracy=None, train_tasks=len(source), source_stats=stats,
+            seconds=time.perf_counter() - start, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9),
+            stopped_at=step, total_steps=total)
+
+    # --- export, evaluate, card
+    from arcstream.lm.card import export_model, final_evaluation, write_model_card
+
+    export_dir = out / "export"
+    export_model(graphdef, params, mcfg, tokenizer, export_dir, dtype=str(config.export_dtype))
+    held, accuracy = final_evaluation(config, export_dir, log=log)
+    result = TrainLMResult(
+        output_dir=str(out), export_dir=str(export_dir), steps=step, resumed_from=resumed_from, params=n_params,
+        tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]),
+        epochs=float(stream.epoch), final_loss=last_loss, held_out=held, accuracy=accuracy, train_tasks=len(source),
+        source_stats=stats, total_steps=total, seconds=time.perf_counter() - start, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9))
+    if jax.process_index() == 0:
+        write_model_card(config, result, export_dir, out / "metrics.jsonl")
+    return result
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What must not change across a resume (the rest, e.g. eval and export keys, may)."""
+    d = json.loads(config.to_json_best_effort())
+    keep = {k: d[k] for k in ("model", "tokenizer", "seed", "data") if k in d}
+    keep["train"] = {k: v for k, v in d.get("train", {}).items() if k not in ("log_every", "eval_every",
+                                                                            "checkpoint_every", "stop_after")}
+    keep["data"] = {k: v for k, v in keep.get("data", {}).items() if k not in ("read_threads", "prefetch",
+                                                                             "worker_count")}
+    return keep

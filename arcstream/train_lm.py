@@ -1,0 +1,21 @@
+"""Train a small ARC language model: python -m arcstream.train_lm --config=configs/train_lm.py
+
+Flags only; the work is `arcstream.lm.train.train` (see its docstring and
+configs/train_lm.py). It resumes from `output_dir/checkpoints` when rerun.
+"""
+
+from __future__ import annotations
+
+from arcstream import cli
+
+
+def job(config):
+    from absl import logging
+
+    from arcstream.lm.train import train
+
+    return train(config, log=logging.info)
+
+
+if __name__ == "__main__":
+    cli.run_job("arcstream train_lm", job, distributed=True)
