@@ -66,6 +66,7 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
         c.predict = default_predict_section()
         c.predict.max_new_tokens = int(e.max_new_tokens)
         c.predict.batch_size = int(e.predict_batch_size)
+        c.predict.tasks_per_chunk = int(e.predict_batch_size)
         result = run_predictions(c, model=model, tokenizer=tokenizer)
         s = result.score
         accuracy = {"source": str(e.source), "score": s.score if s else 0.0, "correct": float(s.solved if s else 0),
@@ -82,7 +83,7 @@ def _tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -117,7 +118,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir: Path, metrics: Path) -> Path:
     """export_dir/README.md (HF model card front matter + what, how, how well, how to reproduce)."""
-    records = _read_metrics(metrics)
+    records = read_metrics(metrics)
     plot = plot_loss_curve(records, export_dir / "loss_curve.png")
     (export_dir / "training_metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

@@ -396,14 +396,15 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
         counters["tokens"] += n_tok
         counters["targets"] += int(w.sum()) * jax.process_count()
         tok_window += n_tok
-        if step % int(t.log_every) == 0 or step == total:
+        evaluate = eval_batches is not None and (step % int(t.eval_every) == 0 or step == total)
+        if step % int(t.log_every) == 0 or step == total or evaluate:
             loss = float(m["loss"])
             window.append(loss)
             dt = time.perf_counter() - t_window
             counters["seconds"] += dt
             rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
                    "epoch": stream.epoch, "tokens": counters["tokens"], "tokens_per_s": tok_window / max(dt, 1e-9)}
-            if eval_batches is not None and (step % int(t.eval_every) == 0 or step == total):
+            if evaluate:
                 rec["held_out"] = held_out_loss(nll_fn, params, eval_batches, put).as_dict()
                 log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
             write_metrics(rec)
@@ -419,6 +420,11 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     save(step)
     stream.close()
     ckpt.close()
+    if not window:  # resumed at the end: the last records of metrics.jsonl hold the final losses
+        from arcstream.lm.card import read_metrics
+
+        window = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+        last_loss = float(np.mean(window[-5:])) if window else float("nan")
     stats = {**source.stats, "per_source": source.per_source, "skips": stream.skips}
     if step < total:  # stopped early on purpose (train.stop_after): the checkpoint is saved, rerun to go on
         return TrainLMResult(

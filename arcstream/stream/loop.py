@@ -512,6 +512,7 @@ def _fingerprinted(resolved: dict[str, Any]) -> dict[str, Any]:
     for key in ("commit_every", "predict", "predict_options"):
         out.pop(key, None)
     out.get("ring", {}).pop("n_slots", None)
+    out.get("sae", {}).pop("checkpoint_dir", None)  # where SAE checkpoints live, not what is stored
     return out
 
 
