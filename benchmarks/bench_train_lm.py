@@ -49,7 +49,13 @@ def main() -> None:
 
     from arcstream.data.tokenizer import build_arc_tokenizer
     from arcstream.lm.data import targets
-    from arcstream.lm.train import EpochStream, make_optimizer, make_train_step, model_config, training_source
+    from arcstream.lm.train import (
+        EpochStream,
+        make_optimizer,
+        make_train_step,
+        model_config,
+        training_source,
+    )
     from arcstream.model import init_random, save_hf_checkpoint
     from configs.train_lm import get_config
 

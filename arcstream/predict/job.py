@@ -293,7 +293,11 @@ def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predi
     c.predict = default_predict_section()
     extra = run_config.get("predict_options")
     if extra is not None:
-        c.predict.update(json.loads(extra.to_json()))
+        extra = json.loads(extra.to_json())
+        tasks = int(extra.pop("max_tasks", 0))  # a run-job key: how many of the run's tasks are decoded
+        if tasks:
+            c.data.max_tasks = min(tasks, int(c.data.max_tasks)) if int(c.data.max_tasks) else tasks
+        c.predict.update(extra)
     return c
 
 

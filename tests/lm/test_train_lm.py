@@ -54,7 +54,7 @@ def test_training_lowers_the_loss_and_exports(straight):
     # The export loads in arcstream and reproduces the trainer's held-out numbers.
     from arcstream.model import load_model
 
-    model, cfg = load_model(result.export_dir)
+    _, cfg = load_model(result.export_dir)
     assert cfg.num_layers == 2 and cfg.hidden_size == 64 and cfg.vocab_size == 108
     assert math.isfinite(result.held_out["answer_cell"]) and result.held_out["answer_cells"] > 0
     card = (Path(result.export_dir) / "README.md").read_text()

@@ -204,3 +204,18 @@ def test_resume_from_a_partly_finished_chunk_equals_uninterrupted(tmp_path, toke
     assert (tmp_path / "a" / "predictions.json").read_bytes() == (tmp_path / "b" / "predictions.json").read_bytes()
     b = (tmp_path / "b" / "details.jsonl").read_text().splitlines()
     assert b[:2] == [lines[0], lines[3]] and sorted(b) == sorted(lines)  # finished lines are not rewritten
+
+
+def test_run_config_predict_options_max_tasks_bounds_the_decoded_tasks(tmp_path):
+    from arcstream.predict import predict_config_from_run
+    from configs.default import get_config as run_config
+
+    rc = run_config()
+    rc.output_dir = str(tmp_path)
+    rc.predict_options.max_tasks = 5
+    c = predict_config_from_run(rc, "some/model")
+    assert c.data.max_tasks == 5 and "max_tasks" not in c.predict
+    rc.data.max_tasks = 3  # the run itself reads fewer tasks: that bound wins
+    assert predict_config_from_run(rc, "some/model").data.max_tasks == 3
+    rc.predict_options.max_tasks = 0
+    assert predict_config_from_run(rc, "some/model").data.max_tasks == 3

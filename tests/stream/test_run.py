@@ -42,6 +42,7 @@ def _config(ckpt: Path, out: Path, **over):
         sys.path.pop(0)
     c = default.get_config("nosae")
     c.model = str(ckpt)
+    c.predict = False  # the default run predicts; these tests time the capture (one test turns it on)
     c.output_dir = str(out)
     c.sites = SITES
     c.max_prompts = 6
