@@ -201,6 +201,7 @@ class RunResult:
     sae_final: dict[str, dict[str, float]]
     exports: list[str]
     predictions: Any = None  # arcstream.predict PredictResult when config.predict
+    predict_skipped: str = ""  # why predict=True did not run here (several processes, a URL output_dir)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         tok_s = self.tokens / max(self.seconds, 1e-9)
@@ -232,6 +233,8 @@ class RunResult:
             p = self.predictions
             rows.append(("predictions", f"{p.tasks} tasks in predictions/predictions.json"))
             rows.extend((f"  {k}", v) for k, v in p.summary_rows() if k in ("failures", "score"))
+        elif self.predict_skipped:
+            rows.append(("predictions", f"skipped: {self.predict_skipped}"))
         return rows
 
 
@@ -324,15 +327,9 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     pidx, pcount = jax.process_index(), jax.process_count()
     if not config.output_dir:
         raise ValueError("--config.output_dir is empty: give a local path or a TensorStore URL (gs://...)")
-    if config.predict and pcount > 1:
-        raise ValueError("--config.predict=True runs in one process; on a pod run python -m arcstream.predict "
-                         "--config=configs/predict.py ... after the capture run")
-    from arcstream.store.layout import RunLocation
-
-    if config.predict and RunLocation(str(config.output_dir)).local is None:
-        raise ValueError(f"--config.predict=True writes predictions to local files, but --config.output_dir="
-                         f"{config.output_dir!r} is a URL; run python -m arcstream.predict "
-                         "--config=configs/predict.py with a local --config.output_dir after the capture run")
+    predict_skipped = _why_no_predictions(config, pcount)
+    if predict_skipped:
+        logging.warning("--config.predict=True: predictions skipped: %s", predict_skipped)
     if config.sae.enabled:
         _sae_checkpoint_dir(config)  # a bad checkpoint location fails now, not after the model has loaded
 
@@ -461,7 +458,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     if sae is not None:
         exports, sae_final = sae.finish(str(config.output_dir), model_path)
     predictions = None
-    if config.predict:
+    if config.predict and not predict_skipped:
         predictions = _predict(config, model_path, model, tokenizer, mesh)
     from arcstream.store import open_run
 
@@ -473,15 +470,32 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         sites=tuple(sites), stored_sites=tuple(stored), steps=step, resumed_from=step0, prompts=prompts,
         tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
         timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
-        sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports, predictions=predictions)
+        sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports, predictions=predictions,
+        predict_skipped=predict_skipped)
+
+
+def _why_no_predictions(config: ml_collections.ConfigDict, pcount: int) -> str:
+    """Why `predict=True` cannot run inside this run ("" when it can): it decodes in one process and
+    writes local files. The capture goes on either way; the summary says what to run instead."""
+    from arcstream.store.layout import RunLocation
+
+    if not config.predict:
+        return ""
+    after = "run python -m arcstream.predict --config=configs/predict.py (same model and data) after the capture"
+    if pcount > 1:
+        return f"they run in one process and this run has {pcount}; {after}"
+    if RunLocation(str(config.output_dir)).local is None:
+        return (f"they are written to local files and --config.output_dir={config.output_dir!r} is a URL; "
+                f"{after}, with a local --config.output_dir")
+    return ""
 
 
 def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tokenizer: Any,
              mesh: jax.sharding.Mesh) -> Any:
     """`predict=True`: decode, vote and score the test answers of the run's tasks (arcstream.predict).
 
-    Covers `data.max_tasks` tasks; when only `max_prompts` bounds the run, the
-    first `max_prompts / n_augmentations` tasks (about the ones the run captured).
+    Covers the first `predict_options.max_tasks` tasks (0 = no bound), and never more than about the
+    ones the run captured (`max_prompts / n_augmentations`) when `max_prompts` bounds the run.
     """
     from arcstream.predict import predict_config_from_run, run_predictions
     from arcstream.store.layout import RunLocation, is_url
@@ -489,8 +503,9 @@ def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tok
     pc = predict_config_from_run(config, model_path)
     if is_url(str(config.output_dir)):  # a file:// URL (run() refuses the others): predict writes with pathlib
         pc.output_dir = str(RunLocation(str(config.output_dir)).local / "predictions")
-    if not int(pc.data.max_tasks) and int(config.max_prompts):
-        pc.data.max_tasks = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
+    if int(config.max_prompts):  # about the tasks the run captured, and no more than predict_options.max_tasks
+        captured = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
+        pc.data.max_tasks = min(int(pc.data.max_tasks), captured) if int(pc.data.max_tasks) else captured
     with jax.set_mesh(mesh):
         return run_predictions(pc, model=model, tokenizer=tokenizer)
 

