@@ -57,6 +57,10 @@ def main() -> None:
         training_source,
     )
     from arcstream.model import init_random, save_hf_checkpoint
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for configs/
     from configs.train_lm import get_config
 
     torch.set_num_threads(args.threads)
