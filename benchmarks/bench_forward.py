@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from functools import partial
@@ -29,14 +28,7 @@ import numpy as np
 from flax import nnx
 
 from arcstream.model import ModelConfig, forward, init_random, load_model, parse_sites, save_hf_checkpoint
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from common import git_commit
 
 
 def _time(fn, repeats: int) -> float:
@@ -118,7 +110,7 @@ def main() -> None:
             "preset": args.preset, "layers": args.layers, "batch": args.batch, "seq": args.seq,
             "dtype": args.dtype, "sites": list(sites), "device": f"{device.platform}:{device.device_kind}",
             "jax_devices": jax.device_count(), "cpu_count": os.cpu_count(), "torch_threads": torch_threads,
-            "commit": _commit(), "jax": jax.__version__,
+            "commit": git_commit(), "jax": jax.__version__,
         }
         print(json.dumps(rec))
 

@@ -28,23 +28,11 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/arcstream/data", ":/benchmarks"],
-                               capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - a benchmark without git still runs
-        return "unknown"
+from common import git_commit
 
 
 def _device() -> str:
@@ -145,7 +133,7 @@ def main() -> None:
     len(source), source[0]  # load the data once, outside every timing
 
     print(f"device: {_device()}")
-    print(f"commit: {_commit()}")
+    print(f"commit: {git_commit()}")
     print(f"config: {json.dumps(config.to_dict(), sort_keys=True)}")
     print(f"tokenizer: arcstream digits ({len(tokenizer)} tokens); tasks: {len(source)}; best of {args.repeats}")
 

@@ -22,20 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 
 import jax
 import numpy as np
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from common import git_commit
 
 
 def main() -> None:
@@ -111,7 +103,7 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in times.items()}
     rec = {
         "bench": "predict_generate", "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())}",
-        "commit": _commit(), "config": vars(args),
+        "commit": git_commit(), "config": vars(args),
         "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
         "seconds": med, "answers_per_s": {k: args.prompts / v for k, v in med.items()},
         "batched_vs_one_by_one": med["one_by_one"] / med["batched"],

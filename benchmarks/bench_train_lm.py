@@ -19,20 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 
 import jax
 import numpy as np
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from common import git_commit
 
 
 def main() -> None:
@@ -128,7 +120,7 @@ def main() -> None:
             fn(b)
         rates[name] = tokens / (time.perf_counter() - t0)
     print(json.dumps({
-        "bench": "train_lm", "commit": _commit(), "device": jax.devices()[0].device_kind,
+        "bench": "train_lm", "commit": git_commit(), "device": jax.devices()[0].device_kind,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
         "rows": args.batch, "seq": args.seq, "steps": args.steps, "tokens": tokens,
         "arcstream_tokens_per_s": round(rates["arcstream"], 1), "hf_tokens_per_s": round(rates["hf_torch"], 1),
