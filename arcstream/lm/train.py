@@ -365,15 +365,6 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
                              f"--config.output_dir or the same config (saved: {meta['fingerprint']})")
         stream.restore(meta["streams"][jax.process_index()])
         counters = meta["counters"]
-        if "seconds" not in counters:  # checkpoints written before step time was counted: sum the logged windows
-            prev, secs = 0, 0.0
-            from arcstream.lm.card import read_metrics
-
-            for r in read_metrics(out / "metrics.jsonl"):
-                if r["step"] <= latest and r.get("tokens_per_s"):
-                    secs += (r["tokens"] - prev) / r["tokens_per_s"]
-                    prev = r["tokens"]
-            counters["seconds"] = secs
         step = resumed_from = int(latest)
         log(f"resumed from step {step} (epoch {stream.epoch})")
     write_metrics = _metrics_writer(out / "metrics.jsonl", resumed_from)
