@@ -226,6 +226,16 @@ class RunLocation:
     def exists(self, key: str) -> bool:
         return self.read_bytes(key) is not None
 
+    def remove_temporaries(self, *keys: str) -> None:
+        """Deletes the temporary files a killed `write_bytes_atomic` left beside these keys (local runs only;
+        a kvstore write leaves none). They were never renamed into place, so nothing reads them."""
+        if self.local is None:
+            return
+        for key in keys:
+            target = self.local / key
+            for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
     def read_bytes(self, key: str) -> bytes | None:
         """The content of a small file, or None when it does not exist."""
         if self.local is not None:

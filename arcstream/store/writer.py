@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from arcstream.store.layout import (CONFIG_FILE, CONTEXT, DTYPES, TOKEN_FIELDS, ConfigMismatchError, RunLocation,
+from arcstream.store.layout import (CONFIG_FILE, CONTEXT, DTYPES, MANIFEST_FILE, TOKEN_FIELDS, ConfigMismatchError,
+                                    RunLocation,
                                     StoreError, StoreWriteError, activation_key, activation_metadata,
                                     check_site_name, explain_os_error, ledger_key, numpy_dtype, prompt_segment_key,
                                     prompt_to_json, token_key, token_metadata)
@@ -164,6 +165,10 @@ class StoreWriter:
         else:
             durable = ProcessCommit(process_index, 0, 0, 0, (), {})
         arrays = _open_arrays(location, layout, process_index, durable.rows)
+        # A kill between writing a small file's temporary and renaming it leaves the temporary behind.
+        segments = prompt_segment_key(process_index, 0).rsplit("/", 1)[0] + "/*"  # any of this process's segments
+        location.remove_temporaries(ledger_key(process_index), segments,
+                                    *((CONFIG_FILE, MANIFEST_FILE) if process_index == 0 else ()))
         known = _read_prompt_indices(location, durable)
         writer = cls(location=location, layout=layout, process_index=process_index, arrays=arrays,
                      durable=durable, known_prompts=known, max_pending_bytes=max_pending_bytes)

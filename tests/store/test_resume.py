@@ -126,3 +126,21 @@ def test_commit_refuses_a_step_that_goes_backwards(tmp_path):
     writer.commit(3)  # re-committing the same step is fine (idempotent)
     with pytest.raises(ValueError, match="step=2 must be an int >= the last committed step 3"):
         writer.commit(2)
+
+
+def test_resume_removes_temporaries_a_kill_left_behind(tmp_path):
+    """A kill between writing a small file's temporary and renaming it leaves `.NAME.tmp-*`; resume deletes them."""
+    from arcstream.store import StoreWriter
+    from tests.store.helpers import CONFIG, SITES, write_steps
+
+    w = StoreWriter.create_or_resume(str(tmp_path), sites=SITES, config=CONFIG, rows_per_shard=16, rows_per_chunk=4)
+    write_steps(w, range(3))
+    w.close()
+    stale = [tmp_path / "prompts" / "p00000" / ".000003.jsonl.tmp-1-abcd", tmp_path / "ledger" / ".p00000.json.tmp-1-ab",
+             tmp_path / ".manifest.json.tmp-1-ab"]
+    other = tmp_path / "ledger" / ".p00001.json.tmp-1-ab"  # another process's: not this writer's to remove
+    for p in stale + [other]:
+        p.write_text("partial")
+    StoreWriter.create_or_resume(str(tmp_path), sites=SITES, config=CONFIG, rows_per_shard=16,
+                                 rows_per_chunk=4).close()
+    assert not any(p.exists() for p in stale) and other.exists()
