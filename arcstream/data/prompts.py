@@ -73,10 +73,10 @@ from transformers import PreTrainedTokenizerBase
 
 from arcstream.data.augment import Augmentation
 from arcstream.data.encoders import DEFAULT_SPEC, DecodeError, GridEncoder, get_encoder
-from arcstream.data.records import (GRID_TEST_INPUT, GRID_TEST_OUTPUT, GRID_TRAIN_INPUT, GRID_TRAIN_OUTPUT,
+from arcstream.data.records import (GRID_KIND_NAMES, GRID_TEST_INPUT, GRID_TEST_OUTPUT, GRID_TRAIN_INPUT, GRID_TRAIN_OUTPUT,
                                     EncodedPrompt)
 from arcstream.data.task import InvalidTask, Task
-from arcstream.data.tokenizer import special_token_ids
+from arcstream.data.tokenizer import TokenizerRoundTripError, check_roundtrip, special_token_ids
 
 DROP_POLICIES = ("drop_last", "drop_first", "drop_largest", "skip")
 
@@ -167,6 +167,7 @@ class _Grid:
     kind: int
     pair_index: int
     starts: np.ndarray  # int64 [h*w]: each cell's first character within `encode(grid)`, row-major
+    length: int  # len(encode(grid)): the grid's text is text[offset:offset + length]
 
 
 class _TextBuilder:
@@ -181,7 +182,7 @@ class _TextBuilder:
 
     def add_grid(self, encoded: tuple[str, np.ndarray], grid: np.ndarray, kind: int, pair_index: int) -> None:
         text, starts = encoded
-        self.grids.append(_Grid(self.length, grid, kind, pair_index, starts))
+        self.grids.append(_Grid(self.length, grid, kind, pair_index, starts, len(text)))
         self.add(text)
 
     def text(self) -> str:
@@ -258,7 +259,7 @@ def _render(task: Task, test_index: int, keep: Sequence[int], answer: bool, enco
                 raise ValueError("the chat template changed the assistant message's text, so the answer cannot "
                                  "be located; set use_chat_template=False")
         answer_span = (a0, a0 + len(answer_text))
-        grids.append(_Grid(a0, test.output, GRID_TEST_OUTPUT, test_index, answer_enc[1]))
+        grids.append(_Grid(a0, test.output, GRID_TEST_OUTPUT, test_index, answer_enc[1], len(answer_text)))
     return text, grids, answer_span
 
 
@@ -324,6 +325,26 @@ def _answer_mask(token_ids: np.ndarray, s_eff: np.ndarray, e_eff: np.ndarray, sp
     return mask, start
 
 
+def _check_grid_text(tokenizer: PreTrainedTokenizerBase, text: str, token_ids: np.ndarray,
+                     offsets_n2: np.ndarray, grids: list[_Grid], task_id: str) -> None:
+    """Every grid's text must come back from its tokens (digits, separators, line breaks).
+
+    Guards against tokenizers that drop or replace characters silently: the
+    transformers-5 `Qwen2Tokenizer` rebuild of a character vocabulary lost
+    every " " and "\\n", and the model was fed grids without row breaks while
+    cell alignment (which only looks at digits) still looked right. One decode
+    per grid; raises `TokenizerRoundTripError` naming the task and the grid.
+    """
+    for g in grids:
+        a0, a1 = g.offset, g.offset + g.length
+        idx = np.flatnonzero((offsets_n2[:, 0] < a1) & (offsets_n2[:, 1] > a0))
+        try:
+            check_roundtrip(tokenizer, text[a0:a1], ids=token_ids[idx].tolist())
+        except TokenizerRoundTripError as e:
+            raise TokenizerRoundTripError(f"task {task_id}, {GRID_KIND_NAMES.get(g.kind, g.kind)} grid of pair "
+                                          f"{g.pair_index}: {e}") from None
+
+
 # --- the prompt builder ------------------------------------------------------------------
 
 
@@ -339,6 +360,7 @@ def _encode_once(task: Task, test_index: int, keep: Sequence[int], augmentation:
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=not chat)
     token_ids = np.asarray(enc.ids, dtype=np.int32)
     offsets_n2 = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    _check_grid_text(tokenizer, text, token_ids, offsets_n2, grids, task.id)
     cells = _align(offsets_n2, grids)
     mask, answer_start = _answer_mask(token_ids, cells["s_eff"], cells["e_eff"], answer_span,
                                       special_token_ids(tokenizer))

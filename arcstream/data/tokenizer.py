@@ -16,6 +16,23 @@ kind="digits" (the tokenizer of our own small model, issue 9):
   `<|bos|>`; plain text gets `<|bos|>` prepended when `add_special_tokens`.
   108 tokens in all.
 
+  It is *byte-level* (GPT-2 byte-to-unicode images in the vocabulary: " " is
+  "Ġ", "\\n" is "Ċ", "\\t" is "ĉ"; every other printable ASCII character is
+  itself) with no merges, so a character is one token either way. Why: under
+  transformers 5, `AutoTokenizer` on a folder whose config.json says
+  `model_type: qwen2` ignores `tokenizer_config.json` and rebuilds the
+  tokenizer as `Qwen2Tokenizer` (byte-level BPE from the saved vocabulary).
+  With a plain character vocabulary that rebuild silently dropped every
+  " " and "\\n" (their byte-level images were not in it), so the model saw
+  grids without row breaks. A byte-level vocabulary makes both loaders give the
+  same ids on ASCII text (tested), and the ids are those of the earlier plain
+  character vocabulary, so checkpoints trained with it keep working.
+
+`load_tokenizer(path)` is the one loader every job uses: it checks that digits,
+spaces and line breaks survive encode -> decode and refuses a tokenizer that
+drops or changes them (`TokenizerRoundTripError`); `check_roundtrip` is the
+check the prompt builder also applies to every grid it writes.
+
 kind="merged" (for alignment tests against Llama-3-like tokenizers):
   byte-level BPE after Llama 3's pre-tokenizer regex, which cuts digit runs
   into groups of at most three; merges for every 2- and 3-digit string make
@@ -29,11 +46,16 @@ kind always gives the same ids.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import string
+from collections import Counter
 from typing import Literal
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+_log = logging.getLogger(__name__)
 
 KINDS = ("digits", "merged")
 DIGIT_BASE_ID = 6  # in the "digits" tokenizer, colour c has token id DIGIT_BASE_ID + c
@@ -69,6 +91,14 @@ _LLAMA3_SPLIT = (
 )
 
 
+_BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+
+
+def _byte_image(ch: str) -> str:
+    """The GPT-2 byte-level stand-in of one ASCII character (" " -> "Ġ", "\\n" -> "Ċ", "7" -> "7")."""
+    return "".join(piece for piece, _ in _BYTE_LEVEL.pre_tokenize_str(ch))
+
+
 def _digits_backend() -> Tokenizer:
     vocab: dict[str, int] = {}
     for tok in _DIGITS_SPECIALS:
@@ -76,11 +106,13 @@ def _digits_backend() -> Tokenizer:
     assert len(vocab) == DIGIT_BASE_ID
     chars = string.digits + "".join(c for c in string.printable if c not in string.digits and c not in "\r\x0b\x0c")
     for ch in chars:
-        vocab[ch] = len(vocab)
-    # A BPE with single characters and no merges is a character-level model that
-    # keeps exact character offsets and maps unknown characters to <|unk|>.
+        vocab[_byte_image(ch)] = len(vocab)
+    # A byte-level BPE with single characters and no merges: one token per ASCII
+    # character, exact character offsets, unknown bytes -> <|unk|>; and the same
+    # ids when transformers rebuilds it as Qwen2Tokenizer (see the module docstring).
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>", fuse_unk=False))
-    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _DIGITS_SPECIALS])
     tok.add_tokens([AddedToken(w, special=False, normalized=False) for w in STRUCTURAL_WORDS])
     tok.post_processor = processors.TemplateProcessing(
@@ -162,3 +194,89 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
             if tokenizer.convert_ids_to_tokens(tid) == name:
                 out.append(tid)
     return out
+
+
+# --- loading, and the round-trip check -------------------------------------------------------------------
+
+# What every grid encoder writes: the ten colours, the cell separators and line breaks. The loader's probe.
+_PROBE_TEXT = "0123456789\n0 1 2 3\n4,5,6\n1: 789\n3x4\n```\n"
+
+
+class TokenizerRoundTripError(ValueError):
+    """A tokenizer that drops or changes grid text between encode and decode.
+
+    Raised, never skipped: every prompt of the run would be corrupted the same
+    way, and a model fed grids without their line breaks still produces
+    activations, so nothing downstream would notice.
+    """
+
+
+def _lost(expected: str, got: str) -> str:
+    """A short account of what `got` lacks compared with `expected`, by character."""
+    missing = Counter(expected) - Counter(got)
+    extra = Counter(got) - Counter(expected)
+    parts = []
+    if missing:
+        parts.append("lost " + ", ".join(f"{ch!r} x{n}" for ch, n in missing.most_common(6)))
+    if extra:
+        parts.append("gained " + ", ".join(f"{ch!r} x{n}" for ch, n in extra.most_common(6)))
+    return "; ".join(parts) or "characters reordered"
+
+
+def _name(tokenizer: PreTrainedTokenizerBase) -> str:
+    return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or 'unsaved'})"
+
+
+def check_roundtrip(tokenizer: PreTrainedTokenizerBase, text: str, *, what: str = "grid text",
+                    ids: list[int] | None = None) -> None:
+    """Raise `TokenizerRoundTripError` unless `text` comes back from encode -> decode.
+
+    With `ids` (the tokens a prompt builder cut out for `text`, which may
+    reach into the neighbouring text), `text` must appear in their decoding;
+    without, `text` is encoded on its own (no special tokens) and must decode
+    to itself. Special tokens are kept in the decoding, so an `<|unk|>`
+    counts as a change.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if ids is None:
+        ids = backend.encode(text, add_special_tokens=False).ids if backend is not None else tokenizer.encode(
+            text, add_special_tokens=False)
+    got = (backend.decode(list(ids), skip_special_tokens=False) if backend is not None
+           else tokenizer.decode(list(ids), skip_special_tokens=False))
+    if text in got:
+        return
+    raise TokenizerRoundTripError(
+        f"tokenizer {_name(tokenizer)} does not keep {what}: {text[:60]!r} came back as {got[:60]!r} "
+        f"({_lost(text, got)}). The model would read corrupted grids, so arcstream refuses it. Fix: load the "
+        "checkpoint's own tokenizer.json (arcstream.data.tokenizer.load_tokenizer does), pick an encoder whose "
+        "characters the vocabulary has (--config.data.encoder), or re-save the tokenizer.")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint (hub name or local folder), checked to keep grid text intact.
+
+    `AutoTokenizer` first (no remote code). If what it builds fails the
+    round-trip probe and the folder has a `tokenizer.json`, that file is
+    loaded exactly (`PreTrainedTokenizerFast`), which is what the checkpoint
+    was trained with: transformers 5 replaces the tokenizer class of some model
+    types (qwen2 among them) whatever `tokenizer_config.json` says, and
+    arcstream checkpoints saved before the byte-level vocabulary lose " " and
+    "\\n" under that replacement. Raises `TokenizerRoundTripError` when no
+    loader keeps the probe's digits, separators and line breaks.
+    """
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    try:
+        check_roundtrip(tok, _PROBE_TEXT, what="digits, separators and line breaks")
+        return tok
+    except TokenizerRoundTripError as first:
+        local = os.path.join(str(name_or_path), "tokenizer.json")
+        if not os.path.isfile(local):
+            raise TokenizerRoundTripError(f"{name_or_path}: {first}") from None
+        exact = PreTrainedTokenizerFast.from_pretrained(str(name_or_path))
+        check_roundtrip(exact, _PROBE_TEXT, what="digits, separators and line breaks")
+        _log.warning(
+            "%s: AutoTokenizer built %s, which drops grid characters (%s); using the folder's tokenizer.json as "
+            "saved (PreTrainedTokenizerFast). Re-save the tokenizer with this arcstream to silence this.",
+            name_or_path, type(tok).__name__, _lost(_PROBE_TEXT, tok.decode(
+                tok.backend_tokenizer.encode(_PROBE_TEXT, add_special_tokens=False).ids)))
+        return exact

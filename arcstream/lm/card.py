@@ -78,9 +78,9 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
 
 
 def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+    from arcstream.data.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer(str(path))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -455,12 +455,11 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
         if model is None:
             if not config.model:
                 raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
-            from transformers import AutoTokenizer
-
+            from arcstream.data.tokenizer import load_tokenizer
             from arcstream.model import load_model
 
             model, _ = load_model(str(config.model), dtype=str(config.dtype))
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(config.model))
+            tokenizer = tokenizer or load_tokenizer(str(config.model))
         elif tokenizer is None:
             raise ValueError("run_predictions: a loaded `model` needs its `tokenizer` too")
         generator = ModelGenerator(model, tokenizer, max_new_tokens=int(p.max_new_tokens),

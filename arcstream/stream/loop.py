@@ -316,9 +316,8 @@ def _site_list(spec: str) -> list[str]:
 
 def run(config: ml_collections.ConfigDict) -> RunResult:
     """The run job: capture `config.sites` over `config.data.source` into `config.output_dir`."""
-    from transformers import AutoTokenizer
-
     from arcstream import cli
+    from arcstream.data.tokenizer import load_tokenizer
     from arcstream.data.pipeline import make_pipeline
     from arcstream.model import forward, load_model, make_mesh, parse_sites
     from arcstream.store import StoreWriter, write_manifest
@@ -338,7 +337,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     model_path, model_note = _resolve_model(config)
     with jax.set_mesh(mesh):
         model, mcfg = load_model(model_path, dtype=str(config.dtype), mesh=mesh)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     sites = parse_sites(_site_list(config.sites), mcfg.num_layers)
     stored = parse_sites(_site_list(config.store.sites), mcfg.num_layers) if config.store.sites else sites
     if config.store.sites == "none":

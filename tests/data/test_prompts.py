@@ -343,7 +343,7 @@ def test_overlapping_offsets_give_each_cell_to_the_first_token():
 
     grid = np.array([[1, 2, 3, 4]], np.int8)
     grids = [_Grid(offset=2, grid=grid, kind=GRID_TRAIN_INPUT, pair_index=0,
-                   starts=np.arange(4, dtype=np.int64))]  # cells at characters 2, 3, 4, 5
+                   starts=np.arange(4, dtype=np.int64), length=4)]  # cells at characters 2, 3, 4, 5
     offsets = np.array([[0, 0], [0, 4], [1, 3], [3, 4], [4, 6], [4, 6]])
     out = _align(offsets, grids)
     assert out["n_cells"].tolist() == [0, 2, 0, 0, 2, 0]

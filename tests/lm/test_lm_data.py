@@ -86,7 +86,7 @@ def test_loss_mask_is_every_output_grid_token(row):
     ans = task.test[0].output
     expected += ans.size + ans.shape[0] - 1 + 1
     assert int(mask.sum()) == expected
-    text = tok.convert_ids_to_tokens(p.token_ids[mask].tolist())
+    text = [tok.decode([i]) for i in p.token_ids[mask].tolist()]  # decoded: the vocabulary is byte-level ("\n" is "Ċ")
     assert set(text) <= set("0123456789\n") | {tok.eos_token}
     # Input grids and the test input are never targets.
     assert not mask[(p.grid_kind != GRID_TRAIN_OUTPUT) & (p.grid_kind != GRID_TEST_OUTPUT) & (p.grid_kind != 0)].any()

