@@ -12,6 +12,8 @@ on a 2-core CPU (dominated by encoding).
 
 import ml_collections
 
+from arcstream.model import default_model_options
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg:
@@ -34,5 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.invariance_threshold = 0.5  # mean Jaccard overlap needed to call a feature invariant / equivariant
     c.ce_prompts = 8  # held-out prompts for CE loss recovered (runs the model); 0 = skip (no model needed)
     c.model = ""  # model for CE loss recovered (hub name or local dir); "" = the run's config.json model
+    c.model_options = default_model_options()  # .attention of the CE forward: auto | dense | blocked | ...
     c.ce_pad_to = 256  # prompts are padded to a multiple of this many tokens (fewer compiles)
     return c

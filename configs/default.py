@@ -29,6 +29,7 @@ import ml_collections
 
 from arcstream import models
 from arcstream.data.pipeline import default_data_config
+from arcstream.model import default_model_options
 from arcstream.predict.job import default_predict_section
 
 
@@ -36,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = models.path("arcstream-tiny")  # HF hub name or local checkpoint dir; "" = a small random Qwen2
     c.dtype = "float32"  # parameter/activation dtype of the forward: float32 | bfloat16
+    c.model_options = default_model_options()  # .attention: auto | dense | blocked | splash | gpu
     c.sites = "blocks.1.hook_resid_post,blocks.3.hook_resid_post"  # comma-separated capture sites
     c.output_dir = "runs/default"  # run directory: a local path or a TensorStore kvstore URL (gs://...)
     c.seed = 0  # seeds augmentation, token subsampling, SAE init and sampling

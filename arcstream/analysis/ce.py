@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from arcstream.model import Decoder, parse_sites
-from arcstream.model import rope_tables, segment_mask
+from arcstream.model import rope_tables
 
 MODES = ("clean", "sae", "zero")
 
@@ -42,11 +42,11 @@ def spliced_logits(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Arr
     f = replace or (lambda v: v)
     x_btd = model.embed(tokens_bt)
     cos_bth, sin_bth = rope_tables(model.config, positions_bt, model.dtype)
-    mask_btt = segment_mask(segment_ids_bt)
     for i, blk in enumerate(model.layers):
         if i == layer and hook == "hook_resid_pre":
             x_btd = f(x_btd)
-        attn_btd, _ = blk.self_attn(blk.input_layernorm(x_btd), cos_bth, sin_bth, mask_btt)
+        attn_btd, _ = blk.self_attn(blk.input_layernorm(x_btd), cos_bth, sin_bth, segment_ids_bt,
+                                    implementation=model.attention)
         if i == layer and hook == "hook_attn_out":
             attn_btd = f(attn_btd)
         mid_btd = x_btd + attn_btd

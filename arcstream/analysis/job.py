@@ -32,6 +32,7 @@ from arcstream import cli
 from arcstream.analysis.stats import (ACT_LOG10_EDGES, ATTRIBUTES, EvalAccumulator, FeatureAccumulator, FeatureStats,
                                       Label, label_features)
 from arcstream.data.records import GRID_KIND_NAMES
+from arcstream.model import attention_option
 from arcstream.store import open_run
 
 FEATURES_FORMAT = "arcstream-features"
@@ -61,6 +62,7 @@ class AnalyzeOptions:
     ce_prompts: int = 0  # held-out prompts for CE loss recovered (needs the model); 0 = off
     model: str = ""  # model for CE loss recovered; "" = the run's config.json `model`
     ce_pad_to: int = 256
+    attention: str = "auto"  # attention implementation of the CE forward (model_options.attention)
 
     @classmethod
     def from_config(cls, config: Any) -> "AnalyzeOptions":
@@ -91,7 +93,8 @@ class AnalyzeOptions:
                    examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi),
                    invariance_groups=int(config.invariance_groups),
                    invariance_threshold=float(config.invariance_threshold), ce_prompts=int(config.ce_prompts),
-                   model=str(config.model or ""), ce_pad_to=int(config.ce_pad_to))
+                   model=str(config.model or ""), ce_pad_to=int(config.ce_pad_to),
+                   attention=attention_option(config))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -487,7 +490,7 @@ def analyze(config: Any) -> AnalyzeResult:
 
         spec = opts.model or str(reader.config.get("model", ""))
         try:
-            model, _ = load_model(spec)
+            model, _ = load_model(spec, attention=opts.attention)
         except Exception as err:
             raise RuntimeError(f"CE loss recovered needs the run's model, but loading model={spec!r} failed "
                                f"({type(err).__name__}: {err}); set --config.model=PATH, or "

@@ -32,12 +32,12 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
                      log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export."""
     from arcstream.lm.train import eval_pipeline, held_out_loss, make_nll_fn
-    from arcstream.model import load_model
+    from arcstream.model import attention_option, load_model
 
     e = config.eval
     if not e.source:
         return {}, None
-    model, _ = load_model(str(export_dir), dtype="float32")
+    model, _ = load_model(str(export_dir), dtype="float32", attention=attention_option(config))
     graphdef, params = nnx.split(model)
     nll_fn = make_nll_fn(graphdef)
     tokenizer = _tokenizer(export_dir)
@@ -46,6 +46,13 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
         held = held_out_loss(nll_fn, params, pipe, put).as_dict()
         held["skipped"] = dict(pipe.skip_counts)
     log(f"held-out ({e.source}): answer-cell loss {held['answer_cell']:.4f} nats vs uniform {math.log(10):.4f}")
+    if int(e.get("context_tasks", 0)):
+        from arcstream.lm.evaluate import context_use_of_run
+
+        held["context_use"] = cu = context_use_of_run(config, model, tokenizer, max_tasks=int(e.context_tasks))
+        log(f"context use on {cu['test_outputs']} held-out test outputs: answer-cell loss {cu['model']['own']['loss']:.4f} "
+            f"with the task's examples vs {cu['model']['other']['loss']:.4f} with another task's "
+            f"(gain {100 * cu['context_gain']:.1f}%)")
     accuracy = None
     if e.accuracy:
         from arcstream.predict.job import default_predict_section, run_predictions
@@ -160,25 +167,7 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
     ]
     if plot:
         lines += ["![loss curve](loss_curve.png)", "", "Per-step records: `training_metrics.jsonl`.", ""]
-    lines += ["## Evaluation (held-out)", ""]
-    if h:
-        lines += [
-            f"On `{config.eval.source}` ({h['prompts']} prompts, identity augmentation, {h['answer_cells']:,} "
-            "answer cells), next-token loss of the exported weights:", "",
-            "| target tokens | loss (nats) |", "|---|---|",
-            f"| answer cells | {h['answer_cell']:.4f} |",
-            f"| all answer tokens (cells, line breaks, stop) | {h['answer_token']:.4f} |",
-            f"| cells of train outputs in the prompt | {h['train_output_cell']:.4f} |",
-            f"| uniform over 10 colours (baseline) | {math.log(10):.4f} |", "",
-            f"The answer-cell loss is {h['answer_cell_vs_uniform']:.2f}x the uniform baseline.", "",
-        ]
-    if a:
-        lines += [
-            f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding, "
-            f"{a['n_augmentations']} augmentation(s) per test input, two attempts, exact match): "
-            f"**{a['correct']:.0f}/{a['total']} = {100 * a['score']:.2f}%**. Failures by reason: "
-            f"{', '.join(f'{k} {v}' for k, v in a['failures'].items()) or 'none'}.", "",
-        ]
+    lines += evaluation_lines(config, h, a)
     lines += [
         "## Use", "",
         "```python",
@@ -206,3 +195,48 @@ def _vocab(export_dir: Path) -> int:
         return int(json.loads((export_dir / "config.json").read_text())["vocab_size"])
     except (OSError, KeyError, ValueError):
         return -1
+
+
+def evaluation_lines(config: ml_collections.ConfigDict, h: dict[str, Any], a: dict[str, Any] | None) -> list[str]:
+    """The card's evaluation sections (held-out losses, context use against baselines, accuracy)."""
+    lines = ["## Evaluation (held-out)", ""]
+    if h:
+        lines += [
+            f"On `{config.eval.source}` ({h['prompts']} prompts, identity augmentation, {h['answer_cells']:,} "
+            "answer cells), next-token loss of the exported weights:", "",
+            "| target tokens | loss (nats) |", "|---|---|",
+            f"| answer cells | {h['answer_cell']:.4f} |",
+            f"| all answer tokens (cells, line breaks, stop) | {h['answer_token']:.4f} |",
+            f"| cells of train outputs in the prompt | {h['train_output_cell']:.4f} |",
+            f"| uniform over 10 colours (baseline) | {math.log(10):.4f} |", "",
+            f"The answer-cell loss is {h['answer_cell_vs_uniform']:.2f}x the uniform baseline.", "",
+        ]
+    if h and h.get("context_use"):
+        from arcstream.lm.evaluate import render_markdown
+
+        lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"]) + [""]
+    if a:
+        lines += [
+            f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding, "
+            f"{a['n_augmentations']} augmentation(s) per test input, two attempts, exact match): "
+            f"**{a['correct']:.0f}/{a['total']} = {100 * a['score']:.2f}%**. Failures by reason: "
+            f"{', '.join(f'{k} {v}' for k, v in a['failures'].items()) or 'none'}.", "",
+        ]
+    return lines
+
+
+def reevaluate_card(config: ml_collections.ConfigDict, export_dir: Path, *, note: str = "",
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-run `final_evaluation` on an existing export and replace its card's evaluation sections (from
+    "## Evaluation (held-out)" up to "## Use") with the new figures; the rest of the card is kept. For a card
+    whose figures were computed wrongly (the shipped arcstream-tiny's were, on prompts without line breaks)."""
+    export_dir = Path(export_dir)
+    held, accuracy = final_evaluation(config, export_dir, log=log)
+    card = (export_dir / "README.md").read_text(encoding="utf-8")
+    head, rest = card.split("## Evaluation (held-out)", 1)
+    tail = "## Use" + rest.split("## Use", 1)[1]
+    lines = evaluation_lines(config, held, accuracy)
+    if note:
+        lines[1:1] = ["", note]
+    (export_dir / "README.md").write_text(head + "\n".join(lines) + "\n" + tail, encoding="utf-8")
+    return {"held_out": held, "accuracy": accuracy}

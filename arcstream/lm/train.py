@@ -316,7 +316,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     """Trains (or resumes), exports, evaluates and writes the model card; see the module docstring."""
     from arcstream import cli
     from arcstream.data.tokenizer import build_arc_tokenizer
-    from arcstream.model import init_random, make_mesh
+    from arcstream.model import attention_option, init_random, make_mesh
 
     start = time.perf_counter()
     out = Path(str(config.output_dir)).absolute()
@@ -329,7 +329,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
         raise ValueError(f"data.batch_size={B} x {jax.process_count()} processes is not divisible by the mesh's "
                          f"data axis ({mesh.shape['data']}); use a multiple of {mesh.shape['data']}")
     with jax.set_mesh(mesh):
-        model = init_random(mcfg, seed=int(config.seed), mesh=mesh)
+        model = init_random(mcfg, seed=int(config.seed), mesh=mesh, attention=attention_option(config))
     graphdef, params = nnx.split(model)
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     optimizer, schedule = make_optimizer(t)

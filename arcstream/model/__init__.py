@@ -2,7 +2,9 @@
 
 Public API (shapes: B batch, T tokens, D width, V vocabulary):
 
-- `load_model(path_or_hub_name, *, dtype, mesh, rules) -> (Decoder, ModelConfig)`
+- `load_model(path_or_hub_name, *, dtype, mesh, rules, attention) -> (Decoder, ModelConfig)`
+- `attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, implementation, window, ...)`: packed causal
+  attention (auto | dense | blocked | splash | gpu), `ATTENTION_IMPLEMENTATIONS`, `segment_mask`
 - `forward(model, tokens_bt, segment_ids_bt, positions_bt, *, sites, return_logits) -> ModelOutput`
   (`logits` [B,T,V] or None, `captures` {site: [B,T,D]}); segment id 0 = padding.
   `forward_jit` is the same under `nnx.jit` (sites, return_logits static).
@@ -14,10 +16,12 @@ Public API (shapes: B batch, T tokens, D width, V vocabulary):
 Test helpers (need torch) live in `arcstream.model.testing`.
 """
 
+from arcstream.model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from arcstream.model.attention import attention, segment_mask
 from arcstream.model.config import ModelConfig, RopeScaling
 from arcstream.model.generate import GenerateOutput, generate
-from arcstream.model.model import (HOOKS, Decoder, ModelOutput, forward, forward_jit,
-                                   parse_sites, rope_tables, segment_mask)
+from arcstream.model.model import (HOOKS, Decoder, ModelOutput, attention_option, default_model_options, forward,
+                                   forward_jit, parse_sites, rope_tables)
 from arcstream.model.params import PARAM_TABLE, init_random, load_model, resolve_checkpoint, save_hf_checkpoint
 from arcstream.model.sharding import (
     LOGICAL_AXIS_RULES,
@@ -29,8 +33,8 @@ from arcstream.model.sharding import (
 )
 
 __all__ = [
-    "HOOKS", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_TABLE", "Decoder", "GenerateOutput",
-    "ModelConfig", "ModelOutput", "RopeScaling", "constrain", "forward", "forward_jit", "generate", "init_random",
+    "ATTENTION_IMPLEMENTATIONS", "HOOKS", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_TABLE", "Decoder", "GenerateOutput",
+    "ModelConfig", "ModelOutput", "RopeScaling", "attention", "attention_option", "constrain", "default_model_options", "forward", "forward_jit", "generate", "init_random",
     "load_model", "logical_sharding", "logical_to_spec", "make_mesh", "parse_sites", "rope_tables", "segment_mask",
     "resolve_checkpoint", "save_hf_checkpoint",
 ]

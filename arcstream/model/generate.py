@@ -119,7 +119,7 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, max_new: int,
         cos, sin = rope_tables(c, positions_bt, model.dtype)
         new = []
         for layer, cache in zip(model.layers, caches):
-            x_btd, _, _, cache = layer(x_btd, cos, sin, mask_bts, cache, index)
+            x_btd, _, _, cache = layer(x_btd, cos, sin, mask_bts=mask_bts, cache=cache, cache_index=index)
             new.append(cache)
         logits_bv = model.logits(x_btd[:, -1:])[:, 0].astype(jnp.float32)
         tok_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)

@@ -14,6 +14,13 @@ the prompt of each token (0 = padding) and `positions_bt` its position inside
 that prompt.  A token attends to earlier-or-equal tokens *of its own segment
 only*, and RoPE uses `positions_bt`, so a prompt's activations do not depend
 on its neighbours (tested).
+
+Attention over packed rows goes through `arcstream.model.attention.attention`,
+whose implementation (`Decoder.attention`: auto | dense | blocked | splash |
+gpu) is chosen when the model is built (`load_model(..., attention=...)`, the
+jobs' `--config.model_options.attention`); no implementation but `dense`
+builds a [T, T] array.  The KV-cache path (generation) stays dense: a decode
+step attends over the cache with an explicit [B, T, S] mask.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from arcstream.model.attention import IMPLEMENTATIONS, attention
 from arcstream.model.config import ModelConfig, rope_inv_freq
 from arcstream.model.sharding import constrain
 
@@ -164,13 +172,16 @@ class Attention(nnx.Module):
         self.rules = tuple(rules) if rules is not None else None
 
     def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array,
-                 mask_bts: jax.Array, cache: KVCache | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 segment_ids_bt: jax.Array | None = None, *, mask_bts: jax.Array | None = None,
+                 cache: KVCache | None = None, cache_index: jax.Array | None = None,
+                 implementation: str = "auto") -> tuple[jax.Array, KVCache | None]:
         """Attention output [B, T, D] (after o_proj) and the updated KV cache.
 
-        Without a cache, keys are this call's tokens (S = T).  With one, this
-        call's keys/values are written at `cache_index` and the queries attend
-        over the whole cache (S = cache length); `mask_bts` says which slots.
+        Without a cache, keys are this call's tokens (S = T), seen through
+        `segment_ids_bt` (causal within a segment) by `implementation`.  With
+        one, this call's keys/values are written at `cache_index` and the
+        queries attend over the whole cache (S = cache length); `mask_bts`
+        [B, T, S] says which slots (dense attention).
         """
         b, t, _ = x_btd.shape
         q_btnh = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
@@ -189,7 +200,12 @@ class Attention(nnx.Module):
             k_btkh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), idx)
             v_btkh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), idx)
             new_cache = (k_btkh, v_btkh)
-        o_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_bts[:, None, :, :])
+        if cache is not None or mask_bts is not None:
+            if mask_bts is None:
+                raise ValueError("Attention with a KV cache needs mask_bts [B, T, S]")
+            o_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_bts[:, None, :, :])
+        else:
+            o_btnh = attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation=implementation)
         o_btnh = constrain(o_btnh, _BTNH, self.rules)
         return self.o_proj(o_btnh.reshape(b, t, self.num_heads * self.head_dim)), new_cache
 
@@ -219,10 +235,12 @@ class Block(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, rngs=rngs, rules=rules)
         self.rules = tuple(rules) if rules is not None else None
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_bts, cache=None, cache_index=None):
+    def __call__(self, x_btd, cos_bth, sin_bth, segment_ids_bt=None, *, mask_bts=None, cache=None,
+                 cache_index=None, implementation: str = "auto"):
         """Returns (resid_post, attn_out, mlp_out, new_cache), all [B, T, D]."""
-        attn_btd, new_cache = self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth,
-                                             mask_bts, cache, cache_index)
+        attn_btd, new_cache = self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, segment_ids_bt,
+                                             mask_bts=mask_bts, cache=cache, cache_index=cache_index,
+                                             implementation=implementation)
         mid_btd = constrain(x_btd + attn_btd, _BTD, self.rules)
         mlp_btd = self.mlp(self.post_attention_layernorm(mid_btd))
         out_btd = constrain(mid_btd + mlp_btd, _BTD, self.rules)
@@ -241,16 +259,21 @@ class Decoder(nnx.Module):
     """Embedding, `num_layers` blocks, final norm, LM head (tied or not).
 
     Attributes mirror HF names: `embed_tokens.embedding`, `layers[i]`, `norm`,
-    `lm_head` (None when tied).  `config`, `dtype` and `rules` are static.
+    `lm_head` (None when tied).  `config`, `dtype`, `rules` and `attention`
+    (the attention implementation, see arcstream.model.attention) are static.
     """
 
     def __init__(self, config: ModelConfig, *, dtype: str | jnp.dtype = "float32",
-                 rngs: nnx.Rngs, rules: Rules = None):
+                 rngs: nnx.Rngs, rules: Rules = None, attention: str = "auto"):
         dt = jnp.dtype(dtype)
         if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'bfloat16'.")
+        if attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={attention!r}: expected one of {list(IMPLEMENTATIONS)} "
+                             "(--config.model_options.attention)")
         c = config
         self.config = c
+        self.attention = attention
         self.dtype = dt
         self.rules = tuple(rules) if rules is not None else None
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dt, rngs=rngs)
@@ -274,19 +297,6 @@ class Decoder(nnx.Module):
 
 
 # ---------------------------------------------------------------------------- forward
-def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
-    """[B, T, T] bool: query i sees key j iff j <= i and both are in the same segment.
-
-    Assumes each segment's tokens are contiguous in the row (packing does this),
-    so index order is position order.  Padding (segment 0) sees only padding,
-    which keeps its (discarded) outputs finite.
-    """
-    t = segment_ids_bt.shape[1]
-    causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    same_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return same_btt & causal_tt[None]
-
-
 def forward(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
             positions_bt: jax.Array, *, sites: Sequence[str] = (),
             return_logits: bool = True) -> ModelOutput:
@@ -312,18 +322,37 @@ def forward(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
     wanted = set(sites)
     x_btd = model.embed(tokens_bt)
     cos_bth, sin_bth = rope_tables(c, positions_bt, model.dtype)
-    mask_btt = segment_mask(segment_ids_bt)
     captures: dict[str, jax.Array] = {}
     for i in range(last + 1):
         if f"blocks.{i}.hook_resid_pre" in wanted:
             captures[f"blocks.{i}.hook_resid_pre"] = x_btd
-        x_btd, attn_btd, mlp_btd, _ = model.layers[i](x_btd, cos_bth, sin_bth, mask_btt)
+        x_btd, attn_btd, mlp_btd, _ = model.layers[i](x_btd, cos_bth, sin_bth, segment_ids_bt,
+                                                      implementation=model.attention)
         for hook, value in (("hook_attn_out", attn_btd), ("hook_mlp_out", mlp_btd),
                             ("hook_resid_post", x_btd)):
             if f"blocks.{i}.{hook}" in wanted:
                 captures[f"blocks.{i}.{hook}"] = value
     logits = model.logits(x_btd) if return_logits else None
     return ModelOutput(logits=logits, captures={s: captures[s] for s in sites})
+
+
+# ---------------------------------------------------------------------------- job options
+def default_model_options() -> "ml_collections.ConfigDict":
+    """The `model_options` section of every job config that runs a model (one definition for all)."""
+    import ml_collections
+
+    o = ml_collections.ConfigDict()
+    o.attention = "auto"  # auto | dense | blocked | splash | gpu (arcstream/model/attention.py says which is which)
+    return o
+
+
+def attention_option(config: "ml_collections.ConfigDict") -> str:
+    """`config.model_options.attention`, checked; "auto" for configs built without the section."""
+    opts = config.get("model_options") if hasattr(config, "get") else None
+    value = str(opts.get("attention", "auto")) if opts is not None else "auto"
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"--config.model_options.attention={value!r}: expected one of {list(IMPLEMENTATIONS)}")
+    return value
 
 
 # `forward` under `nnx.jit` (sites and return_logits static).  One compile per

@@ -133,12 +133,14 @@ def _tensor_files(ckpt: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- loading
 def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
-               mesh: jax.sharding.Mesh | None = None, rules: Rules = None) -> tuple[Decoder, ModelConfig]:
+               mesh: jax.sharding.Mesh | None = None, rules: Rules = None,
+               attention: str = "auto") -> tuple[Decoder, ModelConfig]:
     """Load an HF Qwen2/Qwen2.5, Qwen3 or Llama checkpoint into a `Decoder`.
 
     dtype: "float32" or "bfloat16" (parameters and activations).
     mesh: place every tensor straight into its shards on this ('data','model')
       mesh (per `rules`, default `LOGICAL_AXIS_RULES`); None = default device.
+    attention: the attention implementation (arcstream.model.attention).
     Raises with the file and key for missing/unexpected tensors, shape
     mismatches, and unsupported architectures or options.
     """
@@ -149,9 +151,11 @@ def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
     if not cfg_path.exists():
         raise FileNotFoundError(f"{ckpt}: no config.json; expected an HF checkpoint directory.")
     config = ModelConfig.from_json_file(cfg_path)
+    check_head_sharding(config, mesh)
     files = _tensor_files(ckpt)
 
-    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules,
+                                              attention=attention))
     graphdef, abs_state = nnx.split(abstract)
     wanted = dict(_flat_params(abs_state))
 
@@ -250,9 +254,34 @@ def _log_params(model: Decoder) -> None:
         log.info("param %-45s %-18s %-9s %s", path, tuple(v.shape), v.dtype, getattr(v, "sharding", None))
 
 
+def check_head_sharding(config: ModelConfig, mesh: jax.sharding.Mesh | None) -> None:
+    """Refuse a 'model' mesh axis that would split attention heads.
+
+    Heads are the unit of tensor parallelism: the [D, N*H] projections are cut
+    over 'model' at head boundaries only when the axis size m divides the N
+    query heads.  KV heads are cut the same way when m divides K; when K < m
+    and m is a multiple of K (Qwen2.5-0.5B: 2 KV heads on 4 devices) each
+    device keeps every KV head (replicated, as GQA tensor parallelism usually
+    does).  Anything else used to be replicated silently by the sharding rules
+    (correct, but no parallelism and extra memory); it is now an error.
+    """
+    if mesh is None or "model" not in mesh.axis_names:
+        return
+    m = int(mesh.shape["model"])
+    if m == 1:
+        return
+    n, k = config.num_heads, config.num_kv_heads
+    ok = [d for d in range(1, n + 1) if n % d == 0 and (k % d == 0 or d % k == 0)]
+    if n % m or (k % m and m % k):
+        raise ValueError(f"mesh 'model' axis of size {m} does not split the model's {n} query heads and {k} KV "
+                         f"heads into whole heads; use --config.mesh.model in {ok}")
+    if k % m:
+        log.info("mesh model=%d > %d KV heads: each device keeps every KV head (replicated)", m, k)
+
+
 # ---------------------------------------------------------------------------- random init
 def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
-                mesh: jax.sharding.Mesh | None = None, rules: Rules = None) -> Decoder:
+                mesh: jax.sharding.Mesh | None = None, rules: Rules = None, attention: str = "auto") -> Decoder:
     """A random model: normal(0, 0.02) matrices, unit norm scales, zero biases.
 
     Values come from NumPy (one generator per parameter, seeded by
@@ -261,7 +290,9 @@ def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
     a mesh, each parameter is generated and placed one at a time, like
     `load_model`, so the host holds at most one full tensor.
     """
-    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules))
+    check_head_sharding(config, mesh)
+    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules,
+                                              attention=attention))
     graphdef, abs_state = nnx.split(abstract)
     new_flat = []
     for i, (path_parts, var) in enumerate(nnx.to_flat_state(abs_state)):

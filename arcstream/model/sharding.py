@@ -10,10 +10,12 @@ Data parallel: activations' batch over 'data'.  Tensor parallel: attention
 heads, MLP hidden units and the vocabulary over 'model'.
 
 Divisibility: `jax.device_put` refuses a dimension that does not split evenly
-over its mesh axis.  Tiny test models and odd head counts (Qwen2.5-0.5B has 2
-KV heads) hit this on a 4-way 'model' axis, so `logical_to_spec` replicates
-such a dimension instead; GSPMD keeps the result identical, only the layout
-(and speed) changes.
+over its mesh axis, so `logical_to_spec` replicates such a dimension instead;
+GSPMD keeps the result identical, only the layout (and speed) changes.  For
+attention heads that is not left to chance: `params.check_head_sharding`
+refuses a 'model' axis that does not divide the query heads, and allows one
+larger than the KV heads only as a multiple of them (Qwen2.5-0.5B's 2 KV heads
+on a 4-way axis: each device keeps both KV heads).
 """
 
 from __future__ import annotations

@@ -290,6 +290,8 @@ def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predi
     c.seed = int(run_config.get("seed", 0))
     c.data = ml_collections.ConfigDict(json.loads(run_config.data.to_json()))
     c.data.include_answer = False
+    if run_config.get("model_options") is not None:
+        c.model_options = ml_collections.ConfigDict(json.loads(run_config.model_options.to_json()))
     c.predict = default_predict_section()
     extra = run_config.get("predict_options")
     if extra is not None:
@@ -456,9 +458,9 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
             if not config.model:
                 raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
             from arcstream.data.tokenizer import load_tokenizer
-            from arcstream.model import load_model
+            from arcstream.model import attention_option, load_model
 
-            model, _ = load_model(str(config.model), dtype=str(config.dtype))
+            model, _ = load_model(str(config.model), dtype=str(config.dtype), attention=attention_option(config))
             tokenizer = tokenizer or load_tokenizer(str(config.model))
         elif tokenizer is None:
             raise ValueError("run_predictions: a loaded `model` needs its `tokenizer` too")

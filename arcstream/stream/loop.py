@@ -319,7 +319,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     from arcstream import cli
     from arcstream.data.tokenizer import load_tokenizer
     from arcstream.data.pipeline import make_pipeline
-    from arcstream.model import forward, load_model, make_mesh, parse_sites
+    from arcstream.model import attention_option, forward, load_model, make_mesh, parse_sites
     from arcstream.store import StoreWriter, write_manifest
 
     start = time.perf_counter()
@@ -336,7 +336,8 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
     model_path, model_note = _resolve_model(config)
     with jax.set_mesh(mesh):
-        model, mcfg = load_model(model_path, dtype=str(config.dtype), mesh=mesh)
+        model, mcfg = load_model(model_path, dtype=str(config.dtype), mesh=mesh,
+                                 attention=attention_option(config))
     tokenizer = load_tokenizer(model_path)
     sites = parse_sites(_site_list(config.sites), mcfg.num_layers)
     stored = parse_sites(_site_list(config.store.sites), mcfg.num_layers) if config.store.sites else sites
@@ -407,15 +408,21 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         tm.commit += time.perf_counter() - t0
 
     kill_at = int(os.environ.get("ARCSTREAM_FAULT_KILL_AT_STEP", "0") or 0)
+    # Hosts agree on the end of the data every `sync_every` steps, not every step (a per-step all-gather is a
+    # cross-host round trip that stalls dispatch); a host that runs dry feeds empty batches until then.
+    sync_every = 1 if pcount == 1 else max(1, commit_every or 16)
+    host_done = False
+    prev = None  # the previous step's outputs: dispatch runs one step ahead of the device
     try:
         with jax.set_mesh(mesh):
             while True:
                 t0 = time.perf_counter()
-                batch = next(pipeline, None)
+                batch = None if host_done else next(pipeline, None)
+                host_done = batch is None
                 tm.input += time.perf_counter() - t0
-                has = all_hosts(batch is not None)
-                if not has.any():
-                    break
+                if step % sync_every == 0 or pcount == 1:
+                    if not all_hosts(batch is not None).any():
+                        break
                 if batch is None:
                     batch = empty_batch_like(B, T)
                 sae_mask = batch.valid & (batch.positions > 0) if config.sae.exclude_first_token else batch.valid
@@ -423,8 +430,10 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                 args = [global_batch(a, batch_sharding) for a in (batch.tokens, batch.segment_ids, batch.positions,
                                                                    sae_mask)]
                 slot = jnp.int32(step % n_slots)
+                if prev is not None:
+                    jax.block_until_ready(prev)  # step s-1 done: its time counts as forward, as before
                 ring, captured = step_fn(mstate, ring, slot, *args)
-                jax.block_until_ready(captured if captured else ring)
+                prev = captured if captured else (ring.valid if ring is not None else None)
                 tm.forward += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if stored:

@@ -105,9 +105,11 @@ def make_sampler(mesh: jax.sharding.Mesh, n_rows: int) -> Callable[[RingState, j
     """Returns jitted `sample(ring, key) -> {site: [n_rows, D]}` sharded over 'data'.
 
     Each data shard draws `n_rows / n_data` rows uniformly (with replacement)
-    from the valid rows of its own slice of every slot. A shard whose slice has
-    no valid row yet returns zeros rows flagged by the caller never sampling an
-    empty ring (the loop starts sampling once a slot is filled).
+    from the valid rows of its own slice of every slot, in memory linear in the
+    ring's rows. Known limit: a shard whose slice holds no valid row at all
+    (only padding in every filled slot, e.g. the last batches of a small run)
+    returns copies of its last row, which is padding; the loop starts sampling
+    only once `start_after_slots` slots are filled, which makes that rare.
     """
     n_data = mesh.shape[DATA_AXIS]
     if n_rows % n_data:
@@ -117,9 +119,13 @@ def make_sampler(mesh: jax.sharding.Mesh, n_rows: int) -> Callable[[RingState, j
     def _local(acts, valid, key):
         shard = jax.lax.axis_index(DATA_AXIS)
         key = jax.random.fold_in(key, shard)
-        flat_valid = valid.reshape(-1)
-        logits = jnp.where(flat_valid, 0.0, -jnp.inf)
-        idx = jax.random.categorical(key, logits, shape=(per_shard,))
+        # Uniform over the valid rows in O(rows) memory: the k-th valid row is found by a binary search in
+        # the running count of valid rows. (`jax.random.categorical(shape=(n,))` over masked logits, used
+        # before, builds an [n, rows] Gumbel array: 134 MB for 1,024 samples from a 4 x 4 x 2,048 ring.)
+        count = jnp.cumsum(valid.reshape(-1).astype(jnp.int32))
+        k = jax.random.randint(key, (per_shard,), 0, jnp.maximum(count[-1], 1))
+        idx = jnp.searchsorted(count, k, side="right")
+        idx = jnp.minimum(idx, count.shape[0] - 1)  # a shard with no valid row (see the docstring)
         return {s: a.reshape(-1, a.shape[-1])[idx] for s, a in acts.items()}
 
     def sample(ring: RingState, key: jax.Array) -> dict[str, jax.Array]:

@@ -59,6 +59,10 @@ def test_training_lowers_the_loss_and_exports(straight):
     assert math.isfinite(result.held_out["answer_cell"]) and result.held_out["answer_cells"] > 0
     card = (Path(result.export_dir) / "README.md").read_text()
     assert f"{result.steps} steps" in card and f"{result.held_out['answer_cell']:.4f}" in card
+    # The context-use table, with its own-context loss as computed (smoke config: 2 held-out tasks).
+    cu = result.held_out["context_use"]
+    assert cu["test_outputs"] >= 1 and "## Does it read the examples?" in card
+    assert f"{cu['model']['own']['loss']:.4f}" in card and "copy the test input" in card
     assert (Path(result.export_dir) / "loss_curve.png").stat().st_size > 1000
     assert result.accuracy is not None and result.accuracy["total"] >= 1
 
