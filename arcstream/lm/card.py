@@ -214,7 +214,7 @@ def evaluation_lines(config: ml_collections.ConfigDict, h: dict[str, Any], a: di
     if h and h.get("context_use"):
         from arcstream.lm.evaluate import render_markdown
 
-        lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"]) + [""]
+        lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"])
     if a:
         lines += [
             f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding, "
