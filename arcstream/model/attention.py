@@ -83,6 +83,7 @@ two cores, so figures move by +-20% between runs.  torch = torch 2.13
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -160,8 +161,18 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_i
     else:
         fn, native = attention_pallas.gpu_attention, "gpu"
     # Off their own backend the kernels only run in Pallas interpret mode (slow; for tests).
-    return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window,
-              interpret=jax.default_backend() != native)
+    interpret = jax.default_backend() != native
+    if interpret:
+        _warn_interpret(implementation, jax.default_backend())
+    return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window, interpret=interpret)
+
+
+@functools.cache
+def _warn_interpret(implementation: str, backend: str) -> None:
+    """Once per (implementation, backend): a user who picked a kernel for another device should know."""
+    logging.getLogger(__name__).warning(
+        "attention implementation=%r on backend %r runs in Pallas interpret mode (correct but very slow); "
+        "use implementation='blocked' or 'auto' on this device", implementation, backend)
 
 
 def _auto() -> str:
