@@ -12,10 +12,11 @@ residual-stream sites, stores every token's activations (bf16 zarr3 + token
 metadata + prompt table), trains one TopK SAE per site online from the ring
 buffer and exports them to `output_dir/saes/<site>/` (SAELens layout), then
 decodes, votes and scores the test answers into `output_dir/predictions/`.
-Runtime: about 3 minutes on a 2-core CPU (measured 183 s wall: forward 53 s
-with compilation, SAEs 20 s, commits 10 s, decoding 16 tasks most of the rest).
-Expected result: a summary with 64 prompts, ~78k tokens, rows durable ==
-tokens, three `too_long` skips, ~44 SAE steps per site (FVU ~0.14 and ~0.19),
+Runtime: about 2.5 minutes on a 2-core CPU (measured 140 s wall from a fresh
+clone: forward 11 s with compilation, SAEs 19 s, commits 4 s, decoding 16 tasks
+~100 s of the rest).
+Expected result: a summary with 64 prompts, ~80k tokens, rows durable ==
+tokens, three `too_long` skips, ~44 SAE steps per site (FVU ~0.14 and ~0.20),
 2 SAE exports, and 16 tasks decoded and scored at 0% (arcstream-tiny rarely
 ends an answer: most fail as `no_stop`; see its model card).
 
