@@ -171,6 +171,8 @@ class Timings:
     backpressure: float = 0.0  # producer blocked on a full drain queue
     d2h: float = 0.0  # drain thread: device-to-host copies
     disk: float = 0.0  # drain thread: host compaction + store appends
+    finish: float = 0.0  # after the loop: SAE exports
+    predict: float = 0.0  # after the loop: decoding, voting and scoring (predict=True)
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -207,7 +209,8 @@ class RunResult:
         tok_s = self.tokens / max(self.seconds, 1e-9)
         t = self.timings
         bound = max(("forward", t["forward"]), ("input", t["input"]), ("writer", t["backpressure"]),
-                    ("sae", t["sae"]), key=lambda kv: kv[1])[0]
+                    ("sae", t["sae"]), ("commit", t["commit"]), ("predictions", t.get("predict", 0.0)),
+                    ("SAE exports", t.get("finish", 0.0)), key=lambda kv: kv[1])[0]
         rows = [
             ("output_dir", self.output_dir),
             ("model", self.model),
@@ -221,6 +224,7 @@ class RunResult:
             ("time", f"{self.seconds:.1f} s, bound by {bound}"),
             ("  forward / input", f"{t['forward']:.1f} s / {t['input']:.1f} s (forward includes compilation)"),
             ("  sae / commit", f"{t['sae']:.1f} s / {t['commit']:.1f} s"),
+            ("  exports / predict", f"{t.get('finish', 0.0):.1f} s / {t.get('predict', 0.0):.1f} s"),
             ("  writer", f"waited on {self.backpressure_waits}x ({t['backpressure']:.1f} s); "
                          f"d2h {t['d2h']:.1f} s, append {t['disk']:.1f} s"),
         ]
@@ -463,11 +467,15 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         drain.close()
         bar.close()
     exports, sae_final = [], {}
+    t0 = time.perf_counter()
     if sae is not None:
         exports, sae_final = sae.finish(str(config.output_dir), model_path)
+    tm.finish = time.perf_counter() - t0
     predictions = None
+    t0 = time.perf_counter()
     if config.predict and not predict_skipped:
         predictions = _predict(config, model_path, model, tokenizer, mesh)
+    tm.predict = time.perf_counter() - t0
     from arcstream.store import open_run
 
     rows_durable = open_run(str(config.output_dir)).rows if stored else 0
