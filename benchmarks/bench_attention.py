@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,7 +135,7 @@ def main() -> None:
         print("RESULT " + json.dumps(_child(impl, int(t), int(rep), int(rows))))
         return
 
-    from common import git_commit
+    from common import git_commit, timed_child
 
     base = {"commit": git_commit(), "cpus": os.cpu_count(), "heads": N, "kv_heads": K, "head_dim": H,
             "dtype": "float32", "repeats": a.repeats}
@@ -147,17 +146,14 @@ def main() -> None:
                 print(json.dumps({**rec, "skipped": f"[1,{N},{t},{t}] f32 scores = {N * t * t * 4 / 2**30:.1f} GB "
                                                     f"> --dense_limit_gb={a.dense_limit_gb}"}))
                 continue
-            t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, __file__, "--child", impl, str(t), str(a.repeats), str(a.rows)],
-                                    stdout=subprocess.PIPE, text=True)
-            out = proc.stdout.read()
-            _, status, usage = os.wait4(proc.pid, 0)
+            wall, rss, rc, out = timed_child(
+                [sys.executable, __file__, "--child", impl, str(t), str(a.repeats), str(a.rows)], capture=True)
             line = [x for x in out.splitlines() if x.startswith("RESULT ")]
-            if os.waitstatus_to_exitcode(status) or not line:
-                print(json.dumps({**rec, "failed": os.waitstatus_to_exitcode(status)}))
+            if rc or not line:
+                print(json.dumps({**rec, "failed": rc}))
                 continue
-            print(json.dumps({**rec, **json.loads(line[0][7:]), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-                              "process_seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+            print(json.dumps({**rec, **json.loads(line[0][7:]), "peak_rss_gb": round(rss, 2),
+                              "process_seconds": round(wall, 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,25 +30,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS GB, return code) of one child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    return wall, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status)
 
 
 def _make_checkpoint(path: Path, layers: int) -> None:
@@ -119,7 +108,7 @@ def main() -> None:
 
     import jax
 
-    from common import git_commit
+    from common import git_commit, timed_child
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_capture_"))
     ckpt = work / "ckpt"
@@ -139,7 +128,7 @@ def main() -> None:
                "--config.data.drop_policy=skip", "--config.predict=False",
                f"--config.model_options.attention={a.attention}", "--config.data.n_augmentations=1"]
         env = dict(os.environ, ARCSTREAM_NO_PROGRESS="1")
-        wall, rss, rc = _timed(cmd, env)
+        wall, rss, rc, _ = timed_child(cmd, cwd=str(ROOT), env=env)
         if rc:
             raise SystemExit(f"arcstream run failed (exit {rc}): {' '.join(cmd)}")
         results["arcstream"].append((wall, rss))
@@ -153,7 +142,8 @@ def main() -> None:
             if mode == "seed" and a.skip_seed:
                 continue
             out = work / f"{mode}_out{rep}"
-            wall, rss, rc = _timed([py, __file__, "--child", mode, str(run_dir), str(ckpt), str(out), a.sites])
+            wall, rss, rc, _ = timed_child([py, __file__, "--child", mode, str(run_dir), str(ckpt), str(out), a.sites],
+                                           cwd=str(ROOT))
             if rc:
                 raise SystemExit(f"{mode} child failed (exit {rc})")
             results[key].append((wall, rss))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,3 +20,13 @@ def git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def timed_child(cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None,
+                capture: bool = False) -> tuple[float, float, int, str]:
+    """Run one child process: (wall seconds, its peak RSS in GB from `wait4`, exit code, stdout if `capture`)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE if capture else None, text=True)
+    out = p.stdout.read() if capture else ""
+    _, status, usage = os.wait4(p.pid, 0)
+    return time.perf_counter() - t0, usage.ru_maxrss / 2**20, os.waitstatus_to_exitcode(status), out

@@ -209,8 +209,8 @@ class RunResult:
         tok_s = self.tokens / max(self.seconds, 1e-9)
         t = self.timings
         bound = max(("forward", t["forward"]), ("input", t["input"]), ("writer", t["backpressure"]),
-                    ("sae", t["sae"]), ("commit", t["commit"]), ("predictions", t.get("predict", 0.0)),
-                    ("SAE exports", t.get("finish", 0.0)), key=lambda kv: kv[1])[0]
+                    ("sae", t["sae"]), ("commit", t["commit"]), ("predictions", t["predict"]),
+                    ("SAE exports", t["finish"]), key=lambda kv: kv[1])[0]
         rows = [
             ("output_dir", self.output_dir),
             ("model", self.model),
@@ -224,7 +224,7 @@ class RunResult:
             ("time", f"{self.seconds:.1f} s, bound by {bound}"),
             ("  forward / input", f"{t['forward']:.1f} s / {t['input']:.1f} s (forward includes compilation)"),
             ("  sae / commit", f"{t['sae']:.1f} s / {t['commit']:.1f} s"),
-            ("  exports / predict", f"{t.get('finish', 0.0):.1f} s / {t.get('predict', 0.0):.1f} s"),
+            ("  exports / predict", f"{t['finish']:.1f} s / {t['predict']:.1f} s"),
             ("  writer", f"waited on {self.backpressure_waits}x ({t['backpressure']:.1f} s); "
                          f"d2h {t['d2h']:.1f} s, append {t['disk']:.1f} s"),
         ]
@@ -424,7 +424,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                 batch = None if host_done else next(pipeline, None)
                 host_done = batch is None
                 tm.input += time.perf_counter() - t0
-                if step % sync_every == 0 or pcount == 1:
+                if step % sync_every == 0:
                     if not all_hosts(batch is not None).any():
                         break
                 if batch is None:
