@@ -17,5 +17,12 @@ def _job(config):
     return analyze(config)
 
 
+def _lock(config) -> tuple[str, str, bool]:
+    """The analysis writes into output_dir, or into the run directory (which it does not create)."""
+    if config.get("output_dir"):
+        return str(config.output_dir), "--config.output_dir", True
+    return str(config.get("run_dir", "") or ""), "--config.run_dir", False
+
+
 if __name__ == "__main__":
-    cli.run_job("arcstream.analyze", _job)
+    cli.run_job("arcstream.analyze", _job, lock=_lock)

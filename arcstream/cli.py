@@ -6,6 +6,8 @@
 - `progress(iterable, total, desc)`: a tqdm bar on a terminal; in logs and CI
   (no TTY, or `ARCSTREAM_NO_PROGRESS=1`) no bar, but still one final line with
   the count, the time and the rate, so a log shows how far a job got.
+- `job_lock(directory, job, flag=...)`: the run lock every job holds on the
+  directory it writes (`arcstream.store.lock`); `run_job` takes it.
 - `define_config_flag()`: the `--config` flag (ml_collections config file,
   locked), defined once even if several job modules ask for it. Call it under
   `if __name__ == "__main__":` so importing a job module defines no flag.
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import sys
@@ -75,21 +78,36 @@ def log_environment() -> dict[str, str]:
     return info
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """`text` as lines of at most `width` characters, its leading indent kept on every line."""
+    import textwrap
+
+    if len(text) <= width:
+        return [text]
+    indent = text[:len(text) - len(text.lstrip(" "))][: width // 2]
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent, break_long_words=True,
+                         break_on_hyphens=False) or [""]
+
+
 def format_summary(title: str, rows: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> str:
     """Renders rows as a compact box: a title line, then `key  value` lines, keys aligned.
 
     A value with newlines continues on the following lines, indented under the
-    value column; lines longer than the box are cut with '…'.
+    value column; a line too long for the box wraps onto more such lines
+    (at spaces where it can). Nothing is cut: a summary that lists skip reasons
+    or paths must show all of them.
     """
     items = list(rows.items()) if isinstance(rows, Mapping) else list(rows)
-    key_w = max((len(str(k)) for k, _ in items), default=0)
     inner = _BOX_WIDTH - 4
+    key_w = min(max((len(str(k)) for k, _ in items), default=0), inner // 2)
+    width = inner - key_w - 2
     lines = []
     for k, v in items:
-        parts = str(v).split("\n") or [""]
-        lines.append(f"{str(k):<{key_w}}  {parts[0]}")
-        lines.extend(f"{'':<{key_w}}  {p}" for p in parts[1:])
-    lines = [ln if len(ln) <= inner else ln[: inner - 1] + "…" for ln in lines]
+        parts = [w for p in (str(v).split("\n") or [""]) for w in _wrap(p, width)]
+        key_lines = _wrap(str(k), key_w)
+        for i in range(max(len(parts), len(key_lines))):
+            key = key_lines[i] if i < len(key_lines) else ""
+            lines.append(f"{key:<{key_w}}  {parts[i] if i < len(parts) else ''}")
     head = f" {title} "
     top = "┌" + head + "─" * max(0, _BOX_WIDTH - 2 - len(head)) + "┐"
     body = [f"│ {ln:<{inner}} │" for ln in lines]
@@ -142,12 +160,91 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", *,
                 pass
 
 
-def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False) -> None:
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another job holds the run directory; retrying later may succeed
+
+
+@contextlib.contextmanager
+def job_lock(directory: str, job: str, *, flag: str, create: bool = True) -> Iterator[Any]:
+    """Holds `job`'s run lock on `directory` around a job (`arcstream.store.lock`), or exits.
+
+    Process 0 takes the lock; with several processes it broadcasts the outcome
+    and its run id, and every other process checks that the lock record is
+    there under that run id (they all see one run directory). A refused job
+    prints why (the directory and the holder) and exits with `EXIT_LOCKED`
+    before it writes anything, on every process. `create=False` (jobs that read
+    an existing run directory): a local directory that does not exist is not
+    created and not locked; the job reports it missing.
+    """
+    import jax
+    import numpy as np
+
+    from arcstream.store.layout import RunLocation, StoreError
+    from arcstream.store.lock import RunLockedError, acquire_run_lock, check_run_lock, new_run_id
+
+    location = RunLocation(directory)
+    if not create and location.local is not None and not location.local.is_dir():
+        yield None
+        return
+    pidx, pcount = jax.process_index(), jax.process_count()
+    run_id = new_run_id()
+    lock, refused = None, None
+    if pidx == 0:
+        try:
+            lock = acquire_run_lock(location, job, run_id=run_id, flag=flag)
+        except RunLockedError as err:
+            refused = str(err)
+    try:
+        if pcount > 1:
+            from jax.experimental import multihost_utils
+
+            # int32 values only (JAX without x64 would truncate an int64): the flag, then the run id's hex digits.
+            got = np.asarray(multihost_utils.broadcast_one_to_all(
+                np.array([refused is None] + [int(c, 16) for c in run_id], np.int32))).reshape(-1)
+            ok, rid = bool(got[0]), "".join(f"{int(d):x}" for d in got[1:])
+            if not ok and pidx != 0:
+                refused = f"process 0 could not take the run lock on {directory} (its log names the holder)"
+            problem = ""
+            if ok and pidx != 0:
+                try:
+                    check_run_lock(location, job, rid)
+                except StoreError as err:
+                    problem = str(err)
+            failed = np.asarray(multihost_utils.process_allgather(np.array([bool(problem)], np.int32))).reshape(-1)
+            if problem:
+                raise StoreError(problem)
+            if ok and failed.any():
+                raise StoreError(f"process(es) {np.nonzero(failed)[0].tolist()} do not see the run lock process 0 "
+                                 f"took on {directory} (their logs say why)")
+        if refused is not None:
+            logging.error("%s", refused)
+            print(f"error: {refused}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_LOCKED)
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _job_name(title: str) -> str:
+    """'arcstream.run' -> 'run', 'arcstream train_lm' -> 'train_lm' (the lock's name)."""
+    return title.replace("arcstream", "", 1).strip(" .") or title
+
+
+def output_dir_lock(config: Any) -> tuple[str, str, bool]:
+    """What a job writing `config.output_dir` locks: (directory, its flag, create it)."""
+    return str(config.get("output_dir", "") or ""), "--config.output_dir", True
+
+
+def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False,
+            lock: Callable[[Any], tuple[str, str, bool]] = output_dir_lock) -> None:
     """The whole `__main__` of an entry point: `--config` flag, environment log, `job(config)`, summary.
 
     `job` returns an object with `summary_rows()`; the summary is printed by
     process 0 only. `distributed=True` joins the pod first
     (`arcstream.distributed.maybe_initialize`), before anything touches JAX.
+    The job runs under the run lock (`job_lock`, named after the job:
+    `.run.lock`, `.predict.lock`, ...) of the directory `lock(config)` names
+    (default `output_dir_lock`); an empty directory is left for the job to report.
     """
     from absl import app, flags
 
@@ -161,10 +258,15 @@ def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False)
 
             maybe_initialize()
         log_environment()
-        result = job(flags.FLAGS.config)
-        import jax
+        config = flags.FLAGS.config
+        directory, flag, create = lock(config)
+        held = (job_lock(directory, _job_name(title), flag=flag, create=create) if directory
+                else contextlib.nullcontext())
+        with held:
+            result = job(config)
+            import jax
 
-        if jax.process_index() == 0:
-            print_summary(title, result.summary_rows())
+            if jax.process_index() == 0:
+                print_summary(title, result.summary_rows())
 
     app.run(main)

@@ -2,7 +2,9 @@
 
 Flags only; the work is `arcstream.sae.train_offline`. The activation source is
 the run directory's store (`arcstream.store.open_run(DIR)`): only committed
-rows, so it also trains on a run still in progress.
+rows, so it also trains on a run still in progress. It holds the run directory's
+`.train_sae.lock` (`arcstream.store.lock`): a second train_sae on the same
+directory is refused, a capture still running there is not.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def main(argv: list[str]) -> None:
     cli.log_environment()
     from arcstream.sae import summary_lines, train_offline
 
-    summary = train_offline(config, open_source(config.run_dir), log=logging.info)
+    with cli.job_lock(str(config.run_dir), "train_sae", flag="--config.run_dir", create=False):
+        summary = train_offline(config, open_source(config.run_dir), log=logging.info)
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']} of {summary['total_steps']} (checkpoint saved)")
         return

@@ -188,11 +188,10 @@ def transform(config: Any) -> TransformResult:
             continue
         w.commit()
         files[f"{name}.json"] = str(w.path)
-    skipped_path = out / "skipped.jsonl"
-    tmp = skipped_path.with_name(skipped_path.name + ".tmp")
-    skips.write_jsonl(tmp)
-    os.replace(tmp, skipped_path)
-    files["skipped.jsonl"] = str(skipped_path)
+    from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
+
+    SkippedLog(str(out)).replace(skips.items)  # the writer every job shares (atomic, fsynced)
+    files["skipped.jsonl"] = str(out / SKIPPED_FILE)
 
     return TransformResult(
         source=src.spec,

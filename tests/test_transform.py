@@ -174,8 +174,14 @@ def test_summary_box_is_compact_and_aligned():
     text = cli.format_summary("job", [("a", "1"), ("longer key", "two\nthree"), ("x", "y" * 200)])
     lines = text.splitlines()
     assert lines[0].startswith("┌ job ") and lines[-1].startswith("└")
-    assert len({len(ln) for ln in lines}) == 1 and len(lines) == 6  # one width; 2-line value; cut long line
-    assert "│ a           1" in text and "│             three" in text and "…" in lines[4]
+    # one width; a 2-line value; the 200-character value wraps onto 4 lines, nothing cut
+    assert len({len(ln) for ln in lines}) == 1 and len(lines) == 9
+    assert "│ a           1" in text and "│             three" in text and "…" not in text
+    assert "".join(ln[14:-2].strip() for ln in lines[4:8]) == "y" * 200
+    reasons = ", ".join(f"reason_{i}: {i}" for i in range(20))
+    wrapped = cli.format_summary("job", [("skipped", reasons), ("  indented", "a " * 50)]).splitlines()[1:-1]
+    assert " ".join(ln[2:-2].removeprefix("skipped").strip() for ln in wrapped[:-2]).split() == reasons.split()
+    assert all(ln.startswith("│   indented") or ln.startswith("│            ") for ln in wrapped[-2:])
     buf = io.StringIO()
     assert cli.print_summary("job", {"k": 3}, file=buf) == buf.getvalue().rstrip("\n")
 

@@ -214,13 +214,11 @@ def render_dashboard(sites: list, title: str = "") -> str:
             f'</body></html>')
 
 
-def write_dashboard(sites: list, path: str | Path, title: str = "") -> Path:
-    """Writes `render_dashboard(...)` to `path` (via a temporary file); returns the path."""
-    import os
+def write_dashboard(sites: list, path: str | Path, title: str = "") -> str | Path:
+    """Writes `render_dashboard(...)` to `path` atomically: a local file (returned as a `Path`) or a file
+    in a kvstore URL (`RunLocation`; returned as the URL string)."""
+    from arcstream.store.layout import file_location, is_url
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_dashboard(sites, title), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    location, key = file_location(path)
+    location.write_bytes_atomic(key, render_dashboard(sites, title).encode("utf-8"))
+    return str(path) if is_url(path) else Path(path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ class AnalyzeOptions:
     """The job's settings (from configs/analyze.py); see that file for each field's meaning."""
 
     run_dir: str
-    output_dir: str = ""  # "" = run_dir (must then be local)
+    output_dir: str = ""  # "" = run_dir (a local folder or a kvstore URL)
     sae_dir: str = ""  # "" = run_dir/saes
     sites: tuple[str, ...] = ()  # () = every stored site with an SAE export
     chunk_rows: int = 4096
@@ -263,7 +262,7 @@ def _pick_dashboard(stats: FeatureStats, labels: list[Label], limit: int) -> lis
     return [int(i) for i in alive[np.argsort(-phi, kind="stable")][:limit]]
 
 
-def analyze_site(reader, site: str, sae_folder: Path, opts: AnalyzeOptions, model=None) -> SiteAnalysis:
+def analyze_site(reader, site: str, sae_folder: str | Path, opts: AnalyzeOptions, model=None) -> SiteAnalysis:
     """The passes for one SAE (see the module docstring); with `model`, also CE loss recovered."""
     from arcstream.sae import load_sae
 
@@ -444,26 +443,36 @@ def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, den
     return out
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_text(path: str | Path, text: str) -> None:
+    """Replaces a file atomically, in a local folder or a kvstore URL (`RunLocation`)."""
+    from arcstream.store.layout import file_location
+
+    location, key = file_location(path)
+    location.write_bytes_atomic(key, text.encode("utf-8"))
 
 
-def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, Path]]:
-    sae_root = Path(opts.sae_dir or os.path.join(opts.run_dir, "saes"))
+def _has_sae(folder: str | Path) -> bool:
+    from arcstream.store.layout import RunLocation
+
+    return RunLocation(folder).exists("cfg.json")
+
+
+def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
+    from arcstream.store.layout import join_location
+
+    sae_root = opts.sae_dir or join_location(opts.run_dir, "saes")
     if opts.sites:
         missing = [s for s in opts.sites if s not in reader.sites]
         if missing:
             raise ValueError(f"config.sites names {missing}, not stored in {opts.run_dir}; "
                              f"it stores {list(reader.sites)}")
         for s in opts.sites:
-            if not (sae_root / s / "cfg.json").exists():
-                raise FileNotFoundError(f"config.sites names {s!r} but {sae_root / s}/cfg.json does not exist; "
-                                        "train or export an SAE for it (arcstream.train_sae), or set config.sae_dir")
-        return [(s, sae_root / s) for s in opts.sites]
-    found = [(s, sae_root / s) for s in reader.sites if (sae_root / s / "cfg.json").exists()]
+            if not _has_sae(join_location(sae_root, s)):
+                raise FileNotFoundError(f"config.sites names {s!r} but {join_location(sae_root, s)}/cfg.json does "
+                                        "not exist; train or export an SAE for it (arcstream.train_sae), or set "
+                                        "config.sae_dir")
+        return [(s, join_location(sae_root, s)) for s in opts.sites]
+    found = [(s, join_location(sae_root, s)) for s in reader.sites if _has_sae(join_location(sae_root, s))]
     if not found:
         raise FileNotFoundError(f"no SAE export under {sae_root} for any stored site ({list(reader.sites)}); "
                                 "train one (arcstream.train_sae) or point config.sae_dir at a folder of exports")
@@ -477,11 +486,9 @@ def analyze(config: Any) -> AnalyzeResult:
 
     opts = config if isinstance(config, AnalyzeOptions) else AnalyzeOptions.from_config(config)
     start = time.perf_counter()
-    out_dir = opts.output_dir or opts.run_dir
-    if "://" in out_dir:
-        raise ValueError(f"the analysis writes local files, but the output folder is {out_dir!r}; set "
-                         "config.output_dir to a local folder")
-    out = Path(out_dir)
+    from arcstream.store.layout import join_location
+
+    out = opts.output_dir or opts.run_dir  # a local folder or a kvstore URL: every write goes through RunLocation
     reader = open_run(opts.run_dir)
     saes = _find_saes(reader, opts)
     model = None
@@ -498,9 +505,10 @@ def analyze(config: Any) -> AnalyzeResult:
     sites = [analyze_site(reader, site, folder, opts, model) for site, folder in saes]
     files: dict[str, str] = {}
     data = features_json(sites, opts.run_dir, reader.rows, opts.dense_density)
-    _write_text(out / "analysis" / "features.json", json.dumps(data))
-    files["features.json"] = str(out / "analysis" / "features.json")
-    files["dashboard"] = str(write_dashboard(sites, out / "dashboard" / "index.html", title=opts.run_dir))
+    _write_text(join_location(out, "analysis", "features.json"), json.dumps(data))
+    files["features.json"] = str(join_location(out, "analysis", "features.json"))
+    files["dashboard"] = str(write_dashboard(sites, join_location(out, "dashboard", "index.html"),
+                                             title=opts.run_dir))
     files["report"] = str(write_report(sites, out, opts))
     return AnalyzeResult(output_dir=str(out), rows=reader.rows, sites=sites, files=files,
                          seconds=time.perf_counter() - start, dense_density=opts.dense_density)

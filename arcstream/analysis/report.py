@@ -8,14 +8,22 @@ and are linked by relative paths, so the folder can be copied as a whole.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def _plots(s, folder: Path) -> dict[str, str]:
+def _save(fig, folder: Any, name: str) -> None:
+    """A PNG into `folder` (a RunLocation: local or kvstore URL), atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    folder.write_bytes_atomic(name, buf.getvalue())
+
+
+def _plots(s, folder: Any) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +40,7 @@ def _plots(s, folder: Path) -> dict[str, str]:
     ax.set_title(f"{s.site}: density ({hist['dead']} dead)", fontsize=9)
     fig.tight_layout()
     files["density"] = f"density_{safe}.png"
-    fig.savefig(folder / files["density"], dpi=100)
+    _save(fig, folder, files["density"])
     plt.close(fig)
 
     alive = s.stats.fire_count_s > 0
@@ -44,16 +52,18 @@ def _plots(s, folder: Path) -> dict[str, str]:
     ax.set_title(f"{s.site}: density vs activation", fontsize=9)
     fig.tight_layout()
     files["scatter"] = f"density_vs_activation_{safe}.png"
-    fig.savefig(folder / files["scatter"], dpi=100)
+    _save(fig, folder, files["scatter"])
     plt.close(fig)
     return files
 
 
-def write_report(sites: list, out_dir: str | Path, opts: Any) -> Path:
-    """Writes `out_dir/report.md` and its PNGs under `out_dir/analysis/`; returns the report path."""
-    out_dir = Path(out_dir)
-    folder = out_dir / "analysis"
-    folder.mkdir(parents=True, exist_ok=True)
+def write_report(sites: list, out_dir: str | Path, opts: Any) -> str | Path:
+    """Writes `out_dir/report.md` and its PNGs under `out_dir/analysis/` (a local folder or a kvstore URL);
+    returns the report's path (a `Path`, or the URL string)."""
+    from arcstream.store.layout import RunLocation, is_url, join_location
+
+    out = RunLocation(out_dir)
+    folder = RunLocation(join_location(out_dir, "analysis"))
     lines = ["# arcstream analysis report", "", f"Run: `{opts.run_dir}`", "",
              "Dashboard: [dashboard/index.html](dashboard/index.html); per-feature statistics: "
              "[analysis/features.json](analysis/features.json).", ""]
@@ -85,8 +95,6 @@ def write_report(sites: list, out_dir: str | Path, opts: Any) -> Path:
             lines.append(f"| {i} | {lb.text} | {lb.phi:.3f} | {lb.precision:.3f} | {lb.recall:.3f} | "
                          f"{st.density_s[i]:.4g} | {s.invariance[i]['class']} |")
         lines.append("")
-    path = out_dir / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    out.write_bytes_atomic("report.md", ("\n".join(lines) + "\n").encode("utf-8"))
+    path = join_location(out_dir, "report.md")
+    return str(path) if is_url(out_dir) else Path(path)

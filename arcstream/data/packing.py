@@ -47,6 +47,7 @@ FIELDS: dict[str, tuple[Any, Any]] = {
     "col": (np.int8, -1),
     "colour": (np.int8, -1),
     "answer_mask": (np.bool_, False),
+    "output_mask": (np.bool_, False),
 }
 PADDING: dict[str, Any] = {name: pad for name, (_, pad) in FIELDS.items()}
 
@@ -56,7 +57,7 @@ PADDING: dict[str, Any] = {name: pad for name, (_, pad) in FIELDS.items()}
 # Grain pads every column of a feature with one value (-1); `row_fields` puts
 # each field's own padding value back.
 _IDS_COLUMNS = ("tokens", "prompt_index")  # int32 [n, 2]
-_CELL_COLUMNS = ("grid_kind", "pair_index", "row", "col", "colour", "answer_mask")  # int8 [n, 6]
+_CELL_COLUMNS = ("grid_kind", "pair_index", "row", "col", "colour", "answer_mask", "output_mask")  # int8 [n, 7]
 IDS_FEATURE, CELLS_FEATURE = "ids", "cells"
 SEQUENCE_FEATURES = (IDS_FEATURE, CELLS_FEATURE)
 SEGMENT_IDS, POSITIONS = f"{IDS_FEATURE}_segment_ids", f"{IDS_FEATURE}_positions"
@@ -80,6 +81,7 @@ def prompt_element(prompt: EncodedPrompt, prompt_index: int) -> dict[str, Any]:
         "col": prompt.col,
         "colour": prompt.colour,
         "answer_mask": prompt.answer_mask,
+        "output_mask": prompt.output_mask,
     }
     for name, a in columns.items():
         if np.shape(a) != (n,):
@@ -160,6 +162,7 @@ def rows_to_batch(rows: Sequence[dict[str, Any]], *, batch_size: int, seq_len: i
         col=x["col"],
         colour=x["colour"],
         answer_mask=x["answer_mask"],
+        output_mask=x["output_mask"],
         prompts=prompts,
     )
 

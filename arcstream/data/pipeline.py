@@ -217,7 +217,7 @@ class _RowEncoder:
     def __call__(self, row_item: tuple[int, Task | Skipped]) -> list[Any]:
         row, item = row_item
         if isinstance(item, Skipped):
-            return [item]
+            return [item if item.row is not None else dataclasses.replace(item, row=int(row))]
         if not isinstance(item, Task):
             raise TypeError(f"source {self.source_spec} row {row}: expected a Task or Skipped, got {type(item).__name__}")
         task = item
@@ -228,7 +228,7 @@ class _RowEncoder:
                                f"source {self.source_spec}, row {row}, task {task.id}: {n_tests} test pairs but "
                                f"data.max_test_pairs={self.max_test_pairs}; test pairs {self.max_test_pairs}.."
                                f"{n_tests - 1} skipped (raise data.max_test_pairs to keep them)",
-                               self.source_spec, f"row {row}", task.id))
+                               self.source_spec, f"row {row}", task.id, int(row)))
             n_tests = self.max_test_pairs
         augs = list(self.prompter.augmentations(task, self.n_augmentations, self.seed))
         if len(augs) != self.n_augmentations:
@@ -245,7 +245,7 @@ class _RowEncoder:
                 except InvalidTask as e:
                     e = e.located(source=self.source_spec, location=f"row {row}", task_id=task.id)
                     out.append(Skipped(e.reason, f"{e} (prompt {pi}: test {t}, augmentation {a})",
-                                       e.source, e.location, e.task_id))
+                                       e.source, e.location, e.task_id, int(row)))
                     continue
                 out.append(packing.prompt_element(prompt, pi))
         return out
@@ -311,12 +311,15 @@ class SkipTally:
 
     `counts` is carried in the pipeline state; `items` holds the `Skipped`
     records this process has seen since the pipeline was built or restored
-    (records from before a resume are in the previous process's output).
+    (records from before a resume are in the previous process's output):
+    `items[i]` is skip number `base + i` of this shard, in stream order, where
+    `base` is the number of skips the restored state accounted for.
     """
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
         self.items: list[Skipped] = []
+        self.base = 0
 
     def add(self, s: Skipped) -> None:
         self.counts[s.reason] += 1
@@ -326,18 +329,23 @@ class SkipTally:
 class _TakeOutSkips(grain.IterDataset):
     """Removes `Skipped` items and prompts longer than `seq_len`, tallying them."""
 
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, tally: SkipTally, source_spec: str):
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, tally: SkipTally, source_spec: str,
+                 max_test_pairs: int, n_augmentations: int):
         super().__init__(parent)
         self._seq_len, self._tally, self._spec = seq_len, tally, source_spec
+        self._index_shape = (max_test_pairs, n_augmentations)
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _TakeOutSkipsIterator(self._parent.__iter__(), self._seq_len, self._tally, self._spec)
+        return _TakeOutSkipsIterator(self._parent.__iter__(), self._seq_len, self._tally, self._spec,
+                                     self._index_shape)
 
 
 class _TakeOutSkipsIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, tally: SkipTally, source_spec: str):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, tally: SkipTally, source_spec: str,
+                 index_shape: tuple[int, int]):
         super().__init__(parent)
         self._seq_len, self._tally, self._spec = seq_len, tally, source_spec
+        self._index_shape = index_shape
 
     def __next__(self) -> dict[str, Any]:
         while True:
@@ -353,7 +361,9 @@ class _TakeOutSkipsIterator(grain.DatasetIterator):
                     f"source {self._spec}, task {info.task_id}: prompt {info.prompt_index} (test {info.test_index}) "
                     f"has {n} tokens but data.seq_len={self._seq_len}; raise data.seq_len or lower "
                     f"data.max_prompt_len to at most data.seq_len",
-                    self._spec, f"prompt {info.prompt_index}", info.task_id))
+                    self._spec, f"prompt {info.prompt_index}", info.task_id,
+                    split_prompt_index(info.prompt_index, max_test_pairs=self._index_shape[0],
+                                       n_augmentations=self._index_shape[1])[0]))
                 continue
             return item
 
@@ -364,6 +374,7 @@ class _TakeOutSkipsIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._tally.counts = Counter(state["skip_counts"])
         self._tally.items = []
+        self._tally.base = sum(self._tally.counts.values())
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -411,6 +422,39 @@ class Pipeline:
     def skipped(self) -> list[Skipped]:
         """The `Skipped` records seen by this process (see `SkipTally`)."""
         return list(self._tally.items)
+
+    @staticmethod
+    def skips_in_state(state: dict[str, Any]) -> int:
+        """How many skips of this shard a `get_state()` state accounts for.
+
+        The packer reads ahead of the batches it has emitted and its state
+        points back to the start of its open rows, so `skip_counts` may already
+        count skips that a pipeline restored from this state meets again; this
+        number does not: it is where a resumed pipeline's skips start.
+        """
+        def find(node: Any) -> dict[str, int] | None:
+            if isinstance(node, dict):
+                if "skip_counts" in node and "parent" in node:
+                    return node["skip_counts"]
+                for v in node.values():
+                    found = find(v)
+                    if found is not None:
+                        return found
+            return None
+
+        counts = find(state.get("grain", {}))
+        if counts is None:
+            raise ValueError("pipeline state holds no skip counts; was it saved by Pipeline.get_state()?")
+        return int(sum(counts.values()))
+
+    def skipped_between(self, start: int, stop: int) -> list[Skipped]:
+        """Skips number `start` .. `stop - 1` of this shard (stream order, numbered across resumes), which
+        this process must have seen: `base <= start` and `stop <= base + len(skipped)`."""
+        base, items = self._tally.base, self._tally.items
+        if start < base or stop > base + len(items) or start > stop:
+            raise ValueError(f"skips [{start}, {stop}) are not all held by this pipeline (it holds "
+                             f"[{base}, {base + len(items)}))")
+        return list(items[start - base:stop - base])
 
     def get_state(self) -> dict[str, Any]:
         """Small JSON-able state: restoring it in a fresh pipeline continues right after the last batch."""
@@ -503,7 +547,8 @@ def build_pipeline(source: Any, prompter: Prompter, options: PipelineOptions, *,
 
     tally = SkipTally()
     prompts = _TakeOutSkips(grain.experimental.FlatMapIterDataset(items, _FlattenItems()),
-                            seq_len=options.seq_len, tally=tally, source_spec=spec)
+                            seq_len=options.seq_len, tally=tally, source_spec=spec,
+                            max_test_pairs=options.max_test_pairs, n_augmentations=options.n_augmentations)
     if options.max_prompts:
         share = options.max_prompts // shard_count + (shard_index < options.max_prompts % shard_count)
         if share == 0:

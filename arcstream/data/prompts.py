@@ -92,6 +92,9 @@ class PromptTemplate:
     output_label: str  # before every output grid; in plain prompts also the answer prefix
     pair_separator: str  # after each train pair
     test_header: str  # before the test input label
+    # Write the tokenizer's eos after every train output grid too, as after the answer: every output ends
+    # the same way, so a model trained on all outputs learns to stop (plain prompts only).
+    stop_after_outputs: bool = False
 
 
 TEMPLATES: dict[str, PromptTemplate] = {
@@ -115,6 +118,16 @@ TEMPLATES: dict[str, PromptTemplate] = {
             output_label="O\n",
             pair_separator="\n",
             test_header="",
+        ),
+        PromptTemplate(
+            name="minimal_stop",
+            instruction="",
+            example_header="",
+            input_label="I\n",
+            output_label="O\n",
+            pair_separator="\n",
+            test_header="",
+            stop_after_outputs=True,
         ),
     )
 }
@@ -218,6 +231,8 @@ def _render(task: Task, test_index: int, keep: Sequence[int], answer: bool, enco
         b.add_grid(enc("train", i, 0, pair.input), pair.input, GRID_TRAIN_INPUT, i)
         b.add("\n" + template.output_label)
         b.add_grid(enc("train", i, 1, pair.output), pair.output, GRID_TRAIN_OUTPUT, i)
+        if template.stop_after_outputs and not chat and tokenizer.eos_token:
+            b.add(tokenizer.eos_token)
         b.add(template.pair_separator)
     test = task.test[test_index]
     b.add(template.test_header + template.input_label)
@@ -308,21 +323,38 @@ def _align(offsets_n2: np.ndarray, grids: list[_Grid]) -> dict[str, np.ndarray]:
     return out
 
 
+def _span_mask(mask: np.ndarray, token_ids: np.ndarray, s_eff: np.ndarray, e_eff: np.ndarray,
+               span: tuple[int, int], specials: frozenset[int]) -> int | None:
+    """Sets `mask` on the tokens overlapping the character span, plus a special token right after them
+    (the eos / end-of-turn token a model must emit to stop); returns the first such token, or None."""
+    a0, a1 = span
+    idx = np.flatnonzero((s_eff < a1) & (e_eff > a0))
+    if idx.size == 0:
+        return None
+    start, last = int(idx[0]), int(idx[-1])
+    if last + 1 < token_ids.shape[0] and int(token_ids[last + 1]) in specials:
+        last += 1
+    mask[start:last + 1] = True
+    return start
+
+
 def _answer_mask(token_ids: np.ndarray, s_eff: np.ndarray, e_eff: np.ndarray, span: tuple[int, int] | None,
                  specials: frozenset[int]) -> tuple[np.ndarray, int]:
     n = token_ids.shape[0]
     mask = np.zeros(n, dtype=bool)
-    if span is None:
-        return mask, n
-    a0, a1 = span
-    idx = np.flatnonzero((s_eff < a1) & (e_eff > a0))
-    if idx.size == 0:
-        return mask, n
-    start, last = int(idx[0]), int(idx[-1])
-    if last + 1 < n and int(token_ids[last + 1]) in specials:
-        last += 1  # the eos / end-of-turn token the model must emit to stop
-    mask[start:last + 1] = True
-    return mask, start
+    start = None if span is None else _span_mask(mask, token_ids, s_eff, e_eff, span, specials)
+    return mask, n if start is None else start
+
+
+def _output_mask(token_ids: np.ndarray, s_eff: np.ndarray, e_eff: np.ndarray, grids: list[_Grid],
+                 answer_mask: np.ndarray, specials: frozenset[int]) -> np.ndarray:
+    """The tokens of every train output grid's text (header, cells, line breaks, a stop token after it),
+    and the answer's."""
+    mask = answer_mask.copy()
+    for g in grids:
+        if g.kind == GRID_TRAIN_OUTPUT:
+            _span_mask(mask, token_ids, s_eff, e_eff, (g.offset, g.offset + g.length), specials)
+    return mask
 
 
 def _check_grid_text(tokenizer: PreTrainedTokenizerBase, text: str, token_ids: np.ndarray,
@@ -362,8 +394,9 @@ def _encode_once(task: Task, test_index: int, keep: Sequence[int], augmentation:
     offsets_n2 = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     _check_grid_text(tokenizer, text, token_ids, offsets_n2, grids, task.id)
     cells = _align(offsets_n2, grids)
-    mask, answer_start = _answer_mask(token_ids, cells["s_eff"], cells["e_eff"], answer_span,
-                                      special_token_ids(tokenizer))
+    specials = special_token_ids(tokenizer)
+    mask, answer_start = _answer_mask(token_ids, cells["s_eff"], cells["e_eff"], answer_span, specials)
+    out_mask = _output_mask(token_ids, cells["s_eff"], cells["e_eff"], grids, mask, specials)
     return EncodedPrompt(
         task_id=task.id,
         test_index=test_index,
@@ -377,6 +410,7 @@ def _encode_once(task: Task, test_index: int, keep: Sequence[int], augmentation:
         n_cells=cells["n_cells"],
         answer_mask=mask,
         answer_start=answer_start,
+        output_mask=out_mask,
         metadata={
             "encoder": config.encoder,
             "template": config.template,

@@ -54,6 +54,9 @@ class EncodedPrompt:
     n_cells: np.ndarray  # int8 [n], cells covered by the token (0 for non-grid tokens)
     answer_mask: np.ndarray  # bool [n], True on the tokens of the answer (what a LM is trained to emit)
     answer_start: int  # index of the first answer token (== n when the prompt stops at the answer prefix)
+    # bool [n]: the tokens of every output grid (train outputs and the answer: shape header, cells, line
+    # breaks, the stop token after it where the template writes one), what the LM trainer learns to write.
+    output_mask: np.ndarray
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. encoder/template names, pairs dropped
 
     def __len__(self) -> int:
@@ -96,6 +99,7 @@ class PackedBatch:
     col: np.ndarray  # int8 [B, T]
     colour: np.ndarray  # int8 [B, T]
     answer_mask: np.ndarray  # bool [B, T]
+    output_mask: np.ndarray  # bool [B, T] (EncodedPrompt.output_mask)
     prompts: tuple[PromptInfo, ...]
 
     @property

@@ -352,13 +352,17 @@ class Skipped:
     source: str = ""
     location: str = ""
     task_id: str | None = None
+    row: int | None = None  # the task's 0-based row in the source, where the pipeline knows it
 
     @classmethod
     def from_error(cls, e: InvalidTask) -> "Skipped":
         return cls(e.reason, str(e), e.source, e.location, e.task_id)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["row"] is None:
+            del out["row"]
+        return out
 
 
 class SkipLog:

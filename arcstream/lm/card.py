@@ -28,6 +28,13 @@ def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Pa
     return path
 
 
+def export_prompt_format(config: ml_collections.ConfigDict, path: Path) -> Path:
+    """arcstream_prompt.json: the prompt format the model was trained on (read by `arcstream.models.prompt_format`)."""
+    from arcstream.models import write_prompt_format
+
+    return write_prompt_format(path, config.data)
+
+
 def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
                      log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export."""
@@ -74,12 +81,15 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
         c.predict.max_new_tokens = int(e.max_new_tokens)
         c.predict.batch_size = int(e.predict_batch_size)
         c.predict.tasks_per_chunk = int(e.predict_batch_size)
+        c.predict.constrain_shape = bool(e.get("constrain_shape", False))  # absent in configs older than the key
         result = run_predictions(c, model=model, tokenizer=tokenizer)
         s = result.score
         accuracy = {"source": str(e.source), "score": s.score if s else 0.0, "correct": float(s.solved if s else 0),
                     "total": int(s.total if s else 0), "tasks": result.tasks,
                     "n_augmentations": int(e.n_augmentations), "failures": dict(result.failures),
-                    "skipped": dict(result.skipped), "predictions": c.output_dir}
+                    "skipped": dict(result.skipped), "predictions": c.output_dir,
+                    "shape_right": int(result.shape_right), "constrain_shape": c.predict.constrain_shape,
+                    "shape_sources": dict(result.shape_sources)}
         log(f"accuracy on {e.source}: {accuracy['correct']:.0f}/{accuracy['total']} test outputs")
     return held, accuracy
 
@@ -154,8 +164,9 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
         f"- Each prompt is a fresh random augmentation ({d.augmentations}; background colour kept), "
         f"one per test pair, a new shuffle and augmentation seed per epoch; rows of {d.seq_len} tokens packed "
         f"with several prompts; prompts over {d.max_prompt_len} tokens drop train pairs ({d.drop_policy}).",
-        "- Loss: next-token cross-entropy on the output grids only (every train output grid's cells and line "
-        "breaks, and the whole answer with its stop token).", "",
+        "- Loss: next-token cross-entropy on the output grids only (`arcstream.lm.data`): every token of every "
+        "train output grid and of the answer (shape header when the encoder writes one, cells, line breaks, and "
+        "the stop token after the grid when the template writes one).", "",
         "## Training", "",
         f"- {result.steps} steps of {d.batch_size} rows x {d.seq_len} tokens; {result.tokens_trained:,} tokens "
         f"seen, {result.target_tokens:,} of them targets; {result.epochs:.0f} full epochs completed.",
@@ -216,13 +227,47 @@ def evaluation_lines(config: ml_collections.ConfigDict, h: dict[str, Any], a: di
 
         lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"])
     if a:
+        constrained = ""
+        if a.get("constrain_shape"):
+            constrained = ("; shape-constrained (the answer's shape from the train pairs' rules, else the model's own "
+                           "header; `arcstream/predict/shape.py`), shapes from: "
+                           + ", ".join(f"{k} {v}" for k, v in a.get("shape_sources", {}).items()))
         lines += [
-            f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding, "
-            f"{a['n_augmentations']} augmentation(s) per test input, two attempts, exact match): "
-            f"**{a['correct']:.0f}/{a['total']} = {100 * a['score']:.2f}%**. Failures by reason: "
+            f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding"
+            f"{constrained}; {a['n_augmentations']} augmentation(s) per test input, two attempts, exact match): "
+            f"**{a['correct']:.0f}/{a['total']} = {100 * a['score']:.2f}%**. First attempt of the right shape: "
+            f"{a.get('shape_right', 0)}/{a['total']}. Failures by reason: "
             f"{', '.join(f'{k} {v}' for k, v in a['failures'].items()) or 'none'}.", "",
         ]
+    lines += goal_lines(h, a)
     return lines
+
+
+def goal_lines(h: dict[str, Any] | None, a: dict[str, Any] | None) -> list[str]:
+    """The card's goals table: each goal of arcstream-tiny, what was measured, met or not (never hidden)."""
+    cu = (h or {}).get("context_use")
+    rows = []
+    if cu:
+        from arcstream.lm.evaluate import GOAL_CONTEXT_GAIN
+
+        gain = cu.get("context_gain")
+        rows.append(("answer-cell loss with its own examples at least 30% below another task's",
+                     "—" if gain is None else f"{100 * gain:.1f}% below", gain is not None and gain >= GOAL_CONTEXT_GAIN))
+        own = cu["model"]["own"].get("same_shape_accuracy")
+        copy = cu["baselines"]["copy_test_input"].get("same_shape_accuracy")
+        if own is not None and copy is not None:
+            rows.append(("per-cell accuracy above copy-the-test-input on same-shape outputs",
+                         f"{own:.3f} vs {copy:.3f}", own > copy))
+    if a and a.get("total"):
+        right = a.get("shape_right", 0) / a["total"]
+        rows.append(("the right output shape on at least half the test outputs (first attempt)",
+                     f"{a.get('shape_right', 0)}/{a['total']} = {100 * right:.0f}%", right >= 0.5))
+        rows.append(("exact-match pass@2, reported whatever it is", f"{a['correct']:.0f}/{a['total']}", None))
+    if not rows:
+        return []
+    mark = {True: "met", False: "**not met**", None: "—"}
+    return ["## Goals", "", "| goal | measured | |", "|---|---|---|",
+            *[f"| {g} | {m} | {mark[ok]} |" for g, m, ok in rows], ""]
 
 
 def reevaluate_card(config: ml_collections.ConfigDict, export_dir: Path, *, note: str = "",

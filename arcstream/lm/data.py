@@ -7,11 +7,15 @@ scored on. `TaskMixture` therefore drops every task of the `exclude` sources,
 matched by task id *and* by content (the train and test pairs, so a renamed
 copy is caught too), and keeps each remaining task once (first source wins).
 
-The loss mask: the model learns to write output grids. Every token of the
-answer (the test output and its stop token, `answer_mask`) is a target, and so
-is every cell of every *train* output grid plus the line breaks between its
-rows, which multiplies the supervised tokens per prompt by the number of train
-pairs. Nothing else (instructions, input grids) is a target.
+The loss mask: the model learns to write output grids. Every token of every
+output grid is a target (`EncodedPrompt.output_mask`): the answer (the test
+output and its stop token) and every *train* output, which multiplies the
+supervised tokens per prompt by the number of train pairs. An output grid's
+tokens are its shape header (with a `shape` encoder), its cells, the line
+breaks between its rows, and the stop token after it where the template writes
+one (`minimal_stop` writes eos after every output, so the model learns to end
+an output where it ends, not only once per prompt). Nothing else
+(instructions, input grids) is a target.
 """
 
 from __future__ import annotations
@@ -101,20 +105,10 @@ class TaskMixture(TaskSource):
         return self._items[i]
 
 
-def loss_mask(grid_kind: np.ndarray, pair_index: np.ndarray, answer_mask: np.ndarray,
-              segment_ids: np.ndarray) -> np.ndarray:
-    """bool [B, T]: the tokens the LM is trained to predict (see the module docstring).
-
-    A line break counts as part of a train output grid when the tokens on both
-    sides are cells of the same train output grid (same pair, same segment).
-    """
-    out_cell = grid_kind == GRID_TRAIN_OUTPUT
-    mask = out_cell | answer_mask.astype(bool)
-    inner = np.zeros_like(mask)
-    same = (out_cell[:, :-2] & out_cell[:, 2:] & (pair_index[:, :-2] == pair_index[:, 2:])
-            & (segment_ids[:, :-2] == segment_ids[:, 2:]) & ~out_cell[:, 1:-1])
-    inner[:, 1:-1] = same
-    return (mask | inner) & (segment_ids > 0)
+def loss_mask(output_mask: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """bool [B, T]: the tokens the LM is trained to predict (see the module docstring): every output
+    grid's tokens (`PackedBatch.output_mask`) inside a prompt."""
+    return output_mask.astype(bool) & (segment_ids > 0)
 
 
 def targets(batch: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +117,7 @@ def targets(batch: Any) -> tuple[np.ndarray, np.ndarray]:
     Position t predicts token t+1 when both are in the same prompt and token
     t+1 is in the loss mask; the last column predicts nothing.
     """
-    mask = loss_mask(batch.grid_kind, batch.pair_index, batch.answer_mask, batch.segment_ids)
+    mask = loss_mask(batch.output_mask, batch.segment_ids)
     tgt = np.zeros_like(batch.tokens)
     w = np.zeros(batch.tokens.shape, np.float32)
     tgt[:, :-1] = batch.tokens[:, 1:]

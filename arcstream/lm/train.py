@@ -215,7 +215,8 @@ class EpochStream:
                 self.epoch += 1
                 self._pipe = self._open(self.epoch)
         raise RuntimeError(f"training source {self._source.spec} yields no batch in a whole epoch: every task "
-                           f"was skipped ({self._pipe.skip_counts()}); check data.seq_len / data.max_prompt_len")
+                           f"was skipped (skips so far: {dict(sorted(self.skips.items()))}); check data.seq_len / "
+                           "data.max_prompt_len")
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pipeline": self._pipe.get_state(), "skips": dict(self.skips)}
@@ -440,10 +441,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
             stopped_at=step, total_steps=total)
 
     # --- export, evaluate, card
-    from arcstream.lm.card import export_model, final_evaluation, write_model_card
+    from arcstream.lm.card import export_model, export_prompt_format, final_evaluation, write_model_card
 
     export_dir = out / "export"
     export_model(graphdef, params, mcfg, tokenizer, export_dir, dtype=str(config.export_dtype))
+    if jax.process_index() == 0:
+        export_prompt_format(config, export_dir)
     held, accuracy = final_evaluation(config, export_dir, log=log)
     result = TrainLMResult(
         output_dir=str(out), export_dir=str(export_dir), steps=step, resumed_from=resumed_from, params=n_params,

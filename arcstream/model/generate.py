@@ -71,14 +71,19 @@ def _left_pad(prompts: Sequence[np.ndarray] | np.ndarray, lengths: Sequence[int]
 
 def generate(model: Decoder, prompts: Sequence[np.ndarray] | np.ndarray, *, max_new_tokens: int,
              eos_id: int | Sequence[int], pad_id: int, lengths: Sequence[int] | None = None,
-             pad_to_multiple: int = 8) -> GenerateOutput:
+             pad_to_multiple: int = 8, allowed: np.ndarray | None = None) -> GenerateOutput:
     """Greedy-decode up to `max_new_tokens` tokens after each prompt.
 
     prompts: a list of 1-D int token arrays, or a right-padded [B, T] array with
       `lengths` [B].  Prompt lengths are rounded up to `pad_to_multiple` to
       limit recompilation (the extra left padding is masked out).
     eos_id: one id or several (Llama 3 stops on any of a few).
-    Equals HF `generate(do_sample=False)` token for token (tested).
+    allowed: optional int32 [B, max_new_tokens, K]: the token ids row b may emit
+      at step t (-1 = unused; a step whose K entries are all -1 is free). The
+      greedy choice is the argmax over the allowed ids; the recorded log-prob is
+      the model's own, over the whole vocabulary (`arcstream.predict.shape`
+      builds these for shape-constrained answers).
+    Equals HF `generate(do_sample=False)` token for token (tested) without `allowed`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected >= 1.")
@@ -93,16 +98,34 @@ def generate(model: Decoder, prompts: Sequence[np.ndarray] | np.ndarray, *, max_
         raise ValueError(f"generate: {len(eos)} eos ids given; at most {_MAX_EOS} are supported.")
     eos_e = np.full((_MAX_EOS,), -1, np.int32)
     eos_e[: len(eos)] = eos
+    b = tokens_bp.shape[0]
+    if allowed is None:
+        allowed = np.full((b, max_new_tokens, 1), -1, np.int32)
+    allowed = np.asarray(allowed, np.int32)
+    if allowed.ndim != 3 or allowed.shape[:2] != (b, max_new_tokens):
+        raise ValueError(f"generate: allowed has shape {allowed.shape}; expected [{b}, {max_new_tokens}, K]")
     out = _generate_jit(graphdef, state, jnp.asarray(tokens_bp), jnp.asarray(valid_bp),
-                        jnp.asarray(eos_e), max_new_tokens, int(pad_id))
+                        jnp.asarray(eos_e), jnp.asarray(allowed), max_new_tokens, int(pad_id))
     return out
 
 
 _MAX_EOS = 8
 
 
-@partial(jax.jit, static_argnums=(0, 5, 6))
-def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, max_new: int,
+def _pick(logits_bv: jax.Array, allowed_bk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Greedy token among the allowed ids (all where a row's ids are all -1), and its unmasked log-prob."""
+    b = logits_bv.shape[0]
+    free_b = jnp.all(allowed_bk < 0, axis=-1)
+    ok_bv = jnp.zeros(logits_bv.shape, jnp.int32).at[jnp.arange(b)[:, None], jnp.maximum(allowed_bk, 0)].max(
+        (allowed_bk >= 0).astype(jnp.int32))
+    masked_bv = jnp.where((ok_bv > 0) | free_b[:, None], logits_bv, -jnp.inf)
+    tok_b = jnp.argmax(masked_bv, axis=-1).astype(jnp.int32)
+    lp_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv), tok_b[:, None], axis=1)[:, 0]
+    return tok_b, lp_b
+
+
+@partial(jax.jit, static_argnums=(0, 6, 7))
+def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_new: int,
                   pad_id: int) -> GenerateOutput:
     model = nnx.merge(graphdef, state)
     c = model.config
@@ -115,15 +138,16 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, max_new: int,
                     for _ in range(2)) for _ in range(c.num_layers)]
     key_valid_bs = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
 
-    def run(x_btd, positions_bt, mask_bts, caches, index):
+    def run(x_btd, positions_bt, mask_bts, caches, index, step):
         cos, sin = rope_tables(c, positions_bt, model.dtype)
         new = []
         for layer, cache in zip(model.layers, caches):
             x_btd, _, _, cache = layer(x_btd, cos, sin, mask_bts=mask_bts, cache=cache, cache_index=index)
             new.append(cache)
         logits_bv = model.logits(x_btd[:, -1:])[:, 0].astype(jnp.float32)
-        tok_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-        lp_b = jnp.take_along_axis(jax.nn.log_softmax(logits_bv), tok_b[:, None], axis=1)[:, 0]
+        allowed_bk = jax.lax.dynamic_index_in_dim(allowed_bnk, jnp.minimum(step, max_new - 1), axis=1,
+                                                  keepdims=False)
+        tok_b, lp_b = _pick(logits_bv, allowed_bk)
         return tok_b, lp_b, new
 
     # Prefill: query i sees key j < P iff j <= i and both are real (or both padding).
@@ -132,7 +156,7 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, max_new: int,
     kv_pad = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
     mask_bps = ((k_idx <= q_idx)[None] & (k_idx < p)[None]
                 & (valid_bp[:, :, None] == kv_pad[:, None, :]))
-    tok_b, lp_b, caches = run(model.embed(tokens_bp), positions_bp, mask_bps, caches, 0)
+    tok_b, lp_b, caches = run(model.embed(tokens_bp), positions_bp, mask_bps, caches, 0, 0)
 
     def cond(carry):
         t, _, _, done_b, *_ = carry
@@ -148,7 +172,7 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, max_new: int,
         slot = p + t
         key_valid_bs = jax.lax.dynamic_update_slice(key_valid_bs, jnp.ones((b, 1), bool), (0, slot))
         nxt_b, nlp_b, caches = run(model.embed(tok_b[:, None]), (lengths_b + t)[:, None],
-                                   key_valid_bs[:, None, :], caches, slot)
+                                   key_valid_bs[:, None, :], caches, slot, t + 1)
         return t + 1, nxt_b, nlp_b, done_b, n_b, caches, key_valid_bs, out_tok, out_lp
 
     init = (jnp.int32(0), tok_b, lp_b, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), caches,

@@ -7,8 +7,12 @@ garbage) and exercise decoding, inversion and voting without weights.
 (`arcstream.model.generate`) and a jitted forward pass for re-scoring.
 
 Contract:
-  - `generate(prompts)` returns one `Generation` per prompt, in order; the
-    text is what follows the answer prefix, cut before the stop token.
+  - `generate(prompts, shapes=None)` returns one `Generation` per prompt, in
+    order; the text is what follows the answer prefix, cut before the stop
+    token. With `shapes` (one `arcstream.predict.shape.ShapePrediction` per
+    prompt) every answer is decoded under its shape's token template (see
+    shape.py); a generator that cannot honour one returns a Generation with
+    `failure` set (a `FAILURE_REASONS` code of the job).
   - `score(prompts)` takes prompts built with the answer included
     (`PromptConfig(include_answer=True)`) and returns, per prompt, the summed
     log-probability of its answer tokens (`answer_mask`, the stop token
@@ -37,11 +41,13 @@ class Generation:
     stopped: bool  # a stop token was emitted within the token budget
     logprob: float  # summed log p of the generated tokens (the stop token included)
     num_tokens: int  # tokens generated, the stop token included
+    shape_source: str = ""  # with shape constraints: where the shape came from (shape.SHAPE_SOURCES)
+    failure: str = ""  # a failure code when no answer could be decoded under the constraint
 
 
 @runtime_checkable
 class Generator(Protocol):
-    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]: ...
+    def generate(self, prompts: Sequence[EncodedPrompt], shapes: Sequence[Any] | None = None) -> list[Generation]: ...
 
     def score(self, prompts: Sequence[EncodedPrompt]) -> list[float]: ...
 
@@ -77,7 +83,41 @@ class ModelGenerator:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
 
-    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
+    def generate(self, prompts: Sequence[EncodedPrompt], shapes: Sequence[Any] | None = None) -> list[Generation]:
+        if shapes is None:
+            return self._greedy(prompts, [None] * len(prompts), self.max_new_tokens)
+        from arcstream.predict import shape as sh
+
+        if len(shapes) != len(prompts):
+            raise ValueError(f"generate: {len(shapes)} shapes for {len(prompts)} prompts")
+        out: list[Generation | None] = [None] * len(prompts)
+        shape_of = [s.shape for s in shapes]
+        # The model writes the header where no rule gave a shape: a short free decode, then the template.
+        ask = [i for i, s in enumerate(shapes) if s.source == "header"]
+        if ask:
+            heads = self._greedy([prompts[i] for i in ask], [None] * len(ask), sh.HEADER_TOKENS)
+            for i, g in zip(ask, heads):
+                shape_of[i] = sh.parse_header(g.text + "\n" if g.stopped else g.text)
+                if shape_of[i] is None:
+                    out[i] = dataclasses.replace(g, stopped=False, shape_source="header", failure="bad_shape_header")
+        templates: list[np.ndarray | None] = [None] * len(prompts)
+        for i, (p, s) in enumerate(zip(prompts, shape_of)):
+            if out[i] is not None or s is None:
+                continue
+            t = sh.answer_template(self.tokenizer, s, str(p.metadata.get("encoder", "plain")), self.stop_ids[0])
+            if len(t) > self.max_new_tokens:
+                out[i] = Generation("", False, 0.0, 0, shapes[i].source, "too_long")
+            templates[i] = t
+        todo = [i for i in range(len(prompts)) if out[i] is None]
+        for i, g in zip(todo, self._greedy([prompts[i] for i in todo], [templates[i] for i in todo],
+                                           self.max_new_tokens)):
+            out[i] = dataclasses.replace(g, shape_source=shapes[i].source)
+        return out  # type: ignore[return-value]
+
+    def _greedy(self, prompts: Sequence[EncodedPrompt], templates: Sequence[np.ndarray | None],
+                max_new: int) -> list[Generation]:
+        """Greedy answers in batches of similar lengths; row i follows templates[i] (None = free)."""
+        from arcstream.data.task import NUM_COLOURS
         from arcstream.model import generate
 
         out: list[Generation | None] = [None] * len(prompts)
@@ -90,8 +130,13 @@ class ModelGenerator:
             rows = [np.asarray(prompts[i].token_ids, np.int32) for i in idx]
             # Pad the batch with copies of its first prompt so every call has batch_size rows (one compile).
             rows += [rows[0]] * (self.batch_size - len(rows))
-            res = generate(self.model, rows, max_new_tokens=self.max_new_tokens, eos_id=self.stop_ids,
-                           pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple)
+            allowed = np.full((self.batch_size, max_new, NUM_COLOURS), -1, np.int32)
+            for r, i in enumerate(idx):
+                t = templates[i]
+                if t is not None:
+                    allowed[r, :len(t)] = t[:max_new]
+            res = generate(self.model, rows, max_new_tokens=max_new, eos_id=self.stop_ids,
+                           pad_id=self.pad_id, pad_to_multiple=self.pad_to_multiple, allowed=allowed)
             tokens_bn = np.asarray(res.tokens)
             lp_bn = np.asarray(res.logprobs)
             n_b = np.asarray(res.num_generated)

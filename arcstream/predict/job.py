@@ -119,6 +119,11 @@ def _answers(work: _TestWork, gens: Mapping[int, Generation], prompt_config: Pro
             out.append(Answer(a, None, 0.0, "too_long", work.build_errors[a]))
             continue
         g = gens[a]
+        if g.failure:
+            why = {"bad_shape_header": f"the model's shape header {g.text[:20]!r} is not HxW with sides 1..30",
+                   "too_long": "the predicted shape's answer is longer than predict.max_new_tokens"}
+            out.append(Answer(a, None, g.logprob, g.failure, why.get(g.failure, g.failure)))
+            continue
         if not g.stopped:
             out.append(Answer(a, None, g.logprob, "no_stop",
                               f"no stop token within {g.num_tokens} generated tokens"))
@@ -161,9 +166,10 @@ def _test_record(work: _TestWork, answers: list[Answer], ranked: list[Candidate]
                  usable: list[int] | None, fallback: np.ndarray) -> dict[str, Any]:
     a1, a2 = attempts(ranked, fallback)
     truth = work.task.test[work.test_index].output
-    correct = None
+    correct = shape_right = None
     if truth is not None:
         correct = any(x.shape == truth.shape and bool(np.array_equal(x, truth)) for x in (a1, a2))
+        shape_right = a1.shape == truth.shape
     return {
         "test_index": work.test_index,
         "attempt_1": a1.tolist(),
@@ -171,6 +177,7 @@ def _test_record(work: _TestWork, answers: list[Answer], ranked: list[Candidate]
         "selection": selection,
         "fallback_used": len(ranked) < 2,
         "correct": correct,
+        "shape_right": shape_right,  # attempt_1 has the true output's shape
         "candidates": [c.to_json() for c in ranked],
         "scored_augmentations": usable,
         "generations": [
@@ -184,12 +191,17 @@ def _test_record(work: _TestWork, answers: list[Answer], ranked: list[Candidate]
 
 def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, tokenizer: Any, *,
                   prompter: Any, n_augmentations: int, seed: int, selection: str = "vote",
-                  fallback: str = "blank") -> list[dict[str, Any]]:
+                  fallback: str = "blank", constrain_shape: bool = False) -> list[dict[str, Any]]:
     """The detail records of `tasks` ((source row, task) pairs), with one batched generate call.
 
     `prompter` supplies `augmentations(task, n, seed)` and the prompt config
-    (`arcstream.data.pipeline.ArcPrompter`). Returns one record per task, in order.
+    (`arcstream.data.pipeline.ArcPrompter`). With `constrain_shape`, every
+    answer is decoded under the shape `shape.predict_shape` gives for its
+    augmented task (counted per task in `shape_sources`). Returns one record
+    per task, in order.
     """
+    from arcstream.predict.shape import has_shape_header, predict_shape
+
     if selection not in SELECTIONS:
         raise ValueError(f"predict.selection is {selection!r}; expected one of {SELECTIONS}")
     if fallback not in FALLBACKS:
@@ -210,7 +222,13 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
                     errors.append(str(e))
             works.append(_TestWork(task, row, t, augs, prompts, errors))
     flat = [(w, a, p) for w in works for a, p in enumerate(w.prompts) if p is not None]
-    gens = generator.generate([p for _, _, p in flat]) if flat else []
+    shapes = None
+    if constrain_shape:
+        header = has_shape_header(prompt_config.encoder)
+        shapes = [predict_shape(w.augmentations[a].apply_task(w.task), w.test_index, has_header=header)
+                  for w, a, _ in flat]
+    gens = (generator.generate([p for _, _, p in flat]) if shapes is None
+            else generator.generate([p for _, _, p in flat], shapes=shapes)) if flat else []
     if len(gens) != len(flat):
         raise RuntimeError(f"generator returned {len(gens)} generations for {len(flat)} prompts")
     by_work: dict[int, dict[int, Generation]] = {}
@@ -246,12 +264,18 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
         rec = records.get(w.task.id)
         if rec is None:
             rec = records[w.task.id] = {"task_id": w.task.id, "row": w.row, "tests": [], "failures": {}}
+            if constrain_shape:
+                rec["shape_sources"] = {}
             order.append(w.task.id)
         rec["tests"].append(_test_record(w, answers, ranked, selection, usable,
                                          _fallback_grid(w.task.test[w.test_index], fallback)))
         fails = Counter(rec["failures"])
         fails.update(a.failure for a in answers if a.failure)
         rec["failures"] = dict(sorted(fails.items()))
+        if constrain_shape:
+            src = Counter(rec["shape_sources"])
+            src.update(g.shape_source for g in by_work.get(id(w), {}).values())
+            rec["shape_sources"] = dict(sorted(src.items()))
     return [records[t] for t in order]
 
 
@@ -268,6 +292,9 @@ def default_predict_section() -> Any:
     p.batch_size = 8  # prompts per generate / scoring call
     p.tasks_per_chunk = 8  # tasks whose prompts are generated together (the resume unit)
     p.fallback = "blank"  # attempt grid where fewer than two candidates decoded: blank ([[0]]) | input
+    # Decode every answer as a grid of a predicted shape (rules from the train pairs, else the model's own
+    # shape header; arcstream/predict/shape.py): never a runaway row; off = the model's unconstrained output.
+    p.constrain_shape = False
     return p
 
 
@@ -392,6 +419,8 @@ class PredictResult:
     score: Score | None
     seconds: float
     files: dict[str, str]
+    shape_sources: dict[str, int] = dataclasses.field(default_factory=dict)  # with predict.constrain_shape
+    shape_right: int = 0  # test outputs whose attempt_1 has the true shape (where the source has solutions)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = [("source", self.source), ("model", self.model), ("output", self.output_dir),
@@ -401,6 +430,8 @@ class PredictResult:
                 ("failures", ", ".join(f"{k} {v}" for k, v in self.failures.items()) or "none"),
                 ("skipped tasks", ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"),
                 ("selection", self.selection)]
+        if self.shape_sources:
+            rows.append(("answer shapes", ", ".join(f"{k} {v}" for k, v in self.shape_sources.items())))
         if self.score is not None:
             s = self.score
             rows.append(("score", f"{s.solved}/{s.total} test outputs = {100 * s.score:.2f}%  "
@@ -504,7 +535,8 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
         if all(t.id in done for _, t in tasks):
             continue
         records = predict_tasks(tasks, generator, tokenizer, prompter=prompter, n_augmentations=n_aug, seed=seed,
-                                selection=str(p.selection), fallback=str(p.fallback))
+                                selection=str(p.selection), fallback=str(p.fallback),
+                                constrain_shape=bool(p.constrain_shape))
         for rec in records:
             if rec["task_id"] not in done:
                 _append_line(details_path, rec)
@@ -513,25 +545,27 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
     # --- the submission, in source order
     predictions = {}
     failures: Counter = Counter()
-    generations = decoded = 0
+    shape_sources: Counter = Counter()
+    generations = decoded = shape_right = 0
     for tid in order:
         rec = done[tid]
         predictions[tid] = [{"attempt_1": t["attempt_1"], "attempt_2": t["attempt_2"]} for t in rec["tests"]]
         if len(predictions[tid]) != test_counts[tid]:
             raise RuntimeError(f"task {tid}: {len(predictions[tid])} predictions for {test_counts[tid]} test inputs")
         failures.update(rec["failures"])
+        shape_sources.update(rec.get("shape_sources", {}))
         for t in rec["tests"]:
+            shape_right += bool(t.get("shape_right"))
             generations += len(t["generations"])
             decoded += sum(g["ok"] for g in t["generations"])
     files = {"config.json": str(out / "config.json"), "details.jsonl": str(details_path)}
     _write_json_atomic(out / "predictions.json", predictions)
     files["predictions.json"] = str(out / "predictions.json")
     if skipped:
-        skip_path = out / "skipped.jsonl"
-        tmp = skip_path.with_name(skip_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in skipped))
-        os.replace(tmp, skip_path)
-        files["skipped.jsonl"] = str(skip_path)
+        from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
+
+        SkippedLog(str(out)).replace(skipped)  # the writer every job shares (atomic, fsynced)
+        files["skipped.jsonl"] = str(out / SKIPPED_FILE)
     score = None
     if solutions:
         score = score_predictions(predictions, solutions)
@@ -542,4 +576,4 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
         test_inputs=sum(test_counts.values()), generations=generations, decoded=decoded,
         failures=dict(sorted(failures.items())), skipped=dict(sorted(Counter(s.reason for s in skipped).items())),
         resumed_tasks=resumed, selection=str(p.selection), score=score, seconds=time.perf_counter() - start,
-        files=files)
+        files=files, shape_sources=dict(sorted(shape_sources.items())), shape_right=shape_right)

@@ -6,6 +6,12 @@ every `checkpoint_every` steps, and resumes from the latest checkpoint if one
 exists: a run killed after a checkpoint and restarted ends with exactly the
 parameters of an uninterrupted run. Exports go to `run_dir/saes/<site>/`
 (a sweep adds `<member>/`), metrics to `run_dir/saes/metrics.jsonl`.
+
+`run_dir` is a local path or a kvstore URL (`file://`, `memory://`, `gs://`):
+exports and metrics go through `RunLocation` (never `Path(run_dir)`, which
+turns `gs://b/run` into the relative path `gs:/b/run`). Orbax checkpoints go to
+`checkpoint_dir` (default `run_dir/saes/checkpoints`; required for URLs Orbax
+cannot write, e.g. `memory://`).
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ def train_offline(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train SAEs on `source` per `config` (see configs/train_sae.py); returns a summary dict."""
-    run_dir = Path(config.run_dir)
+    run_dir = str(config.run_dir)
     sae_cfg = config.sae
     sites = [s.strip() for s in str(config.sites or "").split(",") if s.strip()] or list(source.sites)
     unknown = [s for s in sites if s not in set(source.sites)]
@@ -106,10 +112,9 @@ def train_offline(
     )
     ds = batch_dataset(source, sites, batch_size, chunk_rows=int(sae_cfg.chunk_rows), seed=int(config.seed))
     it = iter(ds.to_iter_dataset())
-    saes_dir = run_dir / "saes"
-    saes_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = SAECheckpointer(saes_dir / "checkpoints")
-    metrics_path = saes_dir / "metrics.jsonl"
+    saes_dir = join_location(run_dir, "saes")
+    ckpt = SAECheckpointer(_checkpoint_dir(config, saes_dir), flag="--config.checkpoint_dir")
+    metrics_path = join_location(saes_dir, "metrics.jsonl")
 
     # The init batch is batch 0 of a *separate* iterator, so the training
     # iterator's position depends only on the step (resume-safe).
@@ -127,24 +132,27 @@ def train_offline(
     stop_after = int(config.get("stop_after_steps", 0) or 0)
     names = {site: member_names(m) for site, m in specs.items()}
     t0, last = time.perf_counter(), {}
-    with metrics_path.open("a") as f:
-        for s in range(start, total_steps):
-            state, metrics = step(state, next(it))
-            done = s + 1
-            if done % log_every == 0 or done == total_steps:
-                host = jax.device_get(metrics)
-                for site, m in host.items():
-                    for i, name in enumerate(names[site]):
-                        rec = {"job": "train_sae", "step": done, "site": site, "member": name,
-                               **{k: float(np.asarray(v)[i]) for k, v in m.items()}}
-                        f.write(json.dumps(rec) + "\n")
-                        last[(site, name)] = rec
-                f.flush()
-            if (every and done % every == 0) or done == total_steps:
-                ckpt.save(state, it)
-            if stop_after and done >= stop_after and done < total_steps:
-                ckpt.close()
-                return {"stopped_at": done, "total_steps": total_steps}
+    metrics_log = _JsonlLog(metrics_path)
+    for s in range(start, total_steps):
+        state, metrics = step(state, next(it))
+        done = s + 1
+        if done % log_every == 0 or done == total_steps:
+            host = jax.device_get(metrics)
+            for site, m in host.items():
+                for i, name in enumerate(names[site]):
+                    rec = {"job": "train_sae", "step": done, "site": site, "member": name,
+                           **{k: float(np.asarray(v)[i]) for k, v in m.items()}}
+                    metrics_log.append(rec)
+                    last[(site, name)] = rec
+            if metrics_log.appends:
+                metrics_log.flush()
+        if (every and done % every == 0) or done == total_steps:
+            metrics_log.flush()
+            ckpt.save(state, it)
+        if stop_after and done >= stop_after and done < total_steps:
+            ckpt.close()
+            return {"stopped_at": done, "total_steps": total_steps}
+    metrics_log.flush()
     elapsed = time.perf_counter() - t0
     exports = export_all(state, specs, saes_dir, model_name=config.get("model_name") or None)
     ckpt.close()
@@ -157,6 +165,59 @@ def train_offline(
         "final": {f"{k[0]}/{k[1]}": v for k, v in last.items()},
         "state": state,
     }
+
+
+def _checkpoint_dir(config: Any, saes_dir: str | Path) -> str:
+    """`checkpoint_dir`, else `run_dir/saes/checkpoints`; a URL Orbax cannot write is refused naming the flag."""
+    from arcstream.sae.checkpoint import checkpoint_path
+
+    explicit = str(config.get("checkpoint_dir", "") or "")
+    if explicit:
+        return explicit
+    default = str(join_location(saes_dir, "checkpoints"))
+    try:
+        checkpoint_path(default, "--config.checkpoint_dir")
+    except ValueError:
+        raise ValueError(f"--config.run_dir={config.run_dir!r}: Orbax checkpoints cannot be written under it "
+                         f"({default}); set --config.checkpoint_dir to a local directory or a gs:// URL") from None
+    return default
+
+
+class _JsonlLog:
+    """A JSONL file in a local directory or a kvstore URL, written as the trainer goes.
+
+    Local: lines are appended and flushed (`appends` is true). A kvstore has no
+    append, so there the file is kept in memory and rewritten whole at each
+    `flush` (one atomic object write; the trainer flushes at each checkpoint).
+    Either way a kill loses at most the lines after the last checkpoint, which
+    `truncate_metrics` would drop on resume anyway.
+    """
+
+    def __init__(self, path: str | Path):
+        self.location, self.key = file_location(path)
+        self.appends = self.location.local is not None
+        self._pending: list[str] = []
+        self._whole: bytes | None = None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self._pending.append(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = "".join(self._pending).encode()
+        if self.appends:
+            path = self.location.local / self.key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+        else:
+            if self._whole is None:
+                self._whole = self.location.read_bytes(self.key) or b""
+            self._whole += data
+            self.location.write_bytes_atomic(self.key, self._whole)
+        self._pending.clear()
 
 
 def truncate_metrics(path: str | os.PathLike, step: int, key: str = "step") -> None:

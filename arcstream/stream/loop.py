@@ -85,7 +85,7 @@ def empty_batch_like(batch_size: int, seq_len: int) -> PackedBatch:
                        prompt_index=np.full((batch_size, seq_len), -1, np.int32),
                        grid_kind=np.zeros((batch_size, seq_len), np.int8), pair_index=m8, row=m8.copy(),
                        col=m8.copy(), colour=m8.copy(), answer_mask=np.zeros((batch_size, seq_len), bool),
-                       prompts=())
+                       output_mask=np.zeros((batch_size, seq_len), bool), prompts=())
 
 
 class StoreSink:
@@ -173,6 +173,7 @@ class Timings:
     disk: float = 0.0  # drain thread: host compaction + store appends
     finish: float = 0.0  # after the loop: SAE exports
     predict: float = 0.0  # after the loop: decoding, voting and scoring (predict=True)
+    analysis: float = 0.0  # after the loop: arcstream.analyze on the run (analyze=True)
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -204,13 +205,16 @@ class RunResult:
     exports: list[str]
     predictions: Any = None  # arcstream.predict PredictResult when config.predict
     predict_skipped: str = ""  # why predict=True did not run here (several processes, a URL output_dir)
+    analysis: Any = None  # arcstream.analysis AnalyzeResult when config.analyze
+    analysis_skipped: str = ""  # why analyze=True did not run here
+    skipped_file: str = "skipped.jsonl"  # where the skipped tasks and prompts are named (row, task id, reason)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         tok_s = self.tokens / max(self.seconds, 1e-9)
         t = self.timings
         bound = max(("forward", t["forward"]), ("input", t["input"]), ("writer", t["backpressure"]),
                     ("sae", t["sae"]), ("commit", t["commit"]), ("predictions", t["predict"]),
-                    ("SAE exports", t["finish"]), key=lambda kv: kv[1])[0]
+                    ("SAE exports", t["finish"]), ("analysis", t["analysis"]), key=lambda kv: kv[1])[0]
         rows = [
             ("output_dir", self.output_dir),
             ("model", self.model),
@@ -220,18 +224,23 @@ class RunResult:
             ("steps", f"{self.steps}" + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")),
             ("prompts / tokens", f"{self.prompts} / {self.tokens} this process ({tok_s:,.0f} tokens/s)"),
             ("rows durable", f"{self.rows_durable} (manifest.json)"),
-            ("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(self.skips.items())) or "none"),
+            ("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(self.skips.items())) + f" (each named in "
+                        f"{self.skipped_file})" if self.skips else "none"),
             ("time", f"{self.seconds:.1f} s, bound by {bound}"),
             ("  forward / input", f"{t['forward']:.1f} s / {t['input']:.1f} s (forward includes compilation)"),
             ("  sae / commit", f"{t['sae']:.1f} s / {t['commit']:.1f} s"),
-            ("  exports / predict", f"{t['finish']:.1f} s / {t['predict']:.1f} s"),
+            ("  exports / predict / analysis", f"{t['finish']:.1f} s / {t['predict']:.1f} s / "
+                                               f"{t['analysis']:.1f} s"),
             ("  writer", f"waited on {self.backpressure_waits}x ({t['backpressure']:.1f} s); "
                          f"d2h {t['d2h']:.1f} s, append {t['disk']:.1f} s"),
         ]
         if self.sae_steps:
             rows.append(("online SAEs", f"{self.sae_steps} steps"))
             for site, m in self.sae_final.items():
-                rows.append((f"  {site.removeprefix('blocks.')}", ", ".join(f"{k} {v:.3g}" for k, v in m.items())))
+                # "dead" has one meaning in a summary, the analysis's (never fired on the rows analysed); the
+                # trainer's windowed count (no fire in the last sae.dead_steps steps) stays in metrics.jsonl.
+                shown = {k: v for k, v in m.items() if k != "dead_fraction"}
+                rows.append((f"  {site.removeprefix('blocks.')}", ", ".join(f"{k} {v:.3g}" for k, v in shown.items())))
             rows.append(("SAE exports", f"{len(self.exports)} in saes/ (SAELens layout)"))
         if self.predictions is not None:
             p = self.predictions
@@ -239,6 +248,19 @@ class RunResult:
             rows.extend((f"  {k}", v) for k, v in p.summary_rows() if k in ("failures", "score"))
         elif self.predict_skipped:
             rows.append(("predictions", f"skipped: {self.predict_skipped}"))
+        if self.analysis is not None:
+            a = self.analysis
+            rows.append(("analysis", f"{a.rows} rows; {a.files['dashboard']}, {a.files['report']}"))
+            for site in a.sites:
+                dead = int(site.stats.dead_mask().sum())
+                classes = [v["class"] for v in site.invariance]
+                views = ", ".join(f"{c} {classes.count(c)}" for c in sorted(set(classes))) or "none"
+                rows.append((f"  {site.site.removeprefix('blocks.')}",
+                             f"dead {dead} of {site.d_sae} ({dead / max(site.d_sae, 1):.1%}, never fired on the "
+                             f"{site.rows} rows analysed); held-out FVU {site.eval['fvu']:.3f}; across views: "
+                             f"{views}"))
+        elif self.analysis_skipped:
+            rows.append(("analysis", f"skipped: {self.analysis_skipped}"))
         return rows
 
 
@@ -324,7 +346,9 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     from arcstream.data.tokenizer import load_tokenizer
     from arcstream.data.pipeline import make_pipeline
     from arcstream.model import attention_option, forward, load_model, make_mesh, parse_sites
+    from arcstream.data.pipeline import Pipeline
     from arcstream.store import StoreWriter, write_manifest
+    from arcstream.store.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
 
     start = time.perf_counter()
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -368,12 +392,26 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         dtype=str(config.store.dtype), process_index=pidx, process_count=pcount,
         rows_per_shard=int(config.store.rows_per_shard))
     step0 = writer.resume_step
+    skiplog = SkippedLog(str(config.output_dir), SKIPPED_FILE if pcount == 1 else process_skipped_key(pidx))
     if step0:
         state = writer.last_commit.extra.get("pipeline")
         if state is None:
             raise RuntimeError(f"{config.output_dir}: the commit at step {step0} has no pipeline state; cannot resume")
         pipeline.set_state(state)
+        # Lines a killed attempt wrote after its last commit are met again: drop them (no duplicates).
+        extra = writer.last_commit.extra
+        if "skipped_lines" in extra:
+            skiplog.truncate(int(extra["skipped_lines"]))
+            skip_from = int(extra.get("skipped_from", 0))
+        else:  # a store written before the run named its skips: name those from here on
+            skip_from = Pipeline.skips_in_state(state)
+            skiplog.replace([])
+            logging.warning("%s: this store predates %s; the %d skips before step %d are counted in the summary "
+                            "but not named", config.output_dir, skiplog.key, skip_from, step0)
         logging.info("resuming at step %d (%d durable rows on this process)", step0, writer.durable_rows)
+    else:
+        skiplog.replace([])  # a fresh store: no lines of an earlier run in this directory
+        skip_from = 0  # the pipeline's skip number of the file's first line
 
     # --- online SAEs
     sae = None
@@ -402,12 +440,19 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         t0 = time.perf_counter()
         drain.join()
         extra = {"pipeline": pipeline.get_state()}
+        # skipped.jsonl names every skip the committed pipeline state has passed (written first, so the
+        # commit never counts a line that is not on disk).
+        done = Pipeline.skips_in_state(extra["pipeline"])
+        extra["skipped_lines"] = skiplog.append(pipeline.skipped_between(skip_from + skiplog.lines, done))
+        extra["skipped_from"] = skip_from
         if sae is not None:
             extra["sae_step"] = sae.save()
         writer.commit(step, extra=extra)
         barrier(f"commit_{step}")
         if pidx == 0 and pcount > 1:
-            write_manifest(str(config.output_dir), pcount)
+            manifest = write_manifest(str(config.output_dir), pcount)
+            merge_skipped(str(config.output_dir), [int(p.extra.get("skipped_lines", 0))
+                                                   for p in manifest.processes])
         barrier(f"manifest_{step}")
         tm.commit += time.perf_counter() - t0
 
@@ -463,8 +508,14 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                     logging.info("step %d: %s", step, status)  # a heartbeat in logs, where no bar is drawn
                     last_line = time.perf_counter()
             commit(step)
+    except BaseException as exc:
+        # Shutting the drain down must not replace the error in flight (a drain failure is that error, or is
+        # added to it as a note); the rows after the last commit are dropped, a resumed run rewrites them.
+        drain.close(exc)
+        raise
+    else:
+        drain.close()  # raises the drain's first failure, or a drain thread that does not stop
     finally:
-        drain.close()
         bar.close()
     exports, sae_final = [], {}
     t0 = time.perf_counter()
@@ -476,6 +527,15 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     if config.predict and not predict_skipped:
         predictions = _predict(config, model_path, model, tokenizer, mesh)
     tm.predict = time.perf_counter() - t0
+    analysis, analysis_skipped = None, ""
+    t0 = time.perf_counter()
+    if config.get("analyze"):
+        analysis_skipped = _why_no_analysis(config, pcount, exports)
+        if analysis_skipped:
+            logging.warning("--config.analyze=True: analysis skipped: %s", analysis_skipped)
+        else:
+            analysis = _analyze(config, model_path)
+    tm.analysis = time.perf_counter() - t0
     from arcstream.store import open_run
 
     rows_durable = open_run(str(config.output_dir)).rows if stored else 0
@@ -487,7 +547,8 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
         timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
         sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports, predictions=predictions,
-        predict_skipped=predict_skipped)
+        predict_skipped=predict_skipped, analysis=analysis, analysis_skipped=analysis_skipped,
+        skipped_file=skiplog.key)
 
 
 def _why_no_predictions(config: ml_collections.ConfigDict, pcount: int) -> str:
@@ -524,6 +585,31 @@ def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tok
         pc.data.max_tasks = min(int(pc.data.max_tasks), captured) if int(pc.data.max_tasks) else captured
     with jax.set_mesh(mesh):
         return run_predictions(pc, model=model, tokenizer=tokenizer)
+
+
+def _why_no_analysis(config: ml_collections.ConfigDict, pcount: int, exports: list[str]) -> str:
+    """Why `analyze=True` cannot run inside this run ("" when it can)."""
+    if not exports:
+        return "the run exported no SAEs (sae.enabled=False?); the analysis studies SAE features"
+    if pcount > 1:
+        return (f"it runs in one process and this run has {pcount}; run python -m arcstream.analyze "
+                f"--config=configs/analyze.py --config.run_dir={config.output_dir} after the capture")
+    return ""
+
+
+def _analyze(config: ml_collections.ConfigDict, model_path: str) -> Any:
+    """`analyze=True`: arcstream.analyze on this run (dashboard/index.html, report.md), its SAEs, its model."""
+    from arcstream.analysis import analyze
+    from arcstream.analysis.config import default_analyze_config
+
+    ac = default_analyze_config()
+    ac.update(json.loads(config.analyze_options.to_json()))
+    ac.run_dir = str(config.output_dir)
+    if not ac.model:
+        ac.model = str(model_path)
+    if config.get("model_options") is not None:
+        ac.model_options = ml_collections.ConfigDict(json.loads(config.model_options.to_json()))
+    return analyze(ac)
 
 
 def _die_for_test(step: int) -> None:

@@ -173,27 +173,46 @@ class DrainQueue:
     unless `max_in_flight` batches are already queued, in which case it blocks
     until the drain catches up (backpressure: the forward never runs more than
     a ring's worth ahead of the disk, and nothing is dropped). `sink(host_arrays,
-    meta)` runs on the drain thread in submission order. An exception in the
-    sink is re-raised in the producer at the next `put`/`join`, so a full disk
-    stops the run instead of silently losing rows.
+    meta)` runs on the drain thread in submission order.
+
+    Errors stay visible: the first exception of the drain (a device-to-host
+    copy or the sink, e.g. a full disk) is kept, never cleared; from then on
+    nothing more reaches the sink (batches queued after it are discarded, so
+    no row is written after the failure), and every later `put`/`join`/`close`
+    raises that same exception object (original type and message, with a note
+    saying where it happened). Use the queue as a context manager (or call
+    `close(exc)` with the exception in flight): shutting down during another
+    error never replaces it; a drain error is added to it as a note instead.
+    A drain thread that does not stop is reported, never silently abandoned.
     """
 
-    def __init__(self, sink: Callable[[dict[str, np.ndarray], Any], None], max_in_flight: int):
+    def __init__(self, sink: Callable[[dict[str, np.ndarray], Any], None], max_in_flight: int,
+                 join_timeout_s: float = 60.0):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight={max_in_flight}: must be >= 1")
         self._sink = sink
         self._q: queue.Queue = queue.Queue(maxsize=max_in_flight)
         self._error: BaseException | None = None
+        self._abort = threading.Event()  # the producer failed: drop what is queued
+        self._join_timeout_s = join_timeout_s
+        self._closed = False
         self.stats = DrainStats()
+        self.discarded = 0  # batches not written because of an earlier failure (or an abort)
         self._thread = threading.Thread(target=self._run, name="arcstream-drain", daemon=True)
         self._thread.start()
 
+    @property
+    def error(self) -> BaseException | None:
+        """The drain's first exception, if any (kept for good)."""
+        return self._error
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"the activation writer failed: {err}") from err
+            raise self._error
 
     def put(self, arrays: Mapping[str, jax.Array], meta: Any) -> None:
+        if self._closed:
+            raise RuntimeError("DrainQueue.put after close()")
         self._raise_if_failed()
         for a in arrays.values():
             a.copy_to_host_async()
@@ -205,6 +224,7 @@ class DrainQueue:
             self.stats.backpressure_waits += 1
             while True:
                 self._raise_if_failed()
+                self._check_thread()
                 try:
                     self._q.put(item, timeout=0.5)
                     break
@@ -220,33 +240,81 @@ class DrainQueue:
                 return
             arrays, meta = item
             try:
-                if self._error is None:
-                    t0 = time.perf_counter()
-                    host = {k: local_rows(v) for k, v in arrays.items()}
-                    t1 = time.perf_counter()
-                    self._sink(host, meta)
-                    t2 = time.perf_counter()
-                    self.stats.d2h_seconds += t1 - t0
-                    self.stats.sink_seconds += t2 - t1
-                    self.stats.batches += 1
-                    self.stats.bytes += sum(v.nbytes for v in host.values())
+                if self._error is not None or self._abort.is_set():
+                    self.discarded += 1  # nothing is written after a failure
+                    continue
+                t0 = time.perf_counter()
+                host = {k: local_rows(v) for k, v in arrays.items()}
+                t1 = time.perf_counter()
+                self._sink(host, meta)
+                t2 = time.perf_counter()
+                self.stats.d2h_seconds += t1 - t0
+                self.stats.sink_seconds += t2 - t1
+                self.stats.batches += 1
+                self.stats.bytes += sum(v.nbytes for v in host.values())
             except BaseException as e:  # noqa: BLE001 - handed to the producer thread
+                e.add_note(f"(raised in the drain thread while writing batch {self.stats.batches + 1}; no batch "
+                           "after it was written)")
                 self._error = e
             finally:
                 self._q.task_done()
+
+    def _check_thread(self) -> None:
+        if not self._thread.is_alive() and self._q.unfinished_tasks:
+            raise RuntimeError(f"the drain thread is gone with {self._q.unfinished_tasks} batches unwritten")
 
     @property
     def in_flight(self) -> int:
         return self._q.qsize()
 
     def join(self) -> None:
-        """Waits until every queued batch went through the sink; re-raises a sink failure."""
+        """Waits until every queued batch went through the sink; raises the drain's first failure."""
         while self._q.unfinished_tasks:
             self._raise_if_failed()
+            self._check_thread()
             time.sleep(0.005)
         self._raise_if_failed()
 
-    def close(self) -> None:
-        self.join()
-        self._q.put(None)
-        self._thread.join(timeout=30)
+    def close(self, exc: BaseException | None = None) -> None:
+        """Stops the drain thread; idempotent.
+
+        `exc=None` (normal end): writes what is queued, then raises the drain's
+        first failure if there was one, or a RuntimeError when the thread does
+        not stop within `join_timeout_s`. With `exc` (the producer is failing):
+        queued batches are dropped, nothing is raised, and a drain failure or a
+        stuck thread is added to `exc` as a note, so the producer's own error is
+        the one that surfaces.
+        """
+        if self._closed:
+            if exc is None:
+                self._raise_if_failed()
+            return
+        self._closed = True
+        if exc is not None:
+            self._abort.set()
+        problem = None
+        sentinel = 1
+        try:
+            self._q.put(None, timeout=self._join_timeout_s)
+        except queue.Full:
+            sentinel = 0
+        self._thread.join(timeout=self._join_timeout_s)
+        if self._thread.is_alive():
+            problem = (f"did not stop within {self._join_timeout_s:g} s (stuck in the sink, e.g. a hung disk or "
+                       f"network write) with {self._q.unfinished_tasks - sentinel} batches unwritten")
+        if exc is not None:
+            if self._error is not None and self._error is not exc:
+                exc.add_note(f"the activation drain had failed too: {type(self._error).__name__}: {self._error}")
+            if problem:
+                exc.add_note(f"the activation drain thread was left running: it {problem}")
+            return
+        self._raise_if_failed()
+        if problem:
+            raise RuntimeError(f"the activation drain thread {problem}; rows after the last commit are not "
+                               "durable (a resumed run rewrites them)")
+
+    def __enter__(self) -> "DrainQueue":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.close(exc)

@@ -24,7 +24,7 @@ def _prompt(i: int, n: int, rng: np.random.Generator) -> EncodedPrompt:
         task_id=f"task{i}", test_index=i % 2, augmentation={"k": i},
         token_ids=rng.integers(5, 50_000, size=n).astype(np.int32), grid_kind=kind, pair_index=field(4),
         row=field(30), col=field(30), colour=field(10), n_cells=cell.astype(np.int8),
-        answer_mask=rng.random(n) < 0.3, answer_start=n)
+        answer_mask=rng.random(n) < 0.3, answer_start=n, output_mask=rng.random(n) < 0.5)
 
 
 def _elements(lengths, seed=0):
@@ -59,7 +59,7 @@ def _check_rows(rows, prompts, seq_len):
             assert np.array_equal(row["positions"][at], np.arange(len(p)))
             assert np.array_equal(row["tokens"][at], p.token_ids)
             assert np.all(row["prompt_index"][at] == info.prompt_index)
-            for f in ("grid_kind", "pair_index", "row", "col", "colour", "answer_mask"):
+            for f in ("grid_kind", "pair_index", "row", "col", "colour", "answer_mask", "output_mask"):
                 assert np.array_equal(row[f][at], getattr(p, f)), f
                 assert row[f].dtype == getattr(p, f).dtype, f
             assert info.task_id == p.task_id and np.array_equal(info.token_ids, p.token_ids)

@@ -133,7 +133,7 @@ class TinyPrompter:
             token_ids=np.asarray(cols["tok"], np.int32), grid_kind=i8("kind"), pair_index=i8("pair"),
             row=i8("row"), col=i8("col"), colour=i8("colour"),
             n_cells=(i8("kind") != GRID_NONE).astype(np.int8), answer_mask=np.asarray(cols["ans"], bool),
-            answer_start=answer_start)
+            answer_start=answer_start, output_mask=np.asarray(cols["ans"], bool))
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -234,6 +234,10 @@ def test_skips_are_counted_by_reason_and_never_fatal():
     assert len(p.skipped) == sum(counts.values())
     msgs = [s.message for s in p.skipped if s.reason == "too_long"]
     assert any("data.seq_len=200" in m for m in msgs) and any("max_prompt_len=250" in m for m in msgs)
+    # Every skip names the task's row in the source, prompts longer than a row included.
+    assert all(isinstance(s.row, int) for s in p.skipped)
+    assert {s.row for s in p.skipped if "data.seq_len=200" in s.message} == {
+        pl.split_prompt_index(i, max_test_pairs=2, n_augmentations=opts.n_augmentations)[0] for i in too_long_row}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -297,6 +301,11 @@ def test_resumed_pipeline_yields_exactly_the_remaining_batches(streaming):
         assert q.batches == len(full) and q.prompts == sum(len(b.prompts) for b in full)
         # counts at the end of a resumed run equal those of an uninterrupted one
         assert q.skip_counts == full_counts and full_counts["too_long"] > 0
+        # The records too: the skips the state accounts for (the packer reads ahead of it, so p may hold more),
+        # then what the resumed pipeline meets, are exactly an uninterrupted run's, none twice.
+        done = pl.Pipeline.skips_in_state(state)
+        assert done <= len(p.skipped)
+        assert p.skipped_between(0, done) + q.skipped_between(done, sum(full_counts.values())) == p_full.skipped
 
 
 def test_resume_may_change_threads_and_prefetch():

