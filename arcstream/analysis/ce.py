@@ -23,40 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arcstream.model import Decoder, parse_sites
-from arcstream.model import rope_tables
+from arcstream.model import Decoder, forward, parse_sites
 
 MODES = ("clean", "sae", "zero")
-
-
-def _site_parts(site: str) -> tuple[int, str]:
-    _, layer, hook = site.split(".")
-    return int(layer), hook
 
 
 def spliced_logits(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Array, positions_bt: jax.Array,
                    site: str, replace: Callable[[jax.Array], jax.Array] | None) -> jax.Array:
     """[B, T, V] logits with `site`'s activation [B, T, D] replaced by `replace(activation)` (None = clean)."""
     parse_sites([site], model.config.num_layers)
-    layer, hook = _site_parts(site)
-    f = replace or (lambda v: v)
-    x_btd = model.embed(tokens_bt)
-    cos_bth, sin_bth = rope_tables(model.config, positions_bt, model.dtype)
-    for i, blk in enumerate(model.layers):
-        if i == layer and hook == "hook_resid_pre":
-            x_btd = f(x_btd)
-        attn_btd, _ = blk.self_attn(blk.input_layernorm(x_btd), cos_bth, sin_bth, segment_ids_bt,
-                                    implementation=model.attention)
-        if i == layer and hook == "hook_attn_out":
-            attn_btd = f(attn_btd)
-        mid_btd = x_btd + attn_btd
-        mlp_btd = blk.mlp(blk.post_attention_layernorm(mid_btd))
-        if i == layer and hook == "hook_mlp_out":
-            mlp_btd = f(mlp_btd)
-        x_btd = mid_btd + mlp_btd
-        if i == layer and hook == "hook_resid_post":
-            x_btd = f(x_btd)
-    return model.logits(x_btd)
+    # The model's own forward with the site edited: every family's block (Gemma's post-norms, per-layer RoPE
+    # and windows included) is the one forward, never a copy of it here.
+    edits = {} if replace is None else {site: replace}
+    return forward(model, tokens_bt, segment_ids_bt, positions_bt, sites=(), return_logits=True, edits=edits).logits
 
 
 @nnx.jit(static_argnames=("site", "mode", "cfg"))

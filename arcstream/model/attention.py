@@ -10,7 +10,9 @@ T=8192.  `attention` is the one function the decoder calls; it dispatches to
 - `splash`:  TPU Pallas splash attention   } in `attention_pallas`, imported
 - `gpu`:     Pallas GPU flash attention    } lazily, only for these names.
 - `auto`:    TPU -> splash, GPU -> gpu, CPU -> blocked (at every length:
-             blocked was measured faster than dense from T=64 up).
+             blocked was measured faster than dense from T=64 up).  On GPU a
+             sliding window or a soft-cap picks blocked, because the Pallas GPU
+             kernel has neither (it is refused there by name).
 
 Semantics (every implementation, pinned by tests/model/test_attention.py):
 a query at i sees key j iff `segment_ids[i] == segment_ids[j]`, `j <= i` and,
@@ -19,7 +21,14 @@ itself and the w-1 keys before it).  Segment 0 is padding; padding sees
 padding only, so its (discarded) outputs stay finite.  Softmax runs in
 float32; the output has q's dtype; scale defaults to 1/sqrt(H).  GQA: q has N
 heads, k/v K heads, N % K == 0; query head n reads KV head n // (N/K).
-Keys and queries have the same length T (no KV cache: decoding keeps `dense`).
+Keys and queries have the same length T (no KV cache: decoding uses
+`masked_attention`, dense over the cache with an explicit mask).
+
+Soft-capping (Gemma 2, `softcap=c`): the scaled scores s = scale * q.k become
+c * tanh(s / c) before the mask and the softmax, as HF's eager Gemma 2
+attention does.  `dense`, `blocked` and `splash` (the kernel's
+`attn_logits_soft_cap`) implement it, forward and backward; `gpu` refuses it
+by name.
 
 `blocked` design and performance contract:
 - Queries in blocks of `block_q`, keys in blocks of `block_k` (default 256 x
@@ -125,13 +134,15 @@ def _check_window(window: int | None) -> None:
 # ---------------------------------------------------------------------------- dispatch
 def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_ids_bt: jax.Array, *,
               implementation: str = "auto", scale: float | None = None, window: int | None = None,
-              block_q: int | None = None, block_k: int | None = None) -> jax.Array:
-    """Causal, segment-masked (optionally sliding-window) attention; returns o [B, T, N, H].
+              softcap: float | None = None, block_q: int | None = None,
+              block_k: int | None = None) -> jax.Array:
+    """Causal, segment-masked (optionally sliding-window, soft-capped) attention; returns o [B, T, N, H].
 
     q_btnh [B, T, N, H]; k_btkh, v_btkh [B, T, K, H] with N % K == 0;
     segment_ids_bt int [B, T] (0 = padding).  `implementation` is one of
     `IMPLEMENTATIONS`; `block_q`/`block_k` apply to `blocked` only (default
-    256).  Static arguments: implementation, scale, window, block sizes.
+    256).  `softcap=c` caps the scaled scores at c * tanh(s / c) (Gemma 2).
+    Static arguments: implementation, scale, window, softcap, block sizes.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation={implementation!r} is unknown; "
@@ -144,12 +155,13 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_i
         # `blocked` folds the scale into exp() after the running max; a scale <= 0
         # would turn the max into a min and overflow.
         raise ValueError(f"attention scale={scale!r}: expected a finite float > 0 (default 1/sqrt(H)).")
+    softcap = _check_softcap(softcap)
     if implementation == "auto":
-        implementation = _auto()
+        implementation = _auto(window, softcap)
     if implementation == "dense":
-        return _dense(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window)
+        return _dense(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window, softcap=softcap)
     if implementation == "blocked":
-        return _blocked(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window,
+        return _blocked(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window, softcap=softcap,
                         block_q=DEFAULT_BLOCK_Q if block_q is None else block_q,
                         block_k=DEFAULT_BLOCK_K if block_k is None else block_k)
     # Lazy import: the Pallas kernels pull in TPU/GPU-only modules that plain
@@ -157,14 +169,59 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_i
     from arcstream.model import attention_pallas  # noqa: PLC0415
 
     if implementation == "splash":
-        fn, native = attention_pallas.splash_attention, "tpu"
+        # Only when set: the call without a cap stays the shared signature (tests fake the kernels).
+        fn, native, extra = attention_pallas.splash_attention, "tpu", {} if softcap is None else {"softcap": softcap}
     else:
-        fn, native = attention_pallas.gpu_attention, "gpu"
+        if softcap is not None:
+            raise ValueError(
+                f"attention implementation='gpu' does not implement softcap={softcap} (attention-logit "
+                "soft-capping, Gemma 2): neither the Pallas GPU kernel nor cuDNN's path has it. Use "
+                "implementation='blocked' or 'auto' (--config.model_options.attention=blocked).")
+        fn, native, extra = attention_pallas.gpu_attention, "gpu", {}
     # Off their own backend the kernels only run in Pallas interpret mode (slow; for tests).
     interpret = jax.default_backend() != native
     if interpret:
         _warn_interpret(implementation, jax.default_backend())
-    return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window, interpret=interpret)
+    return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window, interpret=interpret, **extra)
+
+
+def masked_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, *,
+                     scale: float | None = None, softcap: float | None = None) -> jax.Array:
+    """Dense attention of T queries over S keys with an explicit [B, T, S] bool mask (the KV-cache path).
+
+    Same numerics as `dense`: float32 scores and softmax, scale (default
+    1/sqrt(H)) then soft-cap then mask.  Every query must see at least one key.
+    """
+    softcap = _check_softcap(softcap)
+    if softcap is None:
+        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None], scale=scale)
+    h = q_btnh.shape[-1]
+    scale = float(1.0 / math.sqrt(h)) if scale is None else float(scale)
+    return _capped_softmax_attention(q_btnh, k_bskh, v_bskh, mask_bts[:, None], scale, softcap)
+
+
+def _check_softcap(softcap: float | None) -> float | None:
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (
+            math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"attention softcap={softcap!r}: expected None or a finite number > 0 "
+                         "(scores become softcap * tanh(scores / softcap)).")
+    return float(softcap)
+
+
+def _capped_softmax_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, scale: float, softcap: float) -> jax.Array:
+    """jax.nn.dot_product_attention's XLA path with c * tanh(s / c) between the scale and the mask."""
+    b, t, n, h = q_btnh.shape
+    kh = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kh, n // kh, h)
+    s_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32) * scale
+    s_bkgts = jnp.tanh(s_bkgts / softcap) * softcap
+    mask_bk1ts = mask_b1ts[:, :, None]  # [B, 1, 1, T, S]
+    s_bkgts = jnp.where(mask_bk1ts, s_bkgts, jnp.finfo(jnp.float32).min)
+    p_bkgts = jax.nn.softmax(s_bkgts, axis=-1).astype(v_bskh.dtype)
+    o_btkgh = jnp.einsum("bkgts,bskh->btkgh", p_bkgts, v_bskh)
+    return o_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
 @functools.cache
@@ -175,12 +232,13 @@ def _warn_interpret(implementation: str, backend: str) -> None:
         "use implementation='blocked' or 'auto' on this device", implementation, backend)
 
 
-def _auto() -> str:
+def _auto(window: int | None = None, softcap: float | None = None) -> str:
     backend = jax.default_backend()
     if backend == "tpu":
         return "splash"
     if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
+        # The Pallas GPU kernel has no window and no soft-cap (with segment ids).
+        return "gpu" if window is None and softcap is None else "blocked"
     # CPU: blocked, at every length -- it was measured faster than dense even at
     # T=64..128 (one block pair), forward and backward (module docstring).
     return "blocked"
@@ -206,9 +264,12 @@ def _check_shapes(q_btnh, k_btkh, v_btkh, segment_ids_bt) -> None:
 
 
 # ---------------------------------------------------------------------------- dense
-def _dense(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, scale: float, window: int | None) -> jax.Array:
+def _dense(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, scale: float, window: int | None,
+           softcap: float | None = None) -> jax.Array:
     """The reference: materialises [B, N, T, T]; use for short rows and tests only."""
     mask_b1tt = segment_mask(segment_ids_bt, window)[:, None]
+    if softcap is not None:
+        return _capped_softmax_attention(q_btnh, k_btkh, v_btkh, mask_b1tt, scale, softcap)
     o_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_b1tt, scale=scale)
     return o_btnh.astype(q_btnh.dtype)
 
@@ -219,7 +280,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _blocked(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, scale: float, window: int | None,
-             block_q: int, block_k: int) -> jax.Array:
+             block_q: int, block_k: int, softcap: float | None = None) -> jax.Array:
     """Pad T, lay K/V blocks out on a leading axis, run the custom-vjp core."""
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(blk, bool) or not isinstance(blk, int) or blk < 1:
@@ -249,7 +310,7 @@ def _blocked(q_btnh, k_btkh, v_btkh, segment_ids_bt, *, scale: float, window: in
     segq_x = seg_bt.reshape(b, nq, block_q).transpose(1, 0, 2)
     segk_x = seg_bt.reshape(b, nk, block_k).transpose(1, 0, 2)
     kb_lo_q, qb_hi_k = _block_bounds(seg_bt, window, block_q, block_k)
-    o_btkgh = _flash(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q)
+    o_btkgh = _flash(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q, softcap)
     return o_btkgh.reshape(b, tp, n, h)[:, :t]
 
 
@@ -321,14 +382,26 @@ def _unmasked_lo(segq_x, qi_q, block_q: int, block_k: int, window: int | None):
     return jnp.where(one_run_q, lo_q, big).astype(jnp.int32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _flash(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q, softcap):
     """o_btkgh [B, T, K, G, H] in q's dtype (see `_flash_fwd`)."""
-    return _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale, window, block_q)[0]
+    return _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale, window, block_q, softcap)[0]
+
+
+def _cap(s_raw, scale: float, softcap: float | None):
+    """Scores as the softmax sees them, and the factor exp() still has to apply.
+
+    Without a cap the scale is folded into exp() (one pass fewer over the
+    block); with one, the logits are c * tanh(scale * s_raw / c) and exp()
+    applies no further factor.
+    """
+    if softcap is None:
+        return s_raw, scale
+    return jnp.tanh(s_raw * (scale / softcap)) * softcap, 1.0
 
 
 def _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale: float, window: int | None,
-                    block_q: int):
+                    block_q: int, softcap: float | None = None):
     b, tp, kh, g, h = q_btkgh.shape
     nq = tp // block_q
     block_k = k_x.shape[3]
@@ -359,6 +432,7 @@ def _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale: float, wi
                 # Unscaled scores: the scale is folded into the exp below, which
                 # saves XLA CPU one elementwise pass over the block (measured).
                 s_bkgqs = jnp.einsum("bkgqh,bksh->bkgqs", q_bkgqh, k_bksh, preferred_element_type=f32)
+                s_bkgqs, exp_scale = _cap(s_bkgqs, scale, softcap)
                 if masked:
                     segk_bk = lax.dynamic_index_in_dim(segk_x, kj, 0, keepdims=False)
                     mask = _block_mask(segq_bq, segk_bk, qi, kj, block_q, block_k, window)
@@ -367,8 +441,8 @@ def _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale: float, wi
                 # A query with no visible key yet keeps m = -inf; subtract 0 instead so
                 # exp() gives 0 rather than NaN (exp(-inf - -inf)).
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                p_bkgqs = jnp.exp((s_bkgqs - m_safe[..., None]) * scale)  # scale > 0: the max stays the max
-                corr_bkgq = jnp.exp((m_bkgq - m_safe) * scale)
+                p_bkgqs = jnp.exp((s_bkgqs - m_safe[..., None]) * exp_scale)  # > 0: the max stays the max
+                corr_bkgq = jnp.exp((m_bkgq - m_safe) * exp_scale)
                 l_new = l_bkgq * corr_bkgq + p_bkgqs.sum(axis=-1)
                 pv_bkgqh = jnp.einsum("bkgqs,bksh->bkgqh", p_bkgqs.astype(v_bksh.dtype), v_bksh,
                                       preferred_element_type=f32)
@@ -385,15 +459,17 @@ def _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale: float, wi
         # stacked [nq, ...] output plus a transpose back cost ~15% at T=2048.
         o_bqkgh = (acc_bkgqh / l_bkgq[..., None]).astype(q_btkgh.dtype).transpose(0, 3, 1, 2, 4)
         o_btkgh = lax.dynamic_update_slice_in_dim(o_btkgh, o_bqkgh, qi * block_q, axis=1)
-        lse_x = lax.dynamic_update_index_in_dim(lse_x, m_bkgq * scale + jnp.log(l_bkgq), qi, 0)
+        exp_scale = scale if softcap is None else 1.0
+        lse_x = lax.dynamic_update_index_in_dim(lse_x, m_bkgq * exp_scale + jnp.log(l_bkgq), qi, 0)
         return o_btkgh, lse_x
 
     init = (jnp.zeros_like(q_btkgh), jnp.zeros((nq, b, kh, g, block_q), f32))
     return lax.fori_loop(0, nq, one_query_block, init)
 
 
-def _flash_fwd(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q):
-    o_btkgh, lse_x = _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale, window, block_q)
+def _flash_fwd(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q, softcap):
+    o_btkgh, lse_x = _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale, window, block_q,
+                                     softcap)
     return o_btkgh, (q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, o_btkgh, lse_x)
 
 
@@ -403,13 +479,16 @@ def _to_blocks(x_btkgh, block_q: int):
     return x_btkgh.reshape(b, tp // block_q, block_q, kh, g, h).transpose(1, 0, 3, 4, 2, 5)
 
 
-def _flash_bwd(scale, window, block_q, res, do_btkgh):
+def _flash_bwd(scale, window, block_q, softcap, res, do_btkgh):
     """Flash-attention backward, one pass over key blocks.
 
     For key block kj and each query block qi that sees it:
       p = exp(s - lse), dv += p^T do, dp = do v^T, ds = p (dp - delta),
       dk += ds^T q, dq[qi] += ds k;   delta = rowsum(do * o).
     The scale is applied once to dk and dq at the end (both are linear in it).
+    With a soft-cap the logits are c * tanh(scale * s_raw / c), whose
+    derivative in s_raw is scale * (1 - tanh^2): ds gains the (1 - tanh^2)
+    factor and the scale is applied at the end as before.
     """
     q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, o_btkgh, lse_x = res
     q_x, o_x, do_x = (_to_blocks(x, block_q) for x in (q_btkgh, o_btkgh, do_btkgh))
@@ -432,12 +511,16 @@ def _flash_bwd(scale, window, block_q, res, do_btkgh):
             segq_bq = lax.dynamic_index_in_dim(segq_x, qi, 0, keepdims=False)
             s_bkgqs = jnp.einsum("bkgqh,bksh->bkgqs", q_bkgqh, k_bksh, preferred_element_type=f32)
             mask = _block_mask(segq_bq, segk_bk, qi, kj, block_q, block_k, window)
+            logits_bkgqs, exp_scale = _cap(s_bkgqs, scale, softcap)
             # lse is finite for every query (each sees itself), so masked p is exactly 0.
-            p_bkgqs = jnp.exp(jnp.where(mask, s_bkgqs, -jnp.inf) * scale - lse_bkgq[..., None])
+            p_bkgqs = jnp.exp(jnp.where(mask, logits_bkgqs, -jnp.inf) * exp_scale - lse_bkgq[..., None])
             dv_bksh = dv_bksh + jnp.einsum("bkgqs,bkgqh->bksh", p_bkgqs.astype(do_bkgqh.dtype), do_bkgqh,
                                            preferred_element_type=f32)
             dp_bkgqs = jnp.einsum("bkgqh,bksh->bkgqs", do_bkgqh, v_bksh, preferred_element_type=f32)
-            ds_bkgqs = (p_bkgqs * (dp_bkgqs - delta_bkgq[..., None])).astype(q_x.dtype)
+            ds_bkgqs = p_bkgqs * (dp_bkgqs - delta_bkgq[..., None])
+            if softcap is not None:
+                ds_bkgqs = ds_bkgqs * (1.0 - jnp.square(logits_bkgqs / softcap))
+            ds_bkgqs = ds_bkgqs.astype(q_x.dtype)
             dk_bksh = dk_bksh + jnp.einsum("bkgqs,bkgqh->bksh", ds_bkgqs, q_bkgqh, preferred_element_type=f32)
             dq_bkgqh = jnp.einsum("bkgqs,bksh->bkgqh", ds_bkgqs, k_bksh, preferred_element_type=f32)
             dq_x = lax.dynamic_update_index_in_dim(

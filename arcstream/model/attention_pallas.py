@@ -23,7 +23,9 @@ Kernels (jax 0.10):
   mask that the kernel computes in-register (a `LogicalAnd` of the two would be
   materialised as mask blocks); `SegmentIds(q=, kv=)` is and-ed in.  The kernel
   works on one example `[N,T,H]` (vmapped over B) and does not scale q, so q is
-  multiplied by `scale` first (in float32, cast back to q's dtype).
+  multiplied by `scale` first (in float32, cast back to q's dtype).  `softcap=c`
+  (Gemma 2) is the kernel's own `attn_logits_soft_cap`: c * tanh(q.k / c) on the
+  pre-scaled q, i.e. on the scaled scores, as HF does.
 - `gpu_attention` (NVIDIA), two paths:
   * packed rows (segment ids given, the normal case): the Pallas Triton kernel
     `jax.experimental.pallas.ops.gpu.attention.mha` (`segment_ids`, `causal=True`,
@@ -83,8 +85,8 @@ _SPLASH_LANES = 128  # splash block sizes must be multiples of the TPU lane coun
 def splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                      segment_ids_bt: jax.Array | None, *, scale: float | None = None,
                      window: int | None = None, interpret: bool = False,
-                     block_size: int | None = None) -> jax.Array:
-    """Causal, segment-masked (optionally sliding-window) attention with TPU splash attention.
+                     block_size: int | None = None, softcap: float | None = None) -> jax.Array:
+    """Causal, segment-masked (optionally sliding-window, soft-capped) attention with TPU splash attention.
 
     Shapes and semantics: see the module docstring.  `block_size` (a multiple of
     128) is the query and key block; default min(512, T rounded up to 128).
@@ -104,7 +106,8 @@ def splash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     t_pad = _round_up(t, block)
 
     def per_shard(q, kk, v, seg):
-        kernel = _splash_kernel(q.shape[2], t_pad, block, window, bool(interpret))
+        kernel = _splash_kernel(q.shape[2], t_pad, block, window, bool(interpret),
+                                None if softcap is None else float(softcap))
         q = (q.astype(jnp.float32) * scale_f).astype(q.dtype)  # splash does not scale q
         q, kk, v, seg = _pad_time(t_pad, q, kk, v, seg)
         # [B,T,N,H] -> [B,N,T,H]: splash works on one example, heads first.
@@ -190,7 +193,8 @@ def _use_cudnn(dtype, head_dim: int, segment_ids_bt, interpret: bool) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(num_heads: int, t_pad: int, block: int, window: int | None, interpret: bool):
+def _splash_kernel(num_heads: int, t_pad: int, block: int, window: int | None, interpret: bool,
+                   softcap: float | None = None):
     """One splash kernel per static configuration.
 
     Cached because building it runs the mask-block analysis in NumPy; built under
@@ -210,7 +214,8 @@ def _splash_kernel(num_heads: int, t_pad: int, block: int, window: int | None, i
                           block_q_dq=block, block_kv_dq=block)
     with jax.ensure_compile_time_eval():
         return sa.make_splash_mha(sa.MultiHeadMask([mask] * num_heads), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+                                  head_shards=1, q_seq_shards=1, interpret=interpret,
+                                  attn_logits_soft_cap=softcap)
 
 
 def _maybe_shard_map(name: str, fn: Callable, q, k, v, seg):

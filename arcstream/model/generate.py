@@ -139,9 +139,12 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_
     key_valid_bs = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
 
     def run(x_btd, positions_bt, mask_bts, caches, index, step):
-        cos, sin = rope_tables(c, positions_bt, model.dtype)
+        # One RoPE table per kind the layers use (Gemma 3: local and global); sliding layers add
+        # their window to mask_bts themselves (Attention), from the slot of each query.
+        tables = {kind: rope_tables(c, positions_bt, model.dtype, kind) for kind in c.rope_kinds}
         new = []
-        for layer, cache in zip(model.layers, caches):
+        for i, (layer, cache) in enumerate(zip(model.layers, caches)):
+            cos, sin = tables[c.layer_rope(i)]
             x_btd, _, _, cache = layer(x_btd, cos, sin, mask_bts=mask_bts, cache=cache, cache_index=index)
             new.append(cache)
         logits_bv = model.logits(x_btd[:, -1:])[:, 0].astype(jnp.float32)

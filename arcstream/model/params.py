@@ -39,8 +39,8 @@ PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
      r"layers.\1.\2.kernel", True),
     (r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.bias",
      r"layers.\1.\2.bias", False),
-    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-     r"layers.\1.\2.weight", False),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+     r"post_feedforward_layernorm)\.weight", r"layers.\1.\2.weight", False),
     (r"model\.layers\.(\d+)\.self_attn\.([qk]_norm)\.weight", r"layers.\1.self_attn.\2.weight", False),
     (r"model\.norm\.weight", "norm.weight", False),
     (r"lm_head\.weight", "lm_head.kernel", True),
@@ -135,7 +135,7 @@ def _tensor_files(ckpt: Path) -> dict[str, Path]:
 def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
                mesh: jax.sharding.Mesh | None = None, rules: Rules = None,
                attention: str = "auto") -> tuple[Decoder, ModelConfig]:
-    """Load an HF Qwen2/Qwen2.5, Qwen3 or Llama checkpoint into a `Decoder`.
+    """Load an HF Qwen2/Qwen2.5, Qwen3, Llama, Mistral, Gemma 2 or Gemma 3 (text) checkpoint into a `Decoder`.
 
     dtype: "float32" or "bfloat16" (parameters and activations).
     mesh: place every tensor straight into its shards on this ('data','model')
@@ -282,7 +282,7 @@ def check_head_sharding(config: ModelConfig, mesh: jax.sharding.Mesh | None) -> 
 # ---------------------------------------------------------------------------- random init
 def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
                 mesh: jax.sharding.Mesh | None = None, rules: Rules = None, attention: str = "auto") -> Decoder:
-    """A random model: normal(0, 0.02) matrices, unit norm scales, zero biases.
+    """A random model: normal(0, 0.02) matrices, unit norm scales (Gemma: zero weights), zero biases.
 
     Values come from NumPy (one generator per parameter, seeded by
     `(seed, index)`), so they do not depend on the mesh, and nothing is
@@ -302,8 +302,8 @@ def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
         def full(i=i, shape=shape, np_dtype=np_dtype, leaf=leaf, owner=owner) -> np.ndarray:
             if leaf == "bias":
                 return np.zeros(shape, np_dtype)
-            if leaf == "weight" and "norm" in owner:
-                return np.ones(shape, np_dtype)
+            if leaf == "weight" and "norm" in owner:  # scale 1: Gemma's (1 + w) norms store 0
+                return (np.zeros if config.norm_plus_one else np.ones)(shape, np_dtype)
             rng = np.random.default_rng([seed, i])
             return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np_dtype)
 

@@ -50,9 +50,15 @@ def hf_reference(hf_model, tokens_bt: np.ndarray) -> dict[str, np.ndarray]:
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(
             lambda m, a, o, i=i: out.__setitem__(f"blocks.{i}.hook_resid_post", as_np(o))))
-        handles.append(layer.self_attn.register_forward_hook(
+        # attn_out / mlp_out are what each branch adds to the residual stream (TransformerLens): for
+        # Gemma that is after the branch's post-norm, elsewhere the attention / MLP module output.
+        if getattr(layer, "post_feedforward_layernorm", None) is not None:
+            attn_mod, mlp_mod = layer.post_attention_layernorm, layer.post_feedforward_layernorm
+        else:
+            attn_mod, mlp_mod = layer.self_attn, layer.mlp
+        handles.append(attn_mod.register_forward_hook(
             lambda m, a, o, i=i: out.__setitem__(f"blocks.{i}.hook_attn_out", as_np(o))))
-        handles.append(layer.mlp.register_forward_hook(
+        handles.append(mlp_mod.register_forward_hook(
             lambda m, a, o, i=i: out.__setitem__(f"blocks.{i}.hook_mlp_out", as_np(o))))
     try:
         with torch.no_grad():
