@@ -1,4 +1,5 @@
-"""The embedded default run as a user runs it: configs/default.py unchanged but for the output directory.
+"""The embedded default run as a user runs it: configs/default.py unchanged but for the output directory
+(and one device, as on a user's CPU).
 
 One run (a few minutes here), then what its first command must leave: the store, SAE exports, scored
 predictions, and the analysis at the end (dashboard/index.html, report.md), with several views per task (so
@@ -30,6 +31,7 @@ def default_run(tmp_path_factory):
         sys.path.pop(0)
     out = tmp_path_factory.mktemp("default") / "run"
     c.output_dir = str(out)
+    c.mesh.data = 1  # the test process has 8 fake CPU devices (tests/conftest.py); a user's CPU run has one
     return out, run(c)
 
 
@@ -45,7 +47,9 @@ def test_the_first_command_ends_on_the_dashboard(default_run):
     assert result.timings["analysis"] > 0 and result.timings["predict"] > 0
     # Shape-constrained decoding: no answer runs to the token budget.
     assert "no_stop" not in result.predictions.failures
-    assert sum(result.predictions.shape_sources.values()) == result.predictions.generations
+    # every generation that had a prompt got a shape (prompts too long to build have none)
+    p = result.predictions
+    assert p.generations - p.failures.get("too_long", 0) <= sum(p.shape_sources.values()) <= p.generations
 
 
 @pytest.mark.slow

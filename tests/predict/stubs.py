@@ -37,7 +37,7 @@ class OracleGenerator:
         self.scored = 0
         self.score_calls = 0
 
-    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
+    def generate(self, prompts: Sequence[EncodedPrompt], shapes=None) -> list[Generation]:  # shapes: ignored
         self.generated += len(prompts)
         out = []
         for p in prompts:
@@ -62,7 +62,7 @@ class GarbageGenerator:
     def __init__(self) -> None:
         self.intended: list[str] = []
 
-    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
+    def generate(self, prompts: Sequence[EncodedPrompt], shapes=None) -> list[Generation]:  # shapes: ignored
         out = []
         for _ in prompts:
             text, reason = GARBAGE[len(self.intended) % len(GARBAGE)]
@@ -84,7 +84,7 @@ class NoisyGenerator(OracleGenerator):
         super().__init__(tasks)
         self.fail_after = fail_after
 
-    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
+    def generate(self, prompts: Sequence[EncodedPrompt], shapes=None) -> list[Generation]:  # shapes: ignored
         if self.fail_after is not None and self.generated + len(prompts) > self.fail_after:
             raise RuntimeError("simulated crash")
         self.generated += len(prompts)
@@ -103,6 +103,6 @@ class MajorityWrongGenerator(OracleGenerator):
     """Right under the first of every 4 prompts, the grid [[0]] under the other 3: voting ranks the wrong grid
     first; the oracle's likelihoods (0 for the truth, -50 for anything else) rank the truth first."""
 
-    def generate(self, prompts: Sequence[EncodedPrompt]) -> list[Generation]:
+    def generate(self, prompts: Sequence[EncodedPrompt], shapes=None) -> list[Generation]:  # shapes: ignored
         gens = super().generate(prompts)
         return [g if i % 4 == 0 else Generation("0", True, -1.0, 2) for i, g in enumerate(gens)]
