@@ -44,6 +44,7 @@ def _config(ckpt: Path, out: Path, **over):
     c.model = str(ckpt)
     c.predict = False  # the default run predicts; these tests time the capture (one test turns it on)
     c.analyze = False  # and analyses its SAEs (tests/analysis covers that)
+    c.data.n_augmentations = 1  # and has 4 views per test input; these tests were sized for 1
     c.output_dir = str(out)
     c.sites = SITES
     c.max_prompts = 6
@@ -67,7 +68,8 @@ def _cli_overrides(ckpt: Path, out: Path, extra: tuple[str, ...] = ()) -> list[s
         f"--config={REPO / 'configs/default.py'}:nosae", f"--config.model={ckpt}", f"--config.output_dir={out}",
         f"--config.sites={SITES}", "--config.max_prompts=6", "--config.commit_every=1",
         "--config.store.dtype=float32", "--config.data.seq_len=768", "--config.data.max_prompt_len=768",
-        "--config.data.batch_size=2", "--config.predict=False", "--config.analyze=False", *extra,
+        "--config.data.batch_size=2", "--config.predict=False", "--config.analyze=False",
+        "--config.data.n_augmentations=1", *extra,  # the default run has 4 views; these tests were sized for 1
     ]
 
 
