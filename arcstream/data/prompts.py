@@ -97,6 +97,16 @@ class PromptTemplate:
     stop_after_outputs: bool = False
 
 
+_MINIMAL = PromptTemplate(
+    name="minimal",
+    instruction="",
+    example_header="",
+    input_label="I\n",
+    output_label="O\n",
+    pair_separator="\n",
+    test_header="",
+)
+
 TEMPLATES: dict[str, PromptTemplate] = {
     t.name: t
     for t in (
@@ -110,25 +120,9 @@ TEMPLATES: dict[str, PromptTemplate] = {
             pair_separator="\n\n",
             test_header="Test\n",
         ),
-        PromptTemplate(
-            name="minimal",
-            instruction="",
-            example_header="",
-            input_label="I\n",
-            output_label="O\n",
-            pair_separator="\n",
-            test_header="",
-        ),
-        PromptTemplate(
-            name="minimal_stop",
-            instruction="",
-            example_header="",
-            input_label="I\n",
-            output_label="O\n",
-            pair_separator="\n",
-            test_header="",
-            stop_after_outputs=True,
-        ),
+        _MINIMAL,
+        # minimal with eos after every train output (arcstream-tiny's format since its retraining)
+        dataclasses.replace(_MINIMAL, name="minimal_stop", stop_after_outputs=True),
     )
 }
 

@@ -228,15 +228,15 @@ def evaluation_lines(config: ml_collections.ConfigDict, h: dict[str, Any], a: di
         lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"])
     if a:
         constrained = ""
-        if a.get("constrain_shape"):
+        if a["constrain_shape"]:
             constrained = ("; shape-constrained (the answer's shape from the train pairs' rules, else the model's own "
                            "header; `arcstream/predict/shape.py`), shapes from: "
-                           + ", ".join(f"{k} {v}" for k, v in a.get("shape_sources", {}).items()))
+                           + ", ".join(f"{k} {v}" for k, v in a["shape_sources"].items()))
         lines += [
             f"Accuracy on `{a['source']}` ({a['tasks']} tasks, {a['total']} test outputs; greedy decoding"
             f"{constrained}; {a['n_augmentations']} augmentation(s) per test input, two attempts, exact match): "
             f"**{a['correct']:.0f}/{a['total']} = {100 * a['score']:.2f}%**. First attempt of the right shape: "
-            f"{a.get('shape_right', 0)}/{a['total']}. Failures by reason: "
+            f"{a['shape_right']}/{a['total']}. Failures by reason: "
             f"{', '.join(f'{k} {v}' for k, v in a['failures'].items()) or 'none'}.", "",
         ]
     lines += goal_lines(h, a)
@@ -259,9 +259,9 @@ def goal_lines(h: dict[str, Any] | None, a: dict[str, Any] | None) -> list[str]:
             rows.append(("per-cell accuracy above copy-the-test-input on same-shape outputs",
                          f"{own:.3f} vs {copy:.3f}", own > copy))
     if a and a.get("total"):
-        right = a.get("shape_right", 0) / a["total"]
+        right = a["shape_right"] / a["total"]
         rows.append(("the right output shape on at least half the test outputs (first attempt)",
-                     f"{a.get('shape_right', 0)}/{a['total']} = {100 * right:.0f}%", right >= 0.5))
+                     f"{a['shape_right']}/{a['total']} = {100 * right:.0f}%", right >= 0.5))
         rows.append(("exact-match pass@2, reported whatever it is", f"{a['correct']:.0f}/{a['total']}", None))
     if not rows:
         return []

@@ -107,7 +107,8 @@ class ModelGenerator:
             t = sh.answer_template(self.tokenizer, s, str(p.metadata.get("encoder", "plain")), self.stop_ids[0])
             if len(t) > self.max_new_tokens:
                 out[i] = Generation("", False, 0.0, 0, shapes[i].source, "too_long")
-            templates[i] = t
+            else:
+                templates[i] = t
         todo = [i for i in range(len(prompts)) if out[i] is None]
         for i, g in zip(todo, self._greedy([prompts[i] for i in todo], [templates[i] for i in todo],
                                            self.max_new_tokens)):

@@ -222,13 +222,14 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
                     errors.append(str(e))
             works.append(_TestWork(task, row, t, augs, prompts, errors))
     flat = [(w, a, p) for w in works for a, p in enumerate(w.prompts) if p is not None]
-    shapes = None
-    if constrain_shape:
+    gens: list[Generation] = []
+    if flat and constrain_shape:
         header = has_shape_header(prompt_config.encoder)
         shapes = [predict_shape(w.augmentations[a].apply_task(w.task), w.test_index, has_header=header)
                   for w, a, _ in flat]
-    gens = (generator.generate([p for _, _, p in flat]) if shapes is None
-            else generator.generate([p for _, _, p in flat], shapes=shapes)) if flat else []
+        gens = generator.generate([p for _, _, p in flat], shapes=shapes)
+    elif flat:  # without the option, generators that predate `shapes` keep working
+        gens = generator.generate([p for _, _, p in flat])
     if len(gens) != len(flat):
         raise RuntimeError(f"generator returned {len(gens)} generations for {len(flat)} prompts")
     by_work: dict[int, dict[int, Generation]] = {}

@@ -132,7 +132,7 @@ def train_offline(
     stop_after = int(config.get("stop_after_steps", 0) or 0)
     names = {site: member_names(m) for site, m in specs.items()}
     t0, last = time.perf_counter(), {}
-    metrics_log = _JsonlLog(metrics_path)
+    metrics_log = JsonlLog(metrics_path)
     for s in range(start, total_steps):
         state, metrics = step(state, next(it))
         done = s + 1
@@ -183,21 +183,28 @@ def _checkpoint_dir(config: Any, saes_dir: str | Path) -> str:
     return default
 
 
-class _JsonlLog:
-    """A JSONL file in a local directory or a kvstore URL, written as the trainer goes.
+class JsonlLog:
+    """A JSONL file in a local directory or a kvstore URL, written as a trainer goes (offline and online SAEs).
 
-    Local: lines are appended and flushed (`appends` is true). A kvstore has no
-    append, so there the file is kept in memory and rewritten whole at each
-    `flush` (one atomic object write; the trainer flushes at each checkpoint).
-    Either way a kill loses at most the lines after the last checkpoint, which
-    `truncate_metrics` would drop on resume anyway.
+    Records wait in memory until `flush()`. Local: they are appended (and
+    fsynced with `fsync=True`); `appends` is true. A kvstore has no append, so
+    there the file is kept in memory and rewritten whole at each `flush` (one
+    atomic object write: readers see the old or the new file, never part of
+    one). Either way a kill loses at most the lines after the last flush, and
+    `truncate` drops lines past the step a resumed run restarts from.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, fsync: bool = False):
+        self.path = path
         self.location, self.key = file_location(path)
         self.appends = self.location.local is not None
+        self.fsync = fsync
         self._pending: list[str] = []
-        self._whole: bytes | None = None
+        self._whole: bytes | None = None  # kvstores: the file's content as last written
+
+    def truncate(self, step: int, key: str = "step") -> None:
+        truncate_metrics(self.path, step, key=key)
+        self._whole = None
 
     def append(self, record: Mapping[str, Any]) -> None:
         self._pending.append(json.dumps(record) + "\n")
@@ -212,6 +219,8 @@ class _JsonlLog:
             with open(path, "ab") as f:
                 f.write(data)
                 f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
         else:
             if self._whole is None:
                 self._whole = self.location.read_bytes(self.key) or b""

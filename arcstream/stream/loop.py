@@ -639,6 +639,8 @@ class _OnlineSAE:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
                  resume_sae_step: int | None):
         from arcstream.sae import SAECheckpointer, TrainConfig, make_train_step, site_specs
+        from arcstream.sae.offline import JsonlLog
+        from arcstream.store.layout import join_location
 
         self.config = config
         self.mesh = mesh
@@ -655,10 +657,12 @@ class _OnlineSAE:
         self.resume_sae_step = resume_sae_step
         self.key = jax.random.key(int(config.seed) + 7)
         self.ckpt = SAECheckpointer(_sae_checkpoint_dir(config), flag="--config.sae.checkpoint_dir")
-        self.metrics = _MetricsLog(str(config.output_dir))
+        # output_dir/metrics.jsonl (process 0), flushed and fsynced at each commit; a kill loses only
+        # records after the last commit, which the resumed run logs again.
+        self.metrics = JsonlLog(join_location(str(config.output_dir), "metrics.jsonl"), fsync=True)
         if resume_sae_step is not None and jax.process_index() == 0:
             # metrics.jsonl lines of SAE steps past the checkpoint the run resumes from are logged again.
-            self.metrics.truncate(int(resume_sae_step))
+            self.metrics.truncate(int(resume_sae_step), key="sae_step")
         self.last: dict[str, dict[str, float]] = {}
 
     def train(self, ring: RingState, step: int, filled: int) -> None:
@@ -738,52 +742,3 @@ def _sae_checkpoint_dir(config: ml_collections.ConfigDict) -> str:
     return default
 
 
-class _MetricsLog:
-    """`output_dir/metrics.jsonl` of the online SAEs (process 0 only), written at each commit.
-
-    Records wait in memory until `flush()` (each commit, and the end). A local
-    file is appended to and fsynced; an object store has no append, so there
-    the whole file is kept in memory and rewritten as one object (a single-key
-    write: readers see the old or the new file, never part of one). Either way
-    a kill loses only records after the last commit, which a resumed run logs
-    again; `truncate` first drops any logged past the SAE step it resumes from
-    (a kill between the SAE checkpoint and the store's commit leaves some).
-    """
-
-    FILE = "metrics.jsonl"
-
-    def __init__(self, output_dir: str):
-        from arcstream.store.layout import RunLocation
-
-        self.output_dir = output_dir
-        self.location = RunLocation(output_dir)
-        self._pending: list[str] = []
-        self._whole: bytes | None = None  # object stores: the file's content as last written
-
-    def truncate(self, sae_step: int) -> None:
-        from arcstream.sae.offline import truncate_metrics
-        from arcstream.store.layout import join_location
-
-        truncate_metrics(join_location(self.output_dir, self.FILE), sae_step, key="sae_step")
-        self._whole = None
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        self._pending.append(json.dumps(record) + "\n")
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        data = "".join(self._pending).encode()
-        if self.location.local is not None:
-            path = self.location.local / self.FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            if self._whole is None:
-                self._whole = self.location.read_bytes(self.FILE) or b""
-            self.location.write_bytes_atomic(self.FILE, self._whole + data)
-            self._whole += data
-        self._pending.clear()
