@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Online SAEs (SAELens names and keys; same keys as configs/train_sae.py).
     c.sae = ml_collections.ConfigDict()
     c.sae.enabled = arg != "nosae"  # train one SAE per captured site on the ring buffer
-    c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu
+    c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu | matryoshka_batchtopk | *_transcoder
     c.sae.expansion_factor = 8  # d_sae = expansion_factor * d_in, unless d_sae is set
     c.sae.d_sae = 0  # latents; 0 = use expansion_factor
     c.sae.k = 48  # active latents per token (topk; batchtopk on average); 16 and 32 left 41% and 17% of the latents dead on this run
@@ -121,11 +121,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sae.total_steps = 100_000  # the schedule's length in SAE steps (training stops there)
     c.sae.clip_norm = 1.0  # global gradient-norm clip; 0 disables
     c.sae.batch_size = 1024  # tokens per SAE step, sampled from the ring (a multiple of the data axis)
-    c.sae.steps_per_batch = 8  # SAE steps per forward step: 8 x 1024 samples ~ the 8,192 tokens of a step
-    c.sae.start_after_slots = 1  # start training once this many ring slots are filled
+    c.sae.passes = 1  # draws of every captured token (without replacement; SAE steps per forward step follow)
     c.sae.exclude_first_token = True  # never train on position 0 (attention-sink norms)
     c.sae.log_every = 10  # SAE steps between metrics.jsonl records
     c.sae.sweep = ""  # e.g. "k=8,16,32": several SAEs per site, vmapped in one step
+    c.sae.matryoshka_widths = ""  # matryoshka_batchtopk: nested prefix widths, e.g. "224,896,3584" (last = d_sae)
+    c.sae.use_matryoshka_aux_loss = False  # matryoshka_batchtopk: AuxK per level on its own residual
+    c.sae.input_site = ""  # batchtopk_transcoder | jumprelu_transcoder: the site encoded (a captured site)
+    c.sae.target_site = ""  # transcoders: the site reconstructed from it, e.g. blocks.L.hook_mlp_out (captured)
     c.sae.checkpoint_dir = ""  # Orbax SAE checkpoints: a local dir or gs:// URL; "" = output_dir/saes/checkpoints
 
     c.data.max_prompts = c.get_ref("max_prompts")

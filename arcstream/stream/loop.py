@@ -41,7 +41,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from arcstream.data.records import CELL_FIELDS, PackedBatch
-from arcstream.stream.ring import DrainQueue, RingSpec, RingState, init_ring, make_sampler, ring_put
+from arcstream.stream.ring import DrainQueue, RingSpec, RingState, due_uses, init_ring, make_sampler, ring_put
 
 TOKEN_POLICIES = ("all", "grid", "answer")
 
@@ -114,10 +114,12 @@ class StoreSink:
 
 
 def make_step(model: Any, forward_fn: Callable, mesh: jax.sharding.Mesh, sites: Sequence[str],
-              store_sites: Sequence[str], with_ring: bool, store_dtype: str | None = None) -> tuple[Callable, Any]:
+              store_sites: Sequence[str], with_ring: bool, store_dtype: str | None = None,
+              passes: int = 1) -> tuple[Callable, Any]:
     """Returns (step, model_state): `step(state, ring, slot, tokens, seg, pos, sae_mask)`.
 
-    The forward stops after the deepest captured layer (no logits). The ring is
+    The forward stops after the deepest captured layer (no logits). Each token
+    of `sae_mask` is owed `passes` online-SAE draws in the ring. The ring is
     donated, so writing the slot is in place; the stored sites are also
     returned as their own arrays for the drain (the ring slot may be
     overwritten `n_slots` steps later while the drain still reads them),
@@ -132,7 +134,7 @@ def make_step(model: Any, forward_fn: Callable, mesh: jax.sharding.Mesh, sites: 
         m = nnx.merge(graphdef, state)
         out = forward_fn(m, tokens, seg, pos, sites=sites, return_logits=False)
         if with_ring:
-            ring = ring_put(ring, slot, out.captures, sae_mask)
+            ring = ring_put(ring, slot, out.captures, sae_mask, passes)
         cast = (lambda x: x.astype(store_dtype)) if store_dtype else (lambda x: x)
         return ring, {s: cast(out.captures[s]) for s in store_sites}
 
@@ -201,6 +203,7 @@ class RunResult:
     timings: dict[str, float]
     backpressure_waits: int
     sae_steps: int
+    sae_tokens: dict[str, int]  # online SAEs: captured, draws, reused, lost, passes (this invocation)
     sae_final: dict[str, dict[str, float]]
     exports: list[str]
     predictions: Any = None  # arcstream.predict PredictResult when config.predict
@@ -235,7 +238,10 @@ class RunResult:
                          f"d2h {t['d2h']:.1f} s, append {t['disk']:.1f} s"),
         ]
         if self.sae_steps:
-            rows.append(("online SAEs", f"{self.sae_steps} steps"))
+            n = self.sae_tokens
+            rows.append(("online SAEs", f"{self.sae_steps} steps; {n['draws']:,} tokens drawn of {n['captured']:,} "
+                                        f"captured (each owed {n['passes']}; {n['reused']:,} drawn again, "
+                                        f"{n['lost']:,} never drawn)"))
             for site, m in self.sae_final.items():
                 # "dead" has one meaning in a summary, the analysis's (never fired on the rows analysed); the
                 # trainer's windowed count (no fire in the last sae.dead_steps steps) stays in metrics.jsonl.
@@ -422,14 +428,14 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     # --- the step
     n_slots = int(config.ring.n_slots)
     ring = init_ring(RingSpec({s: mcfg.hidden_size for s in sites}, n_slots, B * pcount, T,
-                              str(config.ring.dtype)), mesh) if sae else None
+                              str(config.ring.dtype), seed=int(config.seed)), mesh, puts=step0) if sae else None
     step_fn, mstate = make_step(model, forward, mesh, sites, stored, with_ring=sae is not None,
-                                store_dtype=str(config.store.dtype))
+                                store_dtype=str(config.store.dtype), passes=sae.passes if sae else 1)
     sink = StoreSink(writer, stored, str(config.store.tokens), float(config.store.token_fraction), int(config.seed))
     drain = DrainQueue(sink, max_in_flight=max(1, n_slots - 1))
     tm = Timings()
     commit_every = int(config.commit_every)
-    step, prompts, tokens, filled = step0, 0, 0, 0
+    step, prompts, tokens = step0, 0, 0
     from tqdm import tqdm
 
     bar = tqdm(desc="run", unit="step", initial=step0, disable=pidx != 0 or not cli.progress_enabled(),
@@ -446,6 +452,13 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         extra["skipped_lines"] = skiplog.append(pipeline.skipped_between(skip_from + skiplog.lines, done))
         extra["skipped_from"] = skip_from
         if sae is not None:
+            # Every use the ring still owes is drawn before the SAEs are saved: the commit's SAE state is then
+            # a function of the committed batches alone, so a run resumed from it (with an empty ring) trains
+            # exactly as an uninterrupted one (tests/stream/test_run.py compares their weights).
+            nonlocal ring
+            t1 = time.perf_counter()
+            ring = sae.train(ring, step, drain=True)
+            tm.sae += time.perf_counter() - t1
             extra["sae_step"] = sae.save()
         writer.commit(step, extra=extra)
         barrier(f"commit_{step}")
@@ -488,13 +501,12 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                 if stored:
                     drain.put(captured, batch)
                 tm.backpressure += time.perf_counter() - t0
-                filled = min(filled + 1, n_slots)
                 step += 1
                 prompts += len(batch.prompts)
                 tokens += int(batch.valid.sum())
                 if sae is not None:
                     t0 = time.perf_counter()
-                    sae.train(ring, step, filled)
+                    ring = sae.train(ring, step)
                     tm.sae += time.perf_counter() - t0
                 if kill_at == step:
                     _die_for_test(step)
@@ -546,7 +558,8 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         sites=tuple(sites), stored_sites=tuple(stored), steps=step, resumed_from=step0, prompts=prompts,
         tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
         timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
-        sae_steps=sae.steps if sae else 0, sae_final=sae_final, exports=exports, predictions=predictions,
+        sae_steps=sae.steps if sae else 0, sae_tokens=sae.token_counts(ring) if sae else {}, sae_final=sae_final,
+        exports=exports, predictions=predictions,
         predict_skipped=predict_skipped, analysis=analysis, analysis_skipped=analysis_skipped,
         skipped_file=skiplog.key)
 
@@ -651,11 +664,14 @@ class _OnlineSAE:
                               decay_steps=min(int(round(float(config.sae.decay_fraction) * total)), total - warm),
                               clip_norm=float(config.sae.clip_norm), seed=int(config.seed))
         self.step_fn = make_train_step(self.specs, self.tc, mesh)
-        self.sample = make_sampler(mesh, int(config.sae.batch_size))
+        self.passes = int(config.sae.passes)
+        self.batch_size = int(config.sae.batch_size)
+        self.sample = make_sampler(mesh, self.batch_size, self.passes)
+        self.captured = 0  # tokens the ring was given for the SAEs (sae_mask), this invocation
+        self.draws = 0  # rows the SAE steps took from the ring
         self.state = None
         self.steps = 0
         self.resume_sae_step = resume_sae_step
-        self.key = jax.random.key(int(config.seed) + 7)
         self.ckpt = SAECheckpointer(_sae_checkpoint_dir(config), flag="--config.sae.checkpoint_dir")
         # output_dir/metrics.jsonl (process 0), flushed and fsynced at each commit; a kill loses only
         # records after the last commit, which the resumed run logs again.
@@ -665,25 +681,46 @@ class _OnlineSAE:
             self.metrics.truncate(int(resume_sae_step), key="sae_step")
         self.last: dict[str, dict[str, float]] = {}
 
-    def train(self, ring: RingState, step: int, filled: int) -> None:
+    def train(self, ring: RingState, step: int, drain: bool = False) -> RingState:
+        """The SAE steps the newest batch made due (every use left with `drain`); returns the ring.
+
+        Steps per forward step = ceil(uses due / sae.batch_size): the SAEs keep pace with the
+        capture and see each token `sae.passes` times (arcstream/stream/ring.py). Training
+        starts with the first batch.
+        """
         from arcstream.sae import init_train_state
 
-        if filled < min(int(self.config.sae.start_after_slots), int(self.config.ring.n_slots)):
-            return
-        for i in range(int(self.config.sae.steps_per_batch)):
-            batch = self.sample(ring, jax.random.fold_in(jax.random.fold_in(self.key, step), i))
-            if self.state is None:
-                self.state = init_train_state(self.specs, self.tc, batch, self.mesh)
-                if self.resume_sae_step:
-                    # The SAE state saved with the store's last commit (ledger extra "sae_step").
-                    self.state = self.ckpt.restore(self.state, step=int(self.resume_sae_step))
-                    self.steps = int(self.state.step)
-            if self.steps >= self.tc.total_steps:
-                return
-            self.state, metrics = self.step_fn(self.state, batch)
-            self.steps += 1
-            if self.steps % int(self.config.sae.log_every) == 0 or self.steps == 1:
-                self._log(jax.device_get(metrics), step)
+        due, left, new = (int(v) for v in jax.device_get(due_uses(ring)))
+        if not drain:
+            self.captured += new
+        for _ in range(8 if drain else 1):  # unbalanced shards may leave uses after one round
+            owed = left if drain else due
+            if owed <= 0 or self.steps >= self.tc.total_steps:
+                break
+            for _ in range(-(-owed // self.batch_size)):
+                if self.steps >= self.tc.total_steps:
+                    break
+                batch, ring = self.sample(ring)
+                if self.state is None:
+                    self.state = init_train_state(self.specs, self.tc, batch, self.mesh)
+                    if self.resume_sae_step:
+                        # The SAE state saved with the store's last commit (ledger extra "sae_step").
+                        self.state = self.ckpt.restore(self.state, step=int(self.resume_sae_step))
+                        self.steps = int(self.state.step)
+                self.state, metrics = self.step_fn(self.state, batch)
+                self.steps += 1
+                self.draws += self.batch_size
+                if self.steps % int(self.config.sae.log_every) == 0 or self.steps == 1:
+                    self._log(jax.device_get(metrics), step)
+            if drain:
+                left = int(jax.device_get(due_uses(ring))[1])
+        return ring
+
+    def token_counts(self, ring: RingState | None) -> dict[str, int]:
+        """What the summary says the SAEs saw (this invocation)."""
+        reused, lost = (int(v) for v in jax.device_get((ring.reused, ring.lost))) if ring is not None else (0, 0)
+        return {"captured": self.captured, "draws": self.draws, "reused": reused, "lost": lost,
+                "passes": self.passes}
 
     def _log(self, metrics: Mapping[str, Mapping[str, np.ndarray]], run_step: int) -> None:
         if jax.process_index() != 0:

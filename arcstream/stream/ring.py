@@ -9,9 +9,26 @@ ring that lives on the mesh (`[S, B, T, D]` per site, `B` sharded over
   selected rows to the store. The queue holds at most `n_slots - 1` batches in
   flight, so when the writer falls a whole buffer behind, the producer waits
   (backpressure) and nothing is dropped;
-* the online SAE trainer, through `sample_rows`: shuffled rows drawn on the
+* the online SAE trainer, through `make_sampler`: shuffled rows drawn on the
   device from every filled slot (tokens of many prompts and batches mixed),
   so SAE training never makes a host round trip.
+
+Every token is used `passes` times (default once), not sampled with
+replacement. Each token's next use has an *order* key, drawn when its batch
+is written: `put + u * span / passes` with `u` uniform in [0, 1), `put` the
+batch's number and `span = n_slots - 1`, and moved on by `span / passes` at
+each use. A draw takes the smallest keys among the uses left, so an SAE batch
+mixes the tokens of the last `span` batches in random order (a sliding shuffle
+buffer). After batch `c` is written the trainer draws the uses due, those with
+a key below `c + 1` (`due_uses`): their number sets the SAE steps of that
+forward step, so the SAEs keep pace with the capture, and every use of a batch
+is due before its slot is written again. At each commit and at the end of a
+run the rest is drawn: what the SAEs saw at a commit is then a function of the
+committed batches alone, and a resumed run (whose ring starts empty) trains
+exactly as an uninterrupted one. A draw that finds fewer uses left than it needs (the last, partial
+batch; a data shard with fewer tokens than the others) takes the tokens
+still owed again, counted in `reused`; uses a slot still owed when it was overwritten are
+counted in `lost` (zero unless shards are unbalanced).
 
 Why a ring rather than just the last batch: consecutive tokens of one prompt
 are strongly correlated; an SAE batch drawn from S batches of packed prompts
@@ -38,6 +55,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+_REUSE = 1e7  # added to the key of a token with no use left: drawn only when nothing else is left
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +67,7 @@ class RingSpec:
     batch_rows: int  # B: global rows per batch (sharded over 'data')
     seq_len: int  # T
     dtype: str = "bfloat16"
+    seed: int = 0  # the random order of the draws
 
     def __post_init__(self):
         if self.n_slots < 2:
@@ -64,6 +83,12 @@ class RingState:
 
     acts: dict[str, jax.Array]  # site -> [S, B, T, D]
     valid: jax.Array  # bool [S, B, T]: rows the SAE may sample (real tokens of filled slots)
+    uses_left: jax.Array  # int32 [S, B, T]: draws still owed to each token
+    order: jax.Array  # float32 [S, B, T]: key of each token's next use (smallest drawn first)
+    puts: jax.Array  # int32 []: batches written so far
+    key: jax.Array  # uint32 [2]: the order keys' PRNG key
+    lost: jax.Array  # int32 []: uses still owed by tokens whose slot was overwritten
+    reused: jax.Array  # int32 []: draws of a token that had no use left (a partial last batch)
 
 
 def ring_shardings(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedSharding]:
@@ -71,74 +96,120 @@ def ring_shardings(mesh: jax.sharding.Mesh) -> tuple[NamedSharding, NamedShardin
     return NamedSharding(mesh, P(None, DATA_AXIS, None, None)), NamedSharding(mesh, P(None, DATA_AXIS, None))
 
 
-def init_ring(spec: RingSpec, mesh: jax.sharding.Mesh) -> RingState:
-    """Allocates the ring, already sharded, without a host copy."""
+def init_ring(spec: RingSpec, mesh: jax.sharding.Mesh, puts: int = 0) -> RingState:
+    """Allocates the ring, already sharded, without a host copy.
+
+    `puts`: batches already written (a resumed run's step), so that the draws' order keys
+    continue where an uninterrupted run's would be.
+    """
     act_sh, mask_sh = ring_shardings(mesh)
     n_data = mesh.shape[DATA_AXIS]
     if spec.batch_rows % n_data:
         raise ValueError(f"batch_rows={spec.batch_rows} is not divisible by the mesh's data axis ({n_data})")
     dtype = jnp.dtype(spec.dtype)
+    shape = (spec.n_slots, spec.batch_rows, spec.seq_len)
 
     @jax.jit
     def _alloc():
-        acts = {
-            s: jax.lax.with_sharding_constraint(jnp.zeros((spec.n_slots, spec.batch_rows, spec.seq_len, d), dtype), act_sh)
-            for s, d in spec.sites.items()
-        }
-        valid = jax.lax.with_sharding_constraint(jnp.zeros((spec.n_slots, spec.batch_rows, spec.seq_len), bool), mask_sh)
-        return RingState(acts, valid)
+        acts = {s: jax.lax.with_sharding_constraint(jnp.zeros(shape + (d,), dtype), act_sh)
+                for s, d in spec.sites.items()}
+        zeros = lambda dt: jax.lax.with_sharding_constraint(jnp.zeros(shape, dt), mask_sh)  # noqa: E731
+        scalar = jnp.zeros((), jnp.int32)
+        return RingState(acts, zeros(bool), zeros(jnp.int32), zeros(jnp.float32), jnp.full((), puts, jnp.int32),
+                         jax.random.PRNGKey(spec.seed), scalar, scalar)
 
     return _alloc()
 
 
-def ring_put(ring: RingState, slot: jax.Array, captures: Mapping[str, jax.Array], valid_bt: jax.Array) -> RingState:
-    """Writes one batch into `slot` (traced inside the jitted step; with donation it is in place)."""
-    acts = {
-        s: jax.lax.dynamic_update_index_in_dim(buf, captures[s].astype(buf.dtype), slot, axis=0)
-        for s, buf in ring.acts.items()
-    }
-    valid = jax.lax.dynamic_update_index_in_dim(ring.valid, valid_bt.astype(bool), slot, axis=0)
-    return RingState(acts, valid)
+def ring_put(ring: RingState, slot: jax.Array, captures: Mapping[str, jax.Array], valid_bt: jax.Array,
+             passes: int = 1) -> RingState:
+    """Writes one batch into `slot` (traced inside the jitted step; with donation it is in place).
+
+    Each valid token is owed `passes` draws; the key of its first is drawn at
+    random in [puts, puts + span / passes) (see the module docstring).
+    """
+    if passes < 1:
+        raise ValueError(f"sae.passes={passes}: every captured token is used at least once (>= 1)")
+
+    def put(buf, new):
+        return jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), slot, axis=0)
+
+    valid_bt = valid_bt.astype(bool)
+    span = max(ring.valid.shape[0] - 1, 1)
+    u_bt = jax.random.uniform(jax.random.fold_in(ring.key, ring.puts), valid_bt.shape, jnp.float32)
+    order_bt = ring.puts.astype(jnp.float32) + u_bt * (span / passes)
+    owed = jnp.sum(jax.lax.dynamic_index_in_dim(ring.uses_left, slot, axis=0, keepdims=False))
+    return dataclasses.replace(
+        ring, acts={s: put(buf, captures[s]) for s, buf in ring.acts.items()}, valid=put(ring.valid, valid_bt),
+        uses_left=put(ring.uses_left, valid_bt.astype(jnp.int32) * passes), order=put(ring.order, order_bt),
+        puts=ring.puts + 1, lost=ring.lost + owed)
 
 
-def make_sampler(mesh: jax.sharding.Mesh, n_rows: int) -> Callable[[RingState, jax.Array], dict[str, jax.Array]]:
-    """Returns jitted `sample(ring, key) -> {site: [n_rows, D]}` sharded over 'data'.
+@jax.jit
+def due_uses(ring: RingState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(uses due, uses left, valid tokens of the newest batch), global counts.
 
-    Each data shard draws `n_rows / n_data` rows uniformly (with replacement)
-    from the valid rows of its own slice of every slot, in memory linear in the
-    ring's rows. Known limit: a shard whose slice holds no valid row at all
-    (only padding in every filled slot, e.g. the last batches of a small run)
-    returns copies of its last row, which is padding; the loop starts sampling
-    only once `start_after_slots` slots are filled, which makes that rare.
+    Due: a use whose key is below `puts`, i.e. what the newest batch's arrival made due.
+    """
+    owed = ring.uses_left > 0
+    newest = jax.lax.dynamic_index_in_dim(ring.valid, (ring.puts - 1) % ring.valid.shape[0], axis=0,
+                                          keepdims=False)
+    return (jnp.sum(owed & (ring.order < ring.puts.astype(jnp.float32))), jnp.sum(ring.uses_left),
+            jnp.sum(newest))
+
+
+def make_sampler(mesh: jax.sharding.Mesh, n_rows: int, passes: int = 1
+                 ) -> Callable[[RingState], tuple[dict[str, jax.Array], RingState]]:
+    """Returns jitted `sample(ring) -> ({site: [n_rows, D]}, ring)`, rows sharded over 'data'.
+
+    Each data shard draws `n_rows / n_data` rows of its own slice of the ring:
+    the uses with the smallest keys (module docstring), without replacement;
+    every site at the same rows. The ring is donated and comes back with those
+    uses spent. A shard with fewer uses left than it draws takes tokens again
+    (counted in `ring.reused`), cyclically if it holds fewer valid tokens than
+    it draws; one with no valid row at all (only padding in every filled slot)
+    returns padding rows, counted there too.
     """
     n_data = mesh.shape[DATA_AXIS]
     if n_rows % n_data:
         raise ValueError(f"SAE batch of {n_rows} rows is not divisible by the data axis ({n_data})")
     per_shard = n_rows // n_data
 
-    def _local(acts, valid, key):
-        shard = jax.lax.axis_index(DATA_AXIS)
-        key = jax.random.fold_in(key, shard)
-        # Uniform over the valid rows in O(rows) memory: the k-th valid row is found by a binary search in
-        # the running count of valid rows. (`jax.random.categorical(shape=(n,))` over masked logits, used
-        # before, builds an [n, rows] Gumbel array: 134 MB for 1,024 samples from a 4 x 4 x 2,048 ring.)
-        count = jnp.cumsum(valid.reshape(-1).astype(jnp.int32))
-        k = jax.random.randint(key, (per_shard,), 0, jnp.maximum(count[-1], 1))
-        idx = jnp.searchsorted(count, k, side="right")
-        idx = jnp.minimum(idx, count.shape[0] - 1)  # a shard with no valid row (see the docstring)
-        return {s: a.reshape(-1, a.shape[-1])[idx] for s, a in acts.items()}
+    def _local(acts, valid, uses_left, order):
+        v, left, o = valid.reshape(-1), uses_left.reshape(-1), order.reshape(-1)
+        if v.shape[0] < per_shard:
+            raise ValueError(f"the ring holds {v.shape[0]} rows per data shard, fewer than the {per_shard} of one "
+                             "SAE batch; lower sae.batch_size or raise ring.n_slots")
+        span = max(valid.shape[0] - 1, 1)
+        score = jnp.where(left > 0, o, jnp.where(v, o + _REUSE, jnp.inf))
+        _, idx = jax.lax.top_k(-score, per_shard)  # ascending score: uses left, then used tokens, then padding
+        # Fewer uses left than the draw: those tokens again, cyclically, so that a draw depends only on the
+        # uses owed (a resumed run's ring, empty at the commit, draws the same); a shard that owes none takes
+        # used tokens again, and returns padding only if it has no valid row at all.
+        n_owed, n_valid = jnp.sum(left > 0), jnp.sum(v)
+        n_ok = jnp.minimum(jnp.where(n_owed > 0, n_owed, n_valid), per_shard)
+        j = jnp.arange(per_shard)
+        idx = idx[j % jnp.maximum(n_ok, 1)]
+        fresh = (left[idx] > 0) & (j < n_ok)
+        left = left.at[idx].add(-fresh.astype(left.dtype))
+        o = o.at[idx].add(span / passes)
+        reused = jax.lax.psum(jnp.sum(~fresh).astype(jnp.int32), DATA_AXIS)
+        rows = {s: a.reshape(-1, a.shape[-1])[idx] for s, a in acts.items()}
+        return rows, left.reshape(uses_left.shape), o.reshape(order.shape), reused
 
-    def sample(ring: RingState, key: jax.Array) -> dict[str, jax.Array]:
+    def sample(ring: RingState) -> tuple[dict[str, jax.Array], RingState]:
+        mask_spec = P(None, DATA_AXIS, None)
         fn = jax.shard_map(
             _local,
             mesh=mesh,
-            in_specs=({s: P(None, DATA_AXIS, None, None) for s in ring.acts}, P(None, DATA_AXIS, None), P()),
-            out_specs={s: P(DATA_AXIS, None) for s in ring.acts},
+            in_specs=({s: P(None, DATA_AXIS, None, None) for s in ring.acts}, mask_spec, mask_spec, mask_spec),
+            out_specs=({s: P(DATA_AXIS, None) for s in ring.acts}, mask_spec, mask_spec, P()),
             check_vma=False,
         )
-        return fn(ring.acts, ring.valid, key)
+        rows, uses_left, order, reused = fn(ring.acts, ring.valid, ring.uses_left, ring.order)
+        return rows, dataclasses.replace(ring, uses_left=uses_left, order=order, reused=ring.reused + reused)
 
-    return jax.jit(sample)
+    return jax.jit(sample, donate_argnums=(0,))
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

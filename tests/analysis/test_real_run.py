@@ -41,7 +41,7 @@ def test_analysis_of_a_real_run_with_online_saes(tmp_path):
     c.commit_every, c.store.dtype, c.mesh.data = 1, "float32", 1
     c.data.seq_len = c.data.max_prompt_len = 768
     c.data.batch_size, c.data.n_augmentations = 2, 2
-    c.sae.enabled, c.sae.batch_size, c.sae.steps_per_batch, c.sae.start_after_slots = True, 256, 3, 1
+    c.sae.enabled, c.sae.batch_size = True, 256
     c.sae.expansion_factor, c.sae.k, c.sae.warmup_steps = 2, 4, 2
     run(c)
 

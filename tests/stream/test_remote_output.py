@@ -24,7 +24,7 @@ from tests.stream import test_run as _run
 _config = _run._config  # the same config and tiny checkpoint as tests/stream/test_run.py
 tiny_ckpt = _run.tiny_ckpt  # a module-scoped fixture
 
-SAE = {"sae.enabled": True, "sae.batch_size": 256, "sae.steps_per_batch": 2, "sae.start_after_slots": 1,
+SAE = {"sae.enabled": True, "sae.batch_size": 256, 
        "sae.expansion_factor": 2, "sae.k": 4, "sae.log_every": 1, "sae.warmup_steps": 2,
        "store.sites": "blocks.0.hook_resid_post,blocks.2.hook_resid_post", "max_prompts": 4}
 

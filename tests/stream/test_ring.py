@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from arcstream.stream.ring import DrainQueue, RingSpec, init_ring, local_rows, make_sampler, ring_put
+from arcstream.stream.ring import DrainQueue, RingSpec, due_uses, init_ring, local_rows, make_sampler, ring_put
 
 
 def _mesh(data, model):
@@ -20,37 +20,102 @@ def _mesh(data, model):
 
 def _batch(step, B, T, D):
     """Activations whose every entry encodes (step, row, t) so sampled rows can be traced back."""
-    ids = (step * 1000 + np.arange(B)[:, None] * 10 + np.arange(T)[None, :]).astype(np.float32)
+    ids = (step * 10000 + np.arange(B)[:, None] * 100 + np.arange(T)[None, :]).astype(np.float32)  # B <= 100, T <= 100
     return np.repeat(ids[..., None], D, axis=-1)
 
 
-@pytest.mark.parametrize("data,model", [(1, 1), (4, 2)])
-def test_put_then_sample_returns_only_valid_rows_from_every_slot(data, model):
+def _run_ring(mesh, *, S, B, T, D, steps, n_rows, passes, valid_p, seed=0):
+    """Puts `steps` batches and draws as the online trainer does: after each put ceil(due / n_rows)
+    draws, and at the end every use left. Returns (ids drawn per draw, the ids of valid tokens, ring)."""
+    spec = RingSpec({"a": D, "b": 2 * D}, n_slots=S, batch_rows=B, seq_len=T, dtype="float32", seed=seed)
+    ring = init_ring(spec, mesh)
+    put = jax.jit(ring_put, donate_argnums=0, static_argnums=4)
+    sample = make_sampler(mesh, n_rows=n_rows, passes=passes)
+    rng = np.random.default_rng(seed)
+    valid_ids, draws = [], []
+
+    def draw(ring):
+        out, ring = sample(ring)
+        a, b = np.asarray(out["a"]), np.asarray(out["b"])
+        assert a.shape == (n_rows, D) and b.shape == (n_rows, 2 * D)
+        # Both sites are sampled at the same rows (the SAEs of a step see the same tokens).
+        np.testing.assert_array_equal(b[:, :D], a)
+        np.testing.assert_array_equal(b[:, D:], -a)
+        assert out["a"].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
+        draws.append(a[:, 0].astype(int))
+        return ring
+
+    for step in range(steps):
+        x = _batch(step, B, T, D)
+        valid = rng.random((B, T)) < valid_p
+        valid_ids += x[..., 0][valid].astype(int).tolist()
+        caps = {"a": jnp.asarray(x), "b": jnp.asarray(np.concatenate([x, -x], -1))}
+        ring = put(ring, jnp.int32(step % S), caps, jnp.asarray(valid), passes)
+        due, left, new = (int(v) for v in due_uses(ring))
+        assert new == int(valid.sum()) and left >= due
+        for _ in range(-(-due // n_rows)):
+            ring = draw(ring)
+    while int(due_uses(ring)[1]):
+        ring = draw(ring)
+    return draws, valid_ids, ring
+
+
+@pytest.mark.parametrize("data,model,passes", [(1, 1, 1), (4, 2, 1), (2, 1, 2)])
+def test_every_valid_token_is_drawn_passes_times_and_nothing_else(data, model, passes):
     mesh = _mesh(data, model)
-    B, T, D, S = 8, 6, 4, 3
+    B, T, D, S, n_rows = 8, 16, 4, 4, 64
+    draws, valid_ids, ring = _run_ring(mesh, S=S, B=B, T=T, D=D, steps=9, n_rows=n_rows, passes=passes,
+                                       valid_p=1.0)
+    got = np.concatenate(draws)
+    counts = {i: int(c) for i, c in zip(*np.unique(got, return_counts=True))}
+    # Without replacement: each of the 9 x 128 tokens exactly `passes` times; no padding, nothing lost.
+    assert sorted(counts) == sorted(valid_ids) and set(counts.values()) == {passes}
+    assert int(ring.lost) == 0 and int(ring.reused) == 0
+    assert len(got) == passes * len(valid_ids)  # 9 x 128 x passes is a whole number of 64-row draws
+
+
+def test_draws_mix_the_last_batches_and_follow_the_capture():
+    mesh = _mesh(2, 1)
+    B, T, D, S, n_rows = 4, 32, 2, 4, 32
+    draws, valid_ids, ring = _run_ring(mesh, S=S, B=B, T=T, D=D, steps=12, n_rows=n_rows, passes=1,
+                                       valid_p=0.7)
+    # Padding is never drawn; every valid token is drawn, and again only in the last draws (a partial batch,
+    # and a shard with fewer tokens than the other taking its own again): those are all counted as reused.
+    got = np.concatenate(draws)
+    assert set(got.tolist()) == set(valid_ids)
+    extra = len(got) - len(valid_ids)
+    assert int(ring.reused) == extra and int(ring.lost) == 0 and extra < 2 * n_rows
+    seen, again = set(), []
+    for j, d in enumerate(draws):
+        if seen & set(d.tolist()):
+            again.append(j)
+        seen |= set(d.tolist())
+    assert again and min(again) >= len(draws) - 2, again
+    # An SAE batch mixes tokens of several of the last n_slots - 1 batches, in random order.
+    mixes = [len({int(i) // 10000 for i in d}) for d in draws[len(draws) // 2:]]
+    assert np.median(mixes) >= 2 and max(mixes) <= S
+    spans = [int(d.max()) // 10000 - int(d.min()) // 10000 for d in draws]
+    assert max(spans) <= S  # never a token older than the ring
+
+
+def test_unbalanced_shards_reuse_rather_than_return_padding():
+    """A data shard whose rows are mostly padding runs out first: it takes its tokens again (counted)."""
+    mesh = _mesh(2, 1)
+    B, T, D, S = 4, 8, 2, 2
     spec = RingSpec({"a": D, "b": 2 * D}, n_slots=S, batch_rows=B, seq_len=T, dtype="float32")
     ring = init_ring(spec, mesh)
-    put = jax.jit(ring_put, donate_argnums=0)
-    rng = np.random.default_rng(0)
-    valid_ids = set()
-    for step in range(S):
-        x = _batch(step, B, T, D)
-        valid = rng.random((B, T)) < 0.6
-        valid_ids |= set(x[..., 0][valid].astype(int).tolist())
-        caps = {"a": jnp.asarray(x), "b": jnp.asarray(np.concatenate([x, -x], -1))}
-        ring = put(ring, jnp.int32(step), caps, jnp.asarray(valid))
-    sample = make_sampler(mesh, n_rows=512)
-    out = sample(ring, jax.random.key(1))
-    a, b = np.asarray(out["a"]), np.asarray(out["b"])
-    assert a.shape == (512, D) and b.shape == (512, 2 * D)
-    got = a[:, 0].astype(int)
-    assert set(got.tolist()) <= valid_ids, "sampled a padding / invalid row"
-    # Both sites are sampled at the same rows (the SAEs of a step see the same tokens).
-    np.testing.assert_array_equal(b[:, :D], a)
-    np.testing.assert_array_equal(b[:, D:], -a)
-    # Rows of every slot appear (mixing across batches).
-    assert {int(i) // 1000 for i in got} == set(range(S))
-    assert out["a"].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None)), 2)
+    x = _batch(0, B, T, D)
+    valid = np.zeros((B, T), bool)
+    valid[:2] = True  # shard 0 (rows 0-1): 16 tokens; shard 1 (rows 2-3): 1 token
+    valid[2, 0] = True
+    ring = jax.jit(ring_put, donate_argnums=0)(ring, jnp.int32(0), {"a": jnp.asarray(x), "b": jnp.asarray(
+        np.concatenate([x, -x], -1))}, jnp.asarray(valid))
+    out, ring = make_sampler(mesh, n_rows=8)(ring)
+    ids = np.asarray(out["a"])[:, 0].astype(int)
+    valid_ids = set(x[..., 0][valid].astype(int).tolist())
+    assert set(ids.tolist()) <= valid_ids  # no padding row
+    assert ids[4:].tolist() == [int(x[2, 0, 0])] * 4  # shard 1 drew its one token 4 times
+    assert int(ring.reused) == 3
 
 
 def test_slot_write_overwrites_only_its_slot():
@@ -169,11 +234,13 @@ def test_backpressured_put_raises_the_sink_error_instead_of_waiting():
 
 
 def test_shutdown_during_another_error_keeps_that_error_and_notes_the_drain_failure():
-    sink = FailingSink(fail_at=2)
+    gate = threading.Event()  # every put is queued before the sink runs: put(2) cannot see the failure first
+    sink = FailingSink(fail_at=2, gate=gate)
     with pytest.raises(ValueError, match="the forward pass failed") as info:
         with DrainQueue(sink, max_in_flight=4) as drain:
             for i in range(3):
                 drain.put(_slot(i), i)
+            gate.set()
             while drain.error is None:
                 time.sleep(0.01)
             raise ValueError("the forward pass failed")
