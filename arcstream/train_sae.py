@@ -29,6 +29,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config.run_dir is required (the run directory holding the activation store)")
     cli.log_environment()
     from arcstream.sae import summary_lines, train_offline
+    from arcstream.sae.offline import use_compilation_cache
+
+    cache = use_compilation_cache(str(config.get("compilation_cache_dir", "") or ""))
+    if cache:
+        logging.info("compilation cache  %s", cache)
 
     with cli.job_lock(str(config.run_dir), "train_sae", flag="--config.run_dir", create=False):
         summary = train_offline(config, open_source(config.run_dir), log=logging.info)

@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Online SAEs (SAELens names and keys; same keys as configs/train_sae.py).
     c.sae = ml_collections.ConfigDict()
-    c.sae.enabled = arg != "nosae"  # train one SAE per captured site on the ring buffer
+    c.sae.enabled = arg != "nosae"  # train one SAE per captured site (or one transcoder) on the ring buffer
     c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu | matryoshka_batchtopk | *_transcoder
     c.sae.expansion_factor = 8  # d_sae = expansion_factor * d_in, unless d_sae is set
     c.sae.d_sae = 0  # latents; 0 = use expansion_factor

@@ -25,10 +25,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.log_every = 100  # steps between metrics.jsonl records
     c.stop_after_steps = 0  # stop (after a checkpoint) at this step; 0 = run to the end (tests of resume)
     c.model_name = ""  # written into the exports' metadata.model_name when set
+    # JAX's persistent compilation cache (a private directory: its entries are trusted code). A run
+    # with the same shapes skips XLA compilation (~15 s of a cold 2-core CPU start); "" = off.
+    c.compilation_cache_dir = "~/.cache/arcstream/jax"
 
     c.sae = config_dict.ConfigDict()
     c.sae.enabled = True  # (shared key with the run job; the offline trainer always trains)
-    c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu (SAELens names)
+    # standard | topk | batchtopk | jumprelu | matryoshka_batchtopk (SAELens names), or a transcoder:
+    # batchtopk_transcoder | jumprelu_transcoder (reads sae.input_site, reconstructs sae.target_site)
+    c.sae.architecture = "topk"
     c.sae.expansion_factor = 16  # d_sae = expansion_factor * d_in, unless d_sae is set
     c.sae.d_sae = 0  # number of latents; 0 = use expansion_factor
     c.sae.k = 64  # active latents per token (topk; batchtopk on average)
@@ -47,4 +52,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.sae.chunk_rows = 64  # contiguous rows read at once; a batch mixes batch_size/chunk_rows chunks
     c.sae.train_tokens = 50_000_000  # tokens to train on (steps = train_tokens // batch_size)
     c.sae.sweep = ""  # e.g. "k=32,64,128" or "l1_coefficient=1,5;lr=1e-4,3e-4": members zipped, vmapped
+    c.sae.matryoshka_widths = ""  # matryoshka_batchtopk: nested prefix widths, e.g. "896,3584,14336" (last = d_sae)
+    c.sae.use_matryoshka_aux_loss = False  # matryoshka_batchtopk: AuxK per level on its own residual (SAELens option)
+    c.sae.input_site = ""  # transcoders: the site encoded, e.g. blocks.11.hook_resid_mid
+    c.sae.target_site = ""  # transcoders: the site reconstructed (same tokens), e.g. blocks.11.hook_mlp_out
     return c

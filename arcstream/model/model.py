@@ -35,6 +35,8 @@ Capture sites mean what TransformerLens's hooks of the same names mean
 - `hook_attn_out`: what the attention branch adds to the residual stream;
   for Gemma that is *after* the post-attention norm (`post1` above), as
   TransformerLens applies `ln1_post` before `hook_attn_out`.
+- `hook_resid_mid`: `resid_pre + attn_out`, what the MLP branch reads (before its
+  norm): the input of an MLP transcoder (circuit-tracer's default feature_input_hook).
 - `hook_mlp_out`: likewise the MLP branch's addition; for Gemma *after*
   `post_feedforward_layernorm` (TransformerLens's `ln2_post`).
 - `hook_resid_post`: the block's output, `mid + mlp_out` (HF
@@ -72,8 +74,8 @@ from arcstream.model.sharding import constrain
 
 Rules = Sequence[tuple[str, str | None]] | None
 
-HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
-_SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.(hook_resid_pre|hook_attn_out|hook_mlp_out|hook_resid_post)$")
+HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+_SITE_RE = re.compile(r"^blocks\.(\d+|\*)\.(" + "|".join(HOOKS) + r")$")
 
 _BTD = ("activation_batch", "activation_length", "activation_embed")
 _BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
@@ -439,7 +441,7 @@ def forward(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Array,
         x_btd = site(f"blocks.{i}.hook_resid_pre", x_btd)
         attn_btd, _ = blk.attn_out(x_btd, cos_bth, sin_bth, segment_ids_bt, implementation=model.attention)
         attn_btd = site(f"blocks.{i}.hook_attn_out", attn_btd)
-        mid_btd = constrain(x_btd + attn_btd, _BTD, model.rules)
+        mid_btd = site(f"blocks.{i}.hook_resid_mid", constrain(x_btd + attn_btd, _BTD, model.rules))
         mlp_btd = site(f"blocks.{i}.hook_mlp_out", blk.mlp_out(mid_btd))
         x_btd = site(f"blocks.{i}.hook_resid_post", constrain(mid_btd + mlp_btd, _BTD, model.rules))
     logits = model.logits(x_btd) if return_logits else None

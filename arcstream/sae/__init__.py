@@ -15,17 +15,21 @@ from arcstream.sae.architectures import (
     register_architecture,
     sweep_config,
 )
+from arcstream.sae.matryoshka import MATRYOSHKA_BATCHTOPK  # registers matryoshka_batchtopk
+from arcstream.sae.transcoder import TRANSCODERS, transcoder_key  # registers the transcoder architectures
 from arcstream.sae.train import (
     SiteState,
     TrainConfig,
     TrainState,
     batch_sharding,
+    batch_sites,
     init_train_state,
     make_train_step,
     member_state,
+    spec_sites,
     state_shardings,
 )
-from arcstream.sae.export import decode, encode, export_sae, load_sae
+from arcstream.sae.export import decode, encode, export_circuit_tracer, export_sae, load_sae
 from arcstream.sae.data import ActivationSource, InMemorySource, batch_dataset
 from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.offline import export_all, parse_sweep, site_specs, summary_lines, train_offline

@@ -1,4 +1,5 @@
-"""SAE architectures (SAELens names): standard, topk, batchtopk, jumprelu.
+"""SAE architectures (SAELens names): standard, topk, batchtopk, jumprelu; matryoshka.py adds
+matryoshka_batchtopk and transcoder.py the transcoders (batchtopk_transcoder, jumprelu_transcoder).
 
 Each architecture is a handful of pure functions over a parameter dict, bundled
 in an `Architecture` record and registered by name. The training loop calls only
@@ -32,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from arcstream.sae.sparse import selected_preacts, sparse_decode
+from arcstream.sae.sparse import segment_sum, selected_preacts, sparse_decode
 
 Params = dict[str, jax.Array]
 Buffers = dict[str, jax.Array]
@@ -62,6 +63,14 @@ class SAEConfig:
     lr: float = 3e-4  # peak Adam learning rate
     apply_b_dec_to_input: bool = True  # subtract b_dec before encoding (SAELens default)
     b_dec_init: str = "geometric_median"  # "geometric_median", "mean" or "zeros"
+    # matryoshka_batchtopk: the nested prefix widths, strictly increasing, the last = d_sae (matryoshka.py)
+    matryoshka_widths: tuple[int, ...] = ()
+    use_matryoshka_aux_loss: bool = False  # matryoshka_batchtopk: AuxK per level on that level's residual
+    # Transcoders (transcoder.py): the target's width (0 = d_in) and the sites the trainer reads.
+    # An SAE leaves them empty (its input site is its spec's key and its target is its input).
+    d_out: int = 0
+    input_site: str = ""
+    target_site: str = ""
 
     def __post_init__(self) -> None:
         if self.architecture not in _REGISTRY:
@@ -71,12 +80,33 @@ class SAEConfig:
             )
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"SAEConfig d_in={self.d_in}, d_sae={self.d_sae}: both must be positive")
+        # A list would make the config unhashable (it is a static argument of the jitted step).
+        object.__setattr__(self, "matryoshka_widths", tuple(int(w) for w in self.matryoshka_widths))
+        arch = _REGISTRY[self.architecture]
+        if not arch.transcoder and (self.target_site or self.d_out not in (0, self.d_in)):
+            raise ValueError(
+                f"SAEConfig.architecture={self.architecture!r} is an autoencoder but target_site="
+                f"{self.target_site!r}, d_out={self.d_out} were given; use a transcoder architecture "
+                f"({sorted(n for n, a in _REGISTRY.items() if a.transcoder)}) or leave them unset"
+            )
+        if self.matryoshka_widths and self.architecture != "matryoshka_batchtopk":
+            raise ValueError(
+                f"SAEConfig.matryoshka_widths={self.matryoshka_widths} is set but architecture="
+                f"{self.architecture!r}; only matryoshka_batchtopk uses it"
+            )
+        if arch.validate is not None:
+            arch.validate(self)
         if self.architecture in ("topk", "batchtopk") and not 0 < self.k <= self.d_sae:
             raise ValueError(f"SAEConfig.k={self.k} must be in [1, d_sae={self.d_sae}] for {self.architecture}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(
                 f"SAEConfig.b_dec_init={self.b_dec_init!r}; expected 'geometric_median', 'mean' or 'zeros'"
             )
+
+    @property
+    def d_target(self) -> int:
+        """Width of what the SAE reconstructs: d_out for a transcoder, d_in for an autoencoder."""
+        return self.d_out or self.d_in
 
     @property
     def k_aux(self) -> int:
@@ -126,6 +156,8 @@ class Architecture:
     constrain(params) -> params (applied after every update, e.g. unit-norm decoder rows)
     export(params, buffers, cfg, hp) -> (SAELens architecture, {name: array}, extra cfg)
       in the scaled space (the caller folds the scale in).
+    validate(cfg) -> None, optional: architecture-specific config checks (clear errors at construction).
+    transcoder: the loss also takes `target_bd` (the scaled target site; see transcoder.py).
     """
 
     name: str
@@ -135,6 +167,11 @@ class Architecture:
     loss: Callable[..., tuple[jax.Array, StepOutput]]
     constrain: Callable[[Params], Params]
     export: Callable[..., tuple[str, dict[str, jax.Array], dict[str, Any]]]
+    # Optional: raises a ValueError for configs this architecture cannot train (SAEConfig.__post_init__).
+    validate: Callable[[SAEConfig], None] | None = None
+    # A transcoder reconstructs another site: `loss(..., target_bd=y)` gets the scaled target batch,
+    # w_dec_sd is [d_sae, d_out], and the trainer reads cfg.input_site and cfg.target_site.
+    transcoder: bool = False
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -262,6 +299,14 @@ register_architecture(
 # ---------------------------------------------------------------- topk (+ AuxK)
 
 
+# XLA:CPU runs top-k as its fast kernel only for a sort followed by a [0:k) slice. Taking one
+# column of the result (e.g. `vals[:, -1]`, the k-th value alone) folds into that slice and the
+# whole sort runs instead (measured: [4096, 14336], k 128: 10 s instead of 0.3 s), so the k-th
+# value is read as `vals.min(axis=1)`. (An optimization barrier on top_k's outputs also works but
+# aborts XLA's SPMD top-k decomposer on a mesh.)
+top_k = jax.lax.top_k
+
+
 def _topk_select(pre_bs: jax.Array, cfg: SAEConfig, hp: HParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top cfg.k values and ids per token, with ranks >= hp['k'] masked (sweeps with smaller k)."""
     vals_bk, idx_bk = jax.lax.top_k(pre_bs, cfg.k)
@@ -278,40 +323,75 @@ def _topk_encode(params, buffers, x_bd, cfg, hp):
     return jnp.zeros_like(pre_bs).at[rows_b1, idx_bk].set(acts_bk)
 
 
+# AuxK looks at no more than this many dead latents per step (the candidates): every dead latent
+# while at most this many are dead (then AuxK is exact), else those with the largest pre-activation
+# in the batch. Fewer dead latents take the small bucket (1/4 of the work).
+AUXK_CANDIDATES = (512, 2048)
+
+
 def auxk_loss(
-    params: Params, x_bd: jax.Array, x_hat_bd: jax.Array, pre_bs: jax.Array, dead_s: jax.Array, cfg: SAEConfig,
-    hp: HParams, sparse: bool,
+    params: Params, x_bd: jax.Array, x_hat_bd: jax.Array, pre_bs: jax.Array, dead_s: jax.Array | None,
+    cfg: SAEConfig, hp: HParams, sparse: bool = True,
 ) -> jax.Array:
     """AuxK: the top k_aux *dead* latents reconstruct the residual x - x_hat (TopK paper, A.2).
 
     As SAELens: the residual is a constant, the aux reconstruction has no b_dec, the
     selected pre-activations are used as they are (no ReLU), k_aux = min(d_in/2, n_dead)
     and the term is scaled by min(n_dead / (d_in/2), 1) * aux_coefficient. Zero when
-    nothing is dead, and skipped (`dead_s` None) when the trainer knows that. `pre_bs` must be the pre-activations *with* their gradient path
-    when `sparse` is False; with `sparse` the gradient reaches the encoder through
-    `selected_preacts`.
+    nothing is dead, and skipped (`dead_s` None) when the trainer knows that.
+
+    Work only over the dead latents: their ids are gathered (`AUXK_CANDIDATES`), their
+    pre-activations recomputed densely for those columns only ([B, n_candidates], with
+    their gradient), and the per-token top-k_aux taken among them (no top-k at all when
+    at most k_aux are dead). Exact while n_dead <= the largest bucket; beyond it the
+    candidates are the dead latents with the largest pre-activation anywhere in the
+    batch. `pre_bs`: the batch's pre-activations (values only, no gradient needed).
+    `sparse` is accepted for older callers and ignored.
     """
+    del sparse
     if dead_s is None:  # the trainer knows that no latent of any member is dead: skip the work
         return jnp.zeros((), x_bd.dtype)
     n_dead = dead_s.sum()
-    k_aux = cfg.k_aux
-    residual_bd = jax.lax.stop_gradient(x_bd - x_hat_bd)
-    masked_bs = jnp.where(dead_s[None, :], jax.lax.stop_gradient(pre_bs), -jnp.inf)
-    vals_bk, idx_bk = jax.lax.top_k(masked_bs, k_aux)
-    # Fewer dead latents than k_aux: the extra picks are live ones; drop them.
-    valid_bk = dead_s[idx_bk]
-    vals_bk = jnp.where(valid_bk, vals_bk, 0.0)
-    if sparse:
-        sel_bk = selected_preacts(x_bd, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx_bk,
-                                  vals_bk, cfg.apply_b_dec_to_input)
-        recons_bd = sparse_decode(jnp.where(valid_bk, sel_bk, 0.0), idx_bk, params["w_dec_sd"])
-    else:
-        rows_b1 = jnp.arange(pre_bs.shape[0])[:, None]
-        acts_bs = jnp.zeros_like(pre_bs).at[rows_b1, idx_bk].set(
-            jnp.where(valid_bk, jnp.take_along_axis(pre_bs, idx_bk, axis=1), 0.0))
-        recons_bd = acts_bs @ params["w_dec_sd"]
+    buckets = sorted({min(c, cfg.d_sae) for c in AUXK_CANDIDATES})
+    branches = [lambda c=c: _auxk_over(params, x_bd, x_hat_bd, pre_bs, dead_s, n_dead, cfg, c) for c in buckets]
+    if len(branches) == 1:
+        recon_mse = branches[0]()
+    else:  # the smallest bucket that holds every dead latent (else the largest)
+        which = jnp.searchsorted(jnp.asarray(buckets[:-1]), n_dead, side="left")
+        recon_mse = jax.lax.switch(which, branches)
     scale = jnp.minimum(n_dead / max(cfg.d_in // 2, 1), 1.0)
-    return hp["aux_coefficient"] * scale * _mse(residual_bd, recons_bd)
+    return hp["aux_coefficient"] * scale * recon_mse
+
+
+def _auxk_over(params, x_bd, x_hat_bd, pre_bs, dead_s, n_dead, cfg: SAEConfig, n_cand: int) -> jax.Array:
+    """AuxK's reconstruction MSE over at most `n_cand` dead latents (see auxk_loss)."""
+    d_sae = cfg.d_sae
+    if n_cand >= d_sae:
+        cand_c = jnp.arange(d_sae)
+    else:  # dead latents first, the closest to firing first (all of them when n_dead <= n_cand)
+        score_s = jnp.where(dead_s, jax.lax.stop_gradient(pre_bs).max(axis=0), -jnp.inf)
+        cand_c = top_k(score_s, n_cand)[1]
+    live_c = dead_s[cand_c]  # False for fill-ins when fewer are dead
+    w_enc_cd = params["w_enc_sd"][cand_c]
+    # (x - b_dec) @ W^T as x @ W^T - b_dec @ W^T: b_dec's gradient is then a mat-vec, not a [B, d] matmul
+    pre_bc = x_bd @ w_enc_cd.T + params["b_enc_s"][cand_c]
+    if cfg.apply_b_dec_to_input:
+        pre_bc = pre_bc - params["b_dec_d"] @ w_enc_cd.T
+    masked_bc = jnp.where(live_c[None, :], jax.lax.stop_gradient(pre_bc), -jnp.inf)
+    k_aux = min(cfg.k_aux, n_cand)
+    if k_aux < n_cand:
+        def top(m_bc):  # the k_aux largest dead pre-activations of each token
+            kth_b1 = top_k(m_bc, k_aux)[0].min(axis=1, keepdims=True)
+            return m_bc >= kth_b1
+
+        def every(m_bc):  # at most k_aux dead: all of them
+            return jnp.broadcast_to(live_c[None, :], m_bc.shape)
+
+        sel_bc = jax.lax.cond(n_dead > k_aux, top, every, masked_bc) & live_c[None, :]
+    else:
+        sel_bc = jnp.broadcast_to(live_c[None, :], masked_bc.shape)
+    recons_bd = jnp.where(sel_bc, pre_bc, 0.0) @ params["w_dec_sd"][cand_c]
+    return _mse(jax.lax.stop_gradient(x_bd - x_hat_bd), recons_bd)
 
 
 def _topk_loss(params, buffers, x_bd, cfg, hp, dead_s):
@@ -323,9 +403,9 @@ def _topk_loss(params, buffers, x_bd, cfg, hp, dead_s):
     acts_bk = jax.nn.relu(sel_bk) * keep_k
     x_hat_bd = sparse_decode(acts_bk, idx_bk, params["w_dec_sd"]) + params["b_dec_d"]
     mse = _mse(x_bd, x_hat_bd)
-    aux = auxk_loss(params, x_bd, x_hat_bd, pre_bs, dead_s, cfg, hp, sparse=True)
+    aux = auxk_loss(params, x_bd, x_hat_bd, pre_bs, dead_s, cfg, hp)
     fired_bk = (acts_bk > 0).astype(jnp.int32)
-    fired_s = jnp.zeros((cfg.d_sae,), jnp.int32).at[idx_bk.reshape(-1)].add(fired_bk.reshape(-1))
+    fired_s = segment_sum(fired_bk, idx_bk, cfg.d_sae)
     out = StepOutput(
         loss=mse + aux,
         losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
@@ -348,14 +428,92 @@ register_architecture(
 
 # ---------------------------------------------------------------- batchtopk
 
+# Sparse BatchTopK's tiers (batchtopk_select): every token offers its top 2k activations, the
+# 1/8 of the batch's tokens that need it most their top 8k, the 1/64 their whole row.
+# Batches of at most BATCHTOPK_DENSE_UP_TO activations (B * S) offer every row whole (small SAEs).
+BATCHTOPK_TIERS = (2, 8, 8, 64)
+BATCHTOPK_DENSE_UP_TO = 1 << 16
+
 
 def _batchtopk_train_acts(pre_bs: jax.Array, cfg: SAEConfig, hp: HParams) -> jax.Array:
-    """Keep the k*B largest ReLU'd pre-activations of the whole batch (k per token on average)."""
+    """Keep the k*B largest ReLU'd pre-activations of the whole batch (k per token on average).
+
+    The dense definition (one top-k over the flattened batch, SAELens's `BatchTopK`);
+    the trainer uses the sparse `batchtopk_select`, which equals it (tests).
+    """
     acts_bs = jax.nn.relu(pre_bs)
     b = pre_bs.shape[0]
     top_n = jax.lax.top_k(jax.lax.stop_gradient(acts_bs).reshape(-1), cfg.k * b)[0]
     kth = top_n[hp["k"] * b - 1]
     return jnp.where((acts_bs >= kth) & (acts_bs > 0), acts_bs, 0.0)
+
+
+def kth_largest(parts: list[jax.Array], n: jax.Array) -> jax.Array:
+    """The n-th largest value among the non-negative entries of `parts` (negative entries never count).
+
+    Exact, without sorting: bisection on the float's bits (for x >= 0 the int32 bit
+    pattern orders as the value), 31 counting passes over the parts. The parts must
+    hold at least n non-negative entries.
+    """
+    hi0 = jax.lax.bitcast_convert_type(jnp.max(jnp.stack([jnp.max(p) for p in parts])), jnp.int32) + 1
+
+    def count(t):
+        return sum(jnp.sum(p >= t, dtype=jnp.int32) for p in parts)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = count(jax.lax.bitcast_convert_type(mid, jnp.float32)) >= n
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.zeros((), jnp.int32), jnp.maximum(hi0, 1)))
+    # Below the smallest normal float the comparisons flush to zero (XLA:CPU): such a result means 0.
+    return jnp.where(lo < 0x00800000, 0.0, jax.lax.bitcast_convert_type(lo, jnp.float32))
+
+
+def batchtopk_select(pre_bs: jax.Array, k_max: int, k: jax.Array) -> dict[str, Any]:
+    """BatchTopK's selection (the k*B largest ReLU'd pre-activations of the batch), sparsely and exactly.
+
+    `pre_bs` [B, S]: values (no gradient). The kept set is every entry >= kth (and > 0),
+    kth the (k*B)-th largest of the batch. A token's kept entries are its largest ones,
+    and how many varies a lot (planted data at init: median 14, p99 ~650, max ~3,900
+    for k = 64), so the tokens are split in three tiers by how far down their
+    candidates reach (`BATCHTOPK_TIERS`): every token offers its top 2k; the B/8 tokens
+    whose 2k-th is largest offer their top 8k instead; the B/64 largest of those offer
+    their whole row. kth is found among the offers by bisection (`kth_largest`), which
+    is exact unless more tokens than a tier holds need more than it offers
+    (`capped_fraction`, else 0). Returns per tier the token rows, candidate ids and
+    values (largest first) and how many of them are kept.
+    """
+    b, s = pre_bs.shape
+    acts_bs = jax.nn.relu(pre_bs)
+    (f1, every2, f2, every3) = BATCHTOPK_TIERS
+    c1, c2 = min(s, f1 * k_max), min(s, f2 * k_max)
+    h2 = min(b, max(1, b // every2))
+    h3 = min(h2, max(1, b // every3))
+    if b * s <= BATCHTOPK_DENSE_UP_TO:
+        h2 = h3 = b
+    vals1_bc, idx1_bc = top_k(acts_bs, c1)
+    last1_b = vals1_bc.min(axis=1)  # = vals1_bc[:, -1] (see top_k above)
+    rows2_h = top_k(last1_b, h2)[1]  # the tokens whose offer reaches deepest, deepest first
+    rows3_h = rows2_h[:h3]
+    vals2_hc, idx2_hc = top_k(acts_bs[rows2_h], c2)
+    acts3_hs = acts_bs[rows3_h]
+    in2_b = jnp.zeros((b,), bool).at[rows2_h].set(True)
+    in3_h = jnp.arange(h2) < h3
+    offer1 = jnp.where(in2_b[:, None], -1.0, vals1_bc)  # a token offers in one tier only
+    offer2 = jnp.where(in3_h[:, None], -1.0, vals2_hc)
+    kth = kth_largest([offer1, offer2, acts3_hs], k * b)
+    keep = lambda v: (v >= kth) & (v > 0)  # noqa: E731
+    capped = (jnp.sum(~in2_b & keep(last1_b) & (c1 < s))
+              + jnp.sum(~in3_h & keep(vals2_hc.min(axis=1)) & (c2 < s)))
+    return {
+        "tiers": [
+            {"rows": None, "idx": idx1_bc, "vals": vals1_bc, "lengths": keep(offer1).sum(axis=1)},
+            {"rows": rows2_h, "idx": idx2_hc, "vals": vals2_hc, "lengths": keep(offer2).sum(axis=1)},
+        ],
+        "rows3": rows3_h, "mask3": keep(acts3_hs), "kth": kth, "capped_fraction": capped / b,
+    }
 
 
 def _batchtopk_encode(params, buffers, x_bd, cfg, hp):
@@ -366,23 +524,44 @@ def _batchtopk_encode(params, buffers, x_bd, cfg, hp):
 
 
 def _batchtopk_loss(params, buffers, x_bd, cfg, hp, dead_s):
-    pre_bs = preacts(params, x_bd, cfg)
-    acts_bs = _batchtopk_train_acts(pre_bs, cfg, hp)
-    x_hat_bd = decode(params, acts_bs)
+    """SAELens's BatchTopK loss, computed sparsely: `batchtopk_select` picks the kept entries
+    from the dense pre-activations (values only); the first two tiers' reconstruction and
+    gradients go through the row-sparse kernels with per-token lengths, the few
+    whole-row tokens' through a dense [B/64, S] encode/decode."""
+    pre_bs = jax.lax.stop_gradient(preacts(params, x_bd, cfg))
+    sel = batchtopk_select(pre_bs, cfg.k, hp["k"])
+    x_hat_bd = jnp.broadcast_to(params["b_dec_d"], x_bd.shape)
+    fired_s = jnp.zeros((cfg.d_sae,), jnp.int32)
+    n_kept, min_pos = jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, x_bd.dtype)
+    for tier in sel["tiers"]:
+        rows, idx, lengths = tier["rows"], tier["idx"], tier["lengths"]
+        x_t = x_bd if rows is None else x_bd[rows]
+        acts = jax.nn.relu(selected_preacts(x_t, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx,
+                                            tier["vals"], cfg.apply_b_dec_to_input, lengths))
+        part_bd = sparse_decode(acts, idx, params["w_dec_sd"], lengths)
+        x_hat_bd = x_hat_bd + part_bd if rows is None else x_hat_bd.at[rows].add(part_bd)
+        keep = jnp.arange(idx.shape[1])[None, :] < lengths[:, None]
+        fired_s = fired_s + segment_sum(keep.astype(jnp.int32), idx, cfg.d_sae)
+        n_kept = n_kept + lengths.sum()
+        min_pos = jnp.minimum(min_pos, jnp.min(jnp.where(keep, tier["vals"], jnp.inf)))
+    rows3, mask3 = sel["rows3"], sel["mask3"]
+    acts3 = jnp.where(mask3, preacts(params, x_bd[rows3], cfg), 0.0)  # dense, with its gradient
+    x_hat_bd = x_hat_bd.at[rows3].add(acts3 @ params["w_dec_sd"])
+    fired_s = fired_s + mask3.sum(0, dtype=jnp.int32)
+    n_kept = n_kept + mask3.sum()
+    min_pos = jnp.minimum(min_pos, jnp.min(jnp.where(mask3, jax.nn.relu(pre_bs[rows3]), jnp.inf)))
     mse = _mse(x_bd, x_hat_bd)
-    aux = auxk_loss(params, x_bd, x_hat_bd, pre_bs, dead_s, cfg, hp, sparse=False)
-    fired_bs = acts_bs > 0
+    aux = auxk_loss(params, x_bd, x_hat_bd, pre_bs, dead_s, cfg, hp)
     # SAELens: threshold <- (1 - lr) threshold + lr * (smallest positive kept activation).
-    a = jax.lax.stop_gradient(acts_bs)
-    min_pos = jnp.min(jnp.where(fired_bs, a, jnp.inf))
     lr = hp["topk_threshold_lr"]
     new_threshold = jnp.where(jnp.isfinite(min_pos), (1 - lr) * buffers["threshold"] + lr * min_pos,
                               buffers["threshold"])
     out = StepOutput(
         loss=mse + aux,
         losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
-        metrics={**reconstruction_metrics(x_bd, x_hat_bd, fired_bs.sum(-1).mean()), "topk_threshold": new_threshold},
-        fired_s=fired_bs.sum(0),
+        metrics={**reconstruction_metrics(x_bd, x_hat_bd, n_kept / x_bd.shape[0]), "topk_threshold": new_threshold,
+                 "batchtopk_capped_fraction": sel["capped_fraction"]},
+        fired_s=fired_s,
         buffers={"threshold": new_threshold},
     )
     return out.loss, out

@@ -5,8 +5,16 @@ W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
 (+ threshold [d_sae] for jumprelu). The input scale used in training is folded
 in (W_enc * c, W_dec / c, b_dec / c; thresholds live in pre-activation space and
 do not change), so `normalize_activations` is "none". BatchTopK is exported as
-JumpReLU with its learned global threshold, as SAELens does. `sae_lens_version`
-is written (>= 6.0.0): without it SAELens rewrites the config and drops metadata.
+JumpReLU with its learned global threshold, as SAELens does, and so is
+Matryoshka BatchTopK. `sae_lens_version` is written (>= 6.0.0): without it
+SAELens rewrites the config and drops metadata.
+
+Transcoders (transcoder.py) are written as SAELens's `jumprelu_transcoder`:
+W_dec [d_sae, d_out], b_dec [d_out], `d_out` and `apply_b_dec_to_input: false`
+in cfg.json, `metadata.hook_name` the input site and `metadata.hook_name_out` the
+target site; the input scale is folded into W_enc and the target scale into
+W_dec and b_dec. `export_circuit_tracer` turns a set of them (one per layer) into
+circuit-tracer's per-layer transcoder layout.
 
 A folder may be a local path or a TensorStore kvstore URL (`gs://...`,
 `memory://...`): both files go through `arcstream.store.layout.RunLocation`,
@@ -16,6 +24,8 @@ each replaced whole (a reader never sees half a file), weights before cfg.json.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +54,17 @@ def export_sae(
     """Write one SAE (a single member: no leading sweep axis) in SAELens layout; returns the folder
     (a `Path` for a local folder, the URL string for a kvstore URL).
 
-    `buffers` holds `scale` (default 1) and, for batchtopk, `threshold`.
+    `buffers` holds `scale` (default 1), for a transcoder `target_scale` (default: `scale`)
+    and, for batchtopk-style SAEs, `threshold`. `hook_name` is the input site;
+    a transcoder's `cfg.target_site` becomes `metadata.hook_name_out`.
     """
     buffers = dict(buffers or {})
     scale = float(np.asarray(buffers.pop("scale", 1.0)))
+    out_scale = float(np.asarray(buffers.pop("target_scale", scale)))  # the space W_dec and b_dec map into
     buffers.pop("steps_since_fired_s", None)
     arch = get_architecture(cfg.architecture)
     params = {k: jnp.asarray(v) for k, v in params.items()}
-    for name, want in (("w_enc_sd", (cfg.d_sae, cfg.d_in)), ("w_dec_sd", (cfg.d_sae, cfg.d_in))):
+    for name, want in (("w_enc_sd", (cfg.d_sae, cfg.d_in)), ("w_dec_sd", (cfg.d_sae, cfg.d_target))):
         if tuple(params[name].shape) != want:
             raise ValueError(
                 f"export_sae: params[{name!r}] has shape {tuple(params[name].shape)}, expected {want} "
@@ -61,9 +74,13 @@ def export_sae(
                                               cfg.hparams())
     weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
     weights["W_enc"] = weights["W_enc"] * scale
-    weights["W_dec"] = weights["W_dec"] / scale
-    weights["b_dec"] = weights["b_dec"] / scale
+    weights["W_dec"] = weights["W_dec"] / out_scale
+    weights["b_dec"] = weights["b_dec"] / out_scale
     metadata: dict[str, Any] = {"hook_name": hook_name, "arcstream_architecture": cfg.architecture}
+    if cfg.target_site:
+        metadata["hook_name_out"] = cfg.target_site
+    if cfg.matryoshka_widths:
+        metadata["matryoshka_widths"] = list(cfg.matryoshka_widths)
     if model_name is not None:
         metadata["model_name"] = model_name
     cfg_json = {
@@ -91,8 +108,8 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
     URL) as arcstream params.
 
     Returns (params, cfg, buffers, cfg_json). Supported: standard, topk, jumprelu
-    (a BatchTopK export comes back as jumprelu). `buffers["scale"]` is 1: the
-    folder's weights already work on raw activations.
+    (a BatchTopK or Matryoshka export comes back as jumprelu) and jumprelu_transcoder.
+    `buffers["scale"]` is 1: the folder's weights already work on raw activations.
     """
     location = RunLocation(folder)
     where = str(folder).rstrip("/")
@@ -104,8 +121,8 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
             raise FileNotFoundError(f"load_sae: {p} is missing; a SAELens folder holds {CFG_FILE} and {WEIGHTS_FILE}")
     cfg_json = json.loads(data[CFG_FILE])
     arch = cfg_json.get("architecture", "standard")
-    if arch not in ("standard", "topk", "jumprelu"):
-        raise ValueError(f"load_sae: {cfg_path} has architecture={arch!r}; expected standard, topk or jumprelu")
+    if arch not in _LOADABLE:
+        raise ValueError(f"load_sae: {cfg_path} has architecture={arch!r}; expected one of {_LOADABLE}")
     norm = cfg_json.get("normalize_activations", "none")
     if norm not in ("none", None):
         raise ValueError(
@@ -114,7 +131,8 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
         )
     w = load_safetensors(data[WEIGHTS_FILE])
     d_in, d_sae = int(cfg_json["d_in"]), int(cfg_json["d_sae"])
-    for name, want in (("W_enc", (d_in, d_sae)), ("W_dec", (d_sae, d_in)), ("b_enc", (d_sae,)), ("b_dec", (d_in,))):
+    d_out = int(cfg_json.get("d_out", d_in)) if arch == "jumprelu_transcoder" else d_in
+    for name, want in (("W_enc", (d_in, d_sae)), ("W_dec", (d_sae, d_out)), ("b_enc", (d_sae,)), ("b_dec", (d_out,))):
         if name not in w or tuple(w[name].shape) != want:
             got = tuple(w[name].shape) if name in w else "missing"
             raise ValueError(f"load_sae: {w_path} tensor {name!r} is {got}, expected shape {want}")
@@ -125,7 +143,11 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
         "b_dec_d": jnp.asarray(w["b_dec"], jnp.float32),
     }
     kw: dict[str, Any] = {}
-    if arch == "jumprelu":
+    if arch == "jumprelu_transcoder":
+        meta = cfg_json.get("metadata") or {}
+        kw.update(d_out=d_out, input_site=str(meta.get("hook_name") or ""),
+                  target_site=str(meta.get("hook_name_out") or ""))
+    if arch in ("jumprelu", "jumprelu_transcoder"):
         if "threshold" not in w:
             raise ValueError(f"load_sae: {w_path} has no 'threshold' tensor, which a jumprelu SAE needs")
         params["log_threshold_s"] = jnp.log(jnp.asarray(w["threshold"], jnp.float32))
@@ -148,6 +170,90 @@ def encode(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None = None)
 
 
 def decode(params: Params, acts_bs, buffers: Buffers | None = None):
-    """Decode to raw activation space (scale undone)."""
-    scale = (buffers or {}).get("scale", 1.0)
+    """Decode to raw activation space (scale undone; a transcoder's target scale)."""
+    buffers = buffers or {}
+    scale = buffers.get("target_scale", buffers.get("scale", 1.0))
     return (jnp.asarray(acts_bs) @ params["w_dec_sd"] + params["b_dec_d"]) / scale
+
+
+_LOADABLE = ("standard", "topk", "jumprelu", "jumprelu_transcoder")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+CIRCUIT_TRACER_CONFIG = "config.yaml"
+
+
+def export_circuit_tracer(
+    folders: Sequence[str | Path], out_dir: str | Path, *, model_name: str | None = None, scan: str | None = None
+) -> Path | str:
+    """Write transcoder exports (SAELens `jumprelu_transcoder` / `transcoder` folders, one per layer) as a
+    circuit-tracer transcoder set; returns `out_dir`.
+
+    circuit-tracer's per-layer transcoder set (`model_kind: transcoder_set`) is a folder of
+    `layer_{L}.safetensors` with W_enc [d_sae, d_model] (the transpose of SAELens's), W_dec
+    [d_sae, d_model], b_enc [d_sae], b_dec [d_model] and, for JumpReLU,
+    `activation_function.threshold` [d_sae], beside a `config.yaml` naming `model_name`,
+    `feature_input_hook` and `feature_output_hook` (TransformerLens hook names without the
+    `blocks.L.` prefix, e.g. hook_resid_mid -> hook_mlp_out). What it requires, checked here:
+    one transcoder for every layer 0..max (its replacement model swaps every MLP), the same
+    input and output hook and d_sae in every layer, and d_in == d_out (one d_model); the
+    model itself must be one circuit-tracer runs (TransformerLens or nnsight).
+    Local folder: load with `circuit_tracer.transcoder.single_layer_transcoder.load_transcoder_set`
+    ({L: path}); uploaded to the hub: `ReplacementModel.from_pretrained(model_name, "user/repo")`.
+    """
+    layers: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
+    hooks_in, hooks_out, widths = set(), set(), set()
+    for folder in folders:
+        location = RunLocation(folder)
+        raw_cfg, raw_w = location.read_bytes(CFG_FILE), location.read_bytes(WEIGHTS_FILE)
+        if raw_cfg is None or raw_w is None:
+            raise FileNotFoundError(f"export_circuit_tracer: {folder} lacks {CFG_FILE} or {WEIGHTS_FILE}")
+        cfg_json, w = json.loads(raw_cfg), load_safetensors(raw_w)
+        arch = cfg_json.get("architecture")
+        if arch not in ("jumprelu_transcoder", "transcoder"):
+            raise ValueError(f"export_circuit_tracer: {folder} has architecture={arch!r}; expected a transcoder "
+                             "(jumprelu_transcoder or transcoder: train sae.architecture=batchtopk_transcoder)")
+        meta = cfg_json.get("metadata") or {}
+        m_in, m_out = _HOOK_RE.match(str(meta.get("hook_name") or "")), _HOOK_RE.match(str(meta.get("hook_name_out")
+                                                                                             or ""))
+        if not m_in or not m_out or m_in.group(1) != m_out.group(1):
+            raise ValueError(f"export_circuit_tracer: {folder} has hook_name={meta.get('hook_name')!r}, "
+                             f"hook_name_out={meta.get('hook_name_out')!r}; circuit-tracer needs blocks.L.X -> "
+                             "blocks.L.Y of one layer L")
+        d_in, d_out = int(cfg_json["d_in"]), int(cfg_json.get("d_out", cfg_json["d_in"]))
+        if d_in != d_out:
+            raise ValueError(f"export_circuit_tracer: {folder} maps d_in={d_in} to d_out={d_out}; circuit-tracer's "
+                             "per-layer transcoders have one width d_model for both")
+        if cfg_json.get("normalize_activations", "none") not in ("none", None):
+            raise ValueError(f"export_circuit_tracer: {folder} has normalize_activations="
+                             f"{cfg_json['normalize_activations']!r}; circuit-tracer applies none")
+        layer = int(m_in.group(1))
+        if layer in layers:
+            raise ValueError(f"export_circuit_tracer: two transcoders for layer {layer} ({folder})")
+        tensors = {"W_enc": np.ascontiguousarray(w["W_enc"].T), "W_dec": w["W_dec"], "b_enc": w["b_enc"],
+                   "b_dec": w["b_dec"]}
+        if arch == "jumprelu_transcoder":
+            tensors["activation_function.threshold"] = w["threshold"]
+        layers[layer] = (cfg_json, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()})
+        hooks_in.add(m_in.group(2))
+        hooks_out.add(m_out.group(2))
+        widths.add(int(cfg_json["d_sae"]))
+        model_name = model_name or meta.get("model_name")
+    if not layers:
+        raise ValueError("export_circuit_tracer: no transcoder folders given")
+    if sorted(layers) != list(range(max(layers) + 1)):
+        missing = sorted(set(range(max(layers) + 1)) - set(layers))
+        raise ValueError(f"export_circuit_tracer: layers {sorted(layers)} leave out {missing}; circuit-tracer needs a "
+                         "transcoder for every layer from 0 to the last")
+    if len(hooks_in) > 1 or len(hooks_out) > 1 or len(widths) > 1:
+        raise ValueError(f"export_circuit_tracer: the layers differ in input hooks {sorted(hooks_in)}, output hooks "
+                         f"{sorted(hooks_out)} or d_sae {sorted(widths)}; circuit-tracer needs one of each")
+    location = RunLocation(out_dir)
+    for layer, (_, tensors) in sorted(layers.items()):
+        location.write_bytes_atomic(f"layer_{layer}.safetensors", save_safetensors(tensors))
+    fields = {"model_kind": "transcoder_set", "model_name": model_name or "",
+              "feature_input_hook": hooks_in.pop(), "feature_output_hook": hooks_out.pop()}
+    if scan:
+        fields["scan"] = scan
+    # JSON-quoted scalars are valid YAML (no YAML library needed to write it).
+    text = "".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items())
+    location.write_bytes_atomic(CIRCUIT_TRACER_CONFIG, text.encode())
+    return str(out_dir) if is_url(out_dir) else Path(out_dir)

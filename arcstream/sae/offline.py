@@ -30,7 +30,7 @@ from arcstream.sae.architectures import SWEEPABLE, SAEConfig, member_names
 from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.data import ActivationSource, batch_dataset
 from arcstream.sae.export import export_sae
-from arcstream.sae.train import TrainConfig, TrainState, init_train_state, make_train_step, member_state
+from arcstream.sae.train import TrainConfig, TrainState, batch_sites, init_train_state, make_train_step, member_state
 from arcstream.store.layout import file_location, join_location
 
 
@@ -50,22 +50,68 @@ def parse_sweep(sweep: str) -> dict[str, list[Any]]:
     return out
 
 
+def parse_widths(value: Any) -> tuple[int, ...]:
+    """`sae.matryoshka_widths`: "" (none), "256,1024,4096" or a sequence of ints -> a tuple of ints."""
+    if value is None or value == "":
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(int(str(p).strip()) for p in parts if str(p).strip())
+    except ValueError:
+        raise ValueError(f"sae.matryoshka_widths={value!r}: expected comma-separated integers, e.g. "
+                         "'256,1024,4096' (strictly increasing, the last = d_sae)") from None
+
+
 def site_specs(sae_cfg: Mapping[str, Any], d_in_by_site: Mapping[str, int]) -> dict[str, list[SAEConfig]]:
-    """The per-site SAE configs from the `sae.*` config keys."""
+    """The SAE configs from the `sae.*` config keys: one spec per site (an SAE or a sweep on it) or,
+    for a transcoder architecture, the one spec `sae.input_site` -> `sae.target_site`
+    (keyed `transcoder_key(input, target)`); `d_in_by_site` gives every available site's width."""
+    from arcstream.sae.architectures import get_architecture
+    from arcstream.sae.transcoder import transcoder_key
+
+    arch = str(sae_cfg["architecture"])
+    input_site = str(sae_cfg.get("input_site", "") or "")
+    target_site = str(sae_cfg.get("target_site", "") or "")
+    if get_architecture(arch).transcoder:
+        for flag, s in (("sae.input_site", input_site), ("sae.target_site", target_site)):
+            if s not in d_in_by_site:
+                raise ValueError(f"--config.{flag}={s!r}: sae.architecture={arch!r} is a transcoder and needs an "
+                                 f"input and a target site among {sorted(d_in_by_site)} (e.g. "
+                                 "blocks.L.hook_resid_mid -> blocks.L.hook_mlp_out)")
+        if input_site == target_site:
+            raise ValueError(f"--config.sae.input_site and sae.target_site are both {input_site!r}; a transcoder "
+                             "reconstructs another site (for the same site train an SAE)")
+        routes = {transcoder_key(input_site, target_site): (d_in_by_site[input_site],
+                                                            dict(d_out=d_in_by_site[target_site],
+                                                                 input_site=input_site, target_site=target_site,
+                                                                 apply_b_dec_to_input=False))}
+    elif input_site or target_site:
+        raise ValueError(f"--config.sae.input_site={input_site!r} / sae.target_site={target_site!r} are set but "
+                         f"sae.architecture={arch!r} is an autoencoder; use a transcoder architecture "
+                         "(batchtopk_transcoder, jumprelu_transcoder) or leave them empty")
+    else:
+        routes = {site: (d_in, {}) for site, d_in in d_in_by_site.items()}
+    widths = parse_widths(sae_cfg.get("matryoshka_widths", ""))
     specs = {}
     sweep = parse_sweep(str(sae_cfg.get("sweep", "") or ""))
     n = len(next(iter(sweep.values()))) if sweep else 1
-    for site, d_in in d_in_by_site.items():
+    for site, (d_in, route) in routes.items():
         d_sae = int(sae_cfg.get("d_sae", 0) or 0) or int(sae_cfg["expansion_factor"]) * d_in
         base = dict(
-            architecture=sae_cfg["architecture"], d_in=d_in, d_sae=d_sae, k=int(sae_cfg["k"]),
+            architecture=arch, d_in=d_in, d_sae=d_sae, k=int(sae_cfg["k"]),
             l1_coefficient=float(sae_cfg["l1_coefficient"]), l0_coefficient=float(sae_cfg["l0_coefficient"]),
             aux_coefficient=float(sae_cfg["aux_coefficient"]), lr=float(sae_cfg["lr"]),
             dead_steps=int(sae_cfg["dead_steps"]), b_dec_init=str(sae_cfg["b_dec_init"]),
             jumprelu_bandwidth=float(sae_cfg["jumprelu_bandwidth"]),
             jumprelu_init_threshold=float(sae_cfg["jumprelu_init_threshold"]),
+            matryoshka_widths=widths,
+            use_matryoshka_aux_loss=bool(sae_cfg.get("use_matryoshka_aux_loss", False)),
+            **route,
         )
-        specs[site] = [SAEConfig(**{**base, **{f: v[i] for f, v in sweep.items()}}) for i in range(n)]
+        try:
+            specs[site] = [SAEConfig(**{**base, **{f: v[i] for f, v in sweep.items()}}) for i in range(n)]
+        except ValueError as e:
+            raise ValueError(f"sae.* for {site!r} (d_in {d_in}, d_sae {d_sae}): {e}") from None
     return specs
 
 
@@ -81,8 +127,27 @@ def export_all(state: TrainState, specs: Mapping[str, list[SAEConfig]], saes_dir
         for i, cfg in enumerate(members):
             params, buffers = member_state(state, site, i)
             folder = join_location(saes_dir, site) if len(members) == 1 else join_location(saes_dir, site, names[i])
-            out.append(export_sae(params, cfg, folder, hook_name=site, buffers=buffers, model_name=model_name))
+            out.append(export_sae(params, cfg, folder, hook_name=cfg.input_site or site, buffers=buffers,
+                                  model_name=model_name))
     return out
+
+
+def use_compilation_cache(directory: str) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory` (`~` expanded; "" = leave it off).
+
+    Call before the first compilation (the entry point does, from `compilation_cache_dir`).
+    Every program is kept, however fast it compiled, so a rerun with the same shapes
+    compiles nothing. The directory is created private (mode 0700): JAX executes what it
+    finds there. Returns the directory in use, or None.
+    """
+    if not directory:
+        return None
+    path = os.path.abspath(os.path.expanduser(str(directory)))
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def train_offline(
@@ -100,6 +165,7 @@ def train_offline(
         raise ValueError(f"--config.sites: {unknown} not in the run's stored sites {list(source.sites)}")
     d_in = {s: int(source.activations(s).shape[1]) for s in sites}
     specs = site_specs(sae_cfg, d_in)
+    sites = batch_sites(specs)  # only what the specs read (a transcoder: its input and target sites)
     batch_size = int(sae_cfg.batch_size)
     total_steps = max(1, int(sae_cfg.train_tokens) // batch_size)
     tc = TrainConfig(
@@ -255,4 +321,5 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["export_all", "parse_sweep", "site_specs", "summary_lines", "train_offline"]
+__all__ = ["export_all", "parse_sweep", "parse_widths", "site_specs", "summary_lines", "train_offline",
+           "use_compilation_cache"]

@@ -7,6 +7,12 @@ updates the SAEs of every site in a single step:
 
 * Sites may differ in d_in and d_sae: the step loops over them in Python
   (one traced program, one dispatch).
+* A spec is keyed by its input site (an autoencoder) or by a name
+  (`transcoder.transcoder_key`) for a transcoder, which reads `cfg.input_site` and
+  reconstructs `cfg.target_site` of the same rows. The batch dict holds every
+  site any spec reads (`batch_sites`), all at the same token rows; the online
+  trainer samples each ring site at the same indices, the offline one reads
+  each site's stored rows with one permutation.
 * A site's SAEs are a sweep of M members (M = 1 without a sweep) differing only
   in k / coefficients / lr (SAEConfig.SWEEPABLE): every parameter carries a
   leading [M] axis and the member update is `jax.vmap`ped over it, the batch
@@ -114,48 +120,104 @@ def geometric_median(x_nd: jax.Array, iters: int = 30, eps: float = 1e-6) -> jax
     return jax.lax.fori_loop(0, iters, body, x_nd.mean(0))
 
 
-def _check_batch(site: str, x, cfg: SAEConfig) -> None:
-    if x.ndim != 2 or x.shape[1] != cfg.d_in:
-        raise ValueError(f"batch for site {site!r} has shape {tuple(x.shape)}; expected [N, d_in={cfg.d_in}]")
+def _check_batch(site: str, x, width: int, what: str = "d_in") -> None:
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"batch for site {site!r} has shape {tuple(x.shape)}; expected [N, {what}={width}]")
+
+
+# Buffers the trainer owns (the rest belong to the architecture and are passed to its loss).
+_TRAINER_BUFFERS = ("scale", "target_scale", "steps_since_fired_s")
+
+
+def spec_sites(key: str, cfg: SAEConfig) -> tuple[str, str | None]:
+    """(input site, target site) that the spec `key` trains on; the target is None for an autoencoder.
+
+    An autoencoder reads `cfg.input_site` or, by default, the site its key names;
+    a transcoder reads `cfg.input_site` and reconstructs `cfg.target_site` (both required).
+    """
+    if get_architecture(cfg.architecture).transcoder:
+        if not cfg.input_site or not cfg.target_site:
+            raise ValueError(
+                f"spec {key!r}: architecture {cfg.architecture!r} is a transcoder but input_site="
+                f"{cfg.input_site!r}, target_site={cfg.target_site!r}; set both (sae.input_site, sae.target_site)"
+            )
+        return cfg.input_site, cfg.target_site
+    return cfg.input_site or key, None
+
+
+def batch_sites(specs: Specs) -> list[str]:
+    """Every site the specs read (inputs and transcoder targets): what a batch dict must hold, rows aligned."""
+    out = set()
+    for key, members in specs.items():
+        x_site, y_site = spec_sites(key, members[0])
+        out.update(s for s in (x_site, y_site) if s)
+    return sorted(out)
+
+
+def _norm_scale(x_nd: jax.Array, width: int) -> jax.Array:
+    """The factor that makes E||x|| = sqrt(width) on this batch."""
+    return jnp.sqrt(width) / jnp.maximum(jnp.linalg.norm(x_nd, axis=1).mean(), 1e-12)
 
 
 def init_train_state(
     specs: Specs, train_cfg: TrainConfig, first_batches: Mapping[str, jax.Array], mesh: Mesh | None = None
 ) -> TrainState:
     """Fresh state. `first_batches[site]` [N, d_in] sets the input scale (E||x|| = sqrt(d_in))
-    and b_dec (geometric median or mean of the scaled batch)."""
+    and b_dec (geometric median or mean of the scaled batch). A transcoder's b_dec and its
+    `target_scale` (E||y|| = sqrt(d_out)) come from its target site's batch (same rows)."""
+    # One jitted program: run op by op, the ~30 small ops each compiled on their own (~5 s of
+    # a short run's start-up on a 2-core CPU); jitted, one compile the persistent cache keeps.
+    state = jax.jit(partial(_fresh_state, specs, train_cfg))(dict(first_batches))
+    if mesh is not None:
+        state = jax.device_put(state, state_shardings(state, mesh))
+    return state
+
+
+def _fresh_state(specs: Specs, train_cfg: TrainConfig, first_batches: Mapping[str, jax.Array]) -> TrainState:
     key = jax.random.PRNGKey(train_cfg.seed)
     tx = _optimizer(train_cfg)
     sites = {}
     for i, (site, members) in enumerate(sorted(specs.items())):
-        if site not in first_batches:
-            raise ValueError(f"init_train_state: no first batch for site {site!r}; got {sorted(first_batches)}")
         static, hp = sweep_config(members)
         arch = get_architecture(static.architecture)
-        x_nd = jnp.asarray(first_batches[site], jnp.float32)
-        _check_batch(site, x_nd, static)
-        scale = jnp.sqrt(static.d_in) / jnp.maximum(jnp.linalg.norm(x_nd, axis=1).mean(), 1e-12)
-        xs_nd = x_nd * scale
-        if static.b_dec_init == "geometric_median":
-            b_dec_d = geometric_median(xs_nd)
-        elif static.b_dec_init == "mean":
-            b_dec_d = xs_nd.mean(0)
+        x_site, y_site = spec_sites(site, static)
+        for s in (x_site, y_site):
+            if s and s not in first_batches:
+                raise ValueError(f"init_train_state: no first batch for site {s!r} (spec {site!r}); "
+                                 f"got {sorted(first_batches)}")
+        x_nd = jnp.asarray(first_batches[x_site], jnp.float32)
+        _check_batch(x_site, x_nd, static.d_in)
+        scale = _norm_scale(x_nd, static.d_in)
+        extra_buffers = {}
+        if y_site is None:
+            ys_nd = x_nd * scale  # an autoencoder's b_dec is in its input's space
         else:
-            b_dec_d = jnp.zeros((static.d_in,), jnp.float32)
+            y_nd = jnp.asarray(first_batches[y_site], jnp.float32)
+            _check_batch(y_site, y_nd, static.d_target, "d_out")
+            if y_nd.shape[0] != x_nd.shape[0]:
+                raise ValueError(f"init_train_state: spec {site!r} has {x_nd.shape[0]} rows of {x_site!r} but "
+                                 f"{y_nd.shape[0]} of {y_site!r}; the target rows must be the input's tokens")
+            target_scale = _norm_scale(y_nd, static.d_target)
+            extra_buffers["target_scale"] = jnp.full((len(members),), target_scale, jnp.float32)
+            ys_nd = y_nd * target_scale
+        if static.b_dec_init == "geometric_median":
+            b_dec_d = geometric_median(ys_nd)
+        elif static.b_dec_init == "mean":
+            b_dec_d = ys_nd.mean(0)
+        else:
+            b_dec_d = jnp.zeros((static.d_target,), jnp.float32)
         m = len(members)
         keys = jax.random.split(jax.random.fold_in(key, i), m)
         params = jax.vmap(lambda k: arch.constrain({**arch.init(k, static), "b_dec_d": b_dec_d}))(keys)
         buffers = {
             "scale": jnp.full((m,), scale, jnp.float32),
             "steps_since_fired_s": jnp.zeros((m, static.d_sae), jnp.int32),
+            **extra_buffers,
             **jax.tree.map(lambda a: jnp.broadcast_to(a, (m,) + a.shape), arch.init_buffers(static)),
         }
         sites[site] = SiteState(params=params, opt_state=jax.vmap(tx.init)(params), buffers=buffers)
         del hp
-    state = TrainState(sites=sites, step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(train_cfg.seed + 1))
-    if mesh is not None:
-        state = jax.device_put(state, state_shardings(state, mesh))
-    return state
+    return TrainState(sites=sites, step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(train_cfg.seed + 1))
 
 
 def _spec_for(path, leaf) -> P:
@@ -181,11 +243,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def _member_update(arch, static: SAEConfig, tx, train_cfg: TrainConfig):
     """One member's loss, gradient, Adam update and buffer bookkeeping (vmapped over members)."""
 
-    def update(params, opt_state, buffers, hp: HParams, x_nd, step, any_dead: bool):
+    def update(params, opt_state, buffers, hp: HParams, x_nd, y_nd, step, any_dead: bool):
         xs_nd = x_nd * buffers["scale"]
+        # A transcoder's loss also gets its target rows (the same tokens), in their own scaled space.
+        target = {"target_bd": y_nd * buffers["target_scale"]} if arch.transcoder else {}
         dead_s = buffers["steps_since_fired_s"] > static.dead_steps if any_dead else None
-        arch_buffers = {k: v for k, v in buffers.items() if k not in ("scale", "steps_since_fired_s")}
-        (_, out), grads = jax.value_and_grad(arch.loss, has_aux=True)(params, arch_buffers, xs_nd, static, hp, dead_s)
+        arch_buffers = {k: v for k, v in buffers.items() if k not in _TRAINER_BUFFERS}
+        (_, out), grads = jax.value_and_grad(arch.loss, has_aux=True)(params, arch_buffers, xs_nd, static, hp, dead_s,
+                                                                      **target)
         updates, opt_state = tx.update(grads, opt_state, params)
         updates = jax.tree.map(lambda u: -hp["lr"] * u, updates)
         params = arch.constrain(optax.apply_updates(params, updates))
@@ -208,21 +273,27 @@ def _member_update(arch, static: SAEConfig, tx, train_cfg: TrainConfig):
 def make_train_step(
     specs: Specs, train_cfg: TrainConfig, mesh: Mesh | None = None
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, dict[str, jax.Array]]]]:
-    """One jitted step over all sites: `(state, {site: x_nd}) -> (state, {site: {metric: [M]}})`.
+    """One jitted step over all specs: `(state, {site: x_nd}) -> (state, {key: {metric: [M]}})`.
 
-    The state is donated (updated in place). Metrics are device arrays with a
-    leading member axis; convert to floats only when logging.
+    The batch dict maps site names to rows [N, width], row i of every site being
+    the same token; it may hold more sites than the specs read (`batch_sites`).
+    An autoencoder spec reads its input site; a transcoder spec reads its input
+    and its target site. The state is donated (updated in place). Metrics are
+    device arrays with a leading member axis; convert to floats only when logging.
     """
     tx = _optimizer(train_cfg)
     plan = {}
     for site, members in specs.items():
         static, hp = sweep_config(members)
-        plan[site] = (static, hp, _member_update(get_architecture(static.architecture), static, tx, train_cfg))
+        x_site, y_site = spec_sites(site, static)
+        plan[site] = (static, hp, _member_update(get_architecture(static.architecture), static, tx, train_cfg),
+                      x_site, y_site)
 
-    def step_fn(state: TrainState, batches: Mapping[str, jax.Array]):
+    def step_fn(state: TrainState, batches: Mapping[str, jax.Array], dead_terms: bool = True):
         new_sites, metrics = {}, {}
-        for site, (static, hp, update) in plan.items():
-            x_nd = batches[site].astype(jnp.float32)
+        for site, (static, hp, update, x_site, y_site) in plan.items():
+            x_nd = batches[x_site].astype(jnp.float32)
+            y_nd = None if y_site is None else batches[y_site].astype(jnp.float32)
             s = state.sites[site]
             # Dead-latent terms (AuxK) cost several times the main step; run them only when
             # some member has a dead latent. The predicate is outside the vmap, so this is a
@@ -230,11 +301,14 @@ def make_train_step(
             any_dead = jnp.any(s.buffers["steps_since_fired_s"] > static.dead_steps)
             branches = [
                 lambda args, flag=flag, update=update: jax.vmap(
-                    partial(update, any_dead=flag), in_axes=(0, 0, 0, 0, None, None))(*args)
+                    partial(update, any_dead=flag), in_axes=(0, 0, 0, 0, None, None, None))(*args)
                 for flag in (False, True)
             ]
-            params, opt_state, buffers, m = jax.lax.cond(
-                any_dead, branches[1], branches[0], (s.params, s.opt_state, s.buffers, hp, x_nd, state.step))
+            args = (s.params, s.opt_state, s.buffers, hp, x_nd, y_nd, state.step)
+            if dead_terms:
+                params, opt_state, buffers, m = jax.lax.cond(any_dead, branches[1], branches[0], args)
+            else:  # no latent can be dead yet (see `step` below): the dead-latent branch is not compiled
+                params, opt_state, buffers, m = branches[0](args)
             new_sites[site] = SiteState(params=params, opt_state=opt_state, buffers=buffers)
             metrics[site] = m
         new_state = TrainState(sites=new_sites, step=state.step + 1, rng=jax.random.split(state.rng)[0])
@@ -242,15 +316,36 @@ def make_train_step(
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(new_state, mesh))
         return new_state, metrics
 
-    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    jitted = jax.jit(step_fn, donate_argnums=(0,), static_argnames=("dead_terms",))
+    needed = batch_sites(specs)
+    # A latent's steps-since-fired counter starts at 0 and grows by at most one per step, so
+    # while state.step <= dead_steps no latent can be dead: those steps run a program without
+    # the dead-latent terms, and the one with them is compiled only when a run gets that far
+    # (measured ~9 s of a cold start on a 2-core CPU; a 40-step run never needs it).
+    first_dead = min(static.dead_steps for static, *_ in plan.values())
+    host = {"step": None, "value": 0}  # the last state.step this function returned, and its value
+
+    def host_step(state: TrainState) -> int:
+        if host["step"] is not state.step:  # a state from elsewhere (init, a restore): one sync
+            host["value"] = int(state.step)
+        return host["value"]
 
     def step(state: TrainState, batches: Mapping[str, jax.Array]):
-        missing = set(plan) - set(batches)
+        missing = set(needed) - set(batches)
         if missing:
             raise ValueError(f"train step: no batch for sites {sorted(missing)}; got {sorted(batches)}")
-        for site, (static, _, _) in plan.items():
-            _check_batch(site, batches[site], static)
-        return jitted(state, batches)
+        for site, (static, _, _, x_site, y_site) in plan.items():
+            _check_batch(x_site, batches[x_site], static.d_in)
+            if y_site is not None:
+                _check_batch(y_site, batches[y_site], static.d_target, "d_out")
+                if batches[y_site].shape[0] != batches[x_site].shape[0]:
+                    raise ValueError(f"train step: spec {site!r} got {batches[x_site].shape[0]} rows of {x_site!r} "
+                                     f"but {batches[y_site].shape[0]} of {y_site!r}; rows must be the same tokens")
+        # Only the sites the specs read go into the jitted step (a ring batch may hold more).
+        n = host_step(state)
+        new_state, metrics = jitted(state, {s: batches[s] for s in needed}, dead_terms=n > first_dead)
+        host["step"], host["value"] = new_state.step, n + 1
+        return new_state, metrics
 
     return step
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorstore as ts
 
-from arcstream.data.records import PromptInfo
 from arcstream.store.layout import (CONFIG_FILE, CONTEXT, MANIFEST_FILE, TOKEN_FIELDS, RunLocation, StoreError,
                                     activation_key, numpy_dtype, token_key)
 from arcstream.store.manifest import Manifest, read_manifest
+
+if TYPE_CHECKING:  # imported where used: `arcstream.data` pulls in transformers and torch (~7 s of start-up)
+    from arcstream.data.records import PromptInfo
 
 
 def open_run(run_dir: str) -> "RunReader":
@@ -127,6 +129,8 @@ class RunReader:
 
     def prompts(self) -> dict[int, PromptInfo]:
         """The prompt table (prompt index -> PromptInfo), committed prompts only, sorted by index."""
+        from arcstream.data.records import PromptInfo
+
         table: dict[int, PromptInfo] = {}
         for p in self.manifest.processes:
             for key, count in p.prompt_segments:

@@ -203,7 +203,6 @@ class RunResult:
     timings: dict[str, float]
     backpressure_waits: int
     sae_steps: int
-    sae_tokens: dict[str, int]  # online SAEs: captured, draws, reused, lost, passes (this invocation)
     sae_final: dict[str, dict[str, float]]
     exports: list[str]
     predictions: Any = None  # arcstream.predict PredictResult when config.predict
@@ -211,6 +210,8 @@ class RunResult:
     analysis: Any = None  # arcstream.analysis AnalyzeResult when config.analyze
     analysis_skipped: str = ""  # why analyze=True did not run here
     skipped_file: str = "skipped.jsonl"  # where the skipped tasks and prompts are named (row, task id, reason)
+    # online SAEs, this invocation: tokens captured for them, drawn, drawn again, never drawn; draws owed each
+    sae_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         tok_s = self.tokens / max(self.seconds, 1e-9)
@@ -239,9 +240,9 @@ class RunResult:
         ]
         if self.sae_steps:
             n = self.sae_tokens
-            rows.append(("online SAEs", f"{self.sae_steps} steps; {n['draws']:,} tokens drawn of {n['captured']:,} "
-                                        f"captured (each owed {n['passes']}; {n['reused']:,} drawn again, "
-                                        f"{n['lost']:,} never drawn)"))
+            seen = (f"; {n['draws']:,} tokens drawn of {n['captured']:,} captured (each owed {n['passes']}; "
+                    f"{n['reused']:,} drawn again, {n['lost']:,} never drawn)") if n else ""
+            rows.append(("online SAEs", f"{self.sae_steps} steps{seen}"))
             for site, m in self.sae_final.items():
                 # "dead" has one meaning in a summary, the analysis's (never fired on the rows analysed); the
                 # trainer's windowed count (no fire in the last sae.dead_steps steps) stays in metrics.jsonl.
@@ -647,7 +648,8 @@ def _fingerprinted(resolved: dict[str, Any]) -> dict[str, Any]:
 
 
 class _OnlineSAE:
-    """The SAEs trained on the ring buffer, one per captured site (or a sweep per site)."""
+    """The SAEs trained on the ring buffer: one per captured site (or a sweep per site), or one transcoder
+    from `sae.input_site` to `sae.target_site` (both captured; the ring holds them at the same tokens)."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
                  resume_sae_step: int | None):

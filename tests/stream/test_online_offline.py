@@ -78,3 +78,39 @@ def test_an_online_sae_reconstructs_as_well_as_an_offline_one_on_the_same_tokens
     print(f"FVU online {online:.4f}, offline {offline[0]:.4f} / {offline[1]:.4f} (seeds 0, 1), {steps} steps")
     assert online < 0.9  # it learned something (predicting the mean is FVU 1)
     assert abs(online - np.mean(offline)) <= max(3 * noise, 0.02 * np.mean(offline)), (online, offline)
+
+
+@pytest.mark.slow
+def test_an_online_transcoder_trains_from_two_ring_sites_and_loads_in_saelens(tiny_ckpt, tmp_path):  # noqa: F811
+    """sae.architecture=batchtopk_transcoder in the run job: the ring's two sites at the same tokens train it,
+    and the export maps the stored input rows to the stored target rows (checked through SAELens)."""
+    torch = pytest.importorskip("torch")
+    from sae_lens import SAE, JumpReLUTranscoder
+
+    from arcstream.store import open_run
+    from arcstream.stream.loop import run
+
+    x_site, y_site = "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"
+    c = _config(tiny_ckpt, tmp_path / "run", **{
+        "sites": f"{x_site},{y_site}", "store.sites": "", "max_prompts": 16, "commit_every": 4,
+        "sae.enabled": True, "sae.batch_size": 256, "sae.architecture": "batchtopk_transcoder", "sae.warmup_steps": 2,
+        "sae.input_site": x_site, "sae.target_site": y_site, "sae.expansion_factor": 4, "sae.k": 8})
+    result = run(c)
+    folder = tmp_path / "run" / "saes" / f"{x_site}-to-{y_site}"
+    assert [Path(p) for p in result.exports] == [folder]
+    assert result.sae_tokens["captured"] > 0 and result.sae_steps == -(-result.sae_tokens["draws"] // 256)
+
+    store = open_run(str(tmp_path / "run"))
+    keep = np.asarray(store.tokens(["position"])["position"]) > 0
+    x = np.asarray(store.activations(x_site).read().result(), np.float32)[keep]
+    y = np.asarray(store.activations(y_site).read().result(), np.float32)[keep]
+    sae = SAE.load_from_disk(str(folder))
+    assert isinstance(sae, JumpReLUTranscoder)
+    assert (sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_name_out) == (x_site, y_site)
+    sae.eval()
+    with torch.no_grad():
+        y_hat = sae.decode(sae.encode(torch.from_numpy(x))).numpy()
+    fvu = float(np.sum((y - y_hat) ** 2) / np.sum((y - y.mean(0)) ** 2))
+    print(f"online transcoder {x_site} -> {y_site}: FVU {fvu:.3f} on {len(x)} stored tokens, "
+          f"{result.sae_steps} steps")
+    assert fvu < 0.9  # it learned the map from the input site (the mean would leave FVU 1)

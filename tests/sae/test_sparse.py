@@ -1,0 +1,201 @@
+"""The row-sparse kernels against dense NumPy, their custom VJPs against dense jax.grad, AuxK over the
+dead latents against the all-latents AuxK it replaced, and the sparse BatchTopK against its dense
+definition (values and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from arcstream.sae import SAEConfig, get_architecture
+from arcstream.sae import architectures as A
+from arcstream.sae import sparse
+
+B, S, D, K = 70, 40, 12, 11  # B not a multiple of any chunk, K not a multiple of the unroll
+
+
+def _selection(seed=0, ragged=True):
+    r = np.random.default_rng(seed)
+    idx = r.integers(0, S, (B, K))
+    coef = r.standard_normal((B, K)).astype(np.float32)
+    lengths = np.full(B, K)
+    if ragged:
+        lengths = r.integers(0, K + 1, B)
+        lengths[:3] = [0, K, 1]
+    return idx, coef, lengths
+
+
+def _dense(idx, coef, lengths):
+    """The [B, S] matrix the selection stands for (entries past a token's length dropped)."""
+    out = np.zeros((B, S), np.float64)
+    for b in range(B):
+        for j in range(lengths[b]):
+            out[b, idx[b, j]] += coef[b, j]
+    return out
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_kernels_equal_dense_numpy(ragged):
+    idx, coef, lengths = _selection(ragged=ragged)
+    r = np.random.default_rng(1)
+    w = r.standard_normal((S, D)).astype(np.float32)
+    g = r.standard_normal((B, D)).astype(np.float32)
+    a = _dense(idx, coef, lengths)
+    ln = jnp.asarray(lengths) if ragged else None
+    np.testing.assert_allclose(sparse.gather_sum(coef, idx, w, ln), a @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sparse.scatter_outer(coef, idx, g, S, ln), a.T @ g, rtol=1e-5, atol=1e-5)
+    mask = np.arange(K)[None, :] < lengths[:, None]
+    np.testing.assert_allclose(sparse.gather_dot(g, idx, w, ln), np.einsum("bd,bkd->bk", g, w[idx]) * mask,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sparse.segment_sum(coef, idx, S, ln), a.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_and_selected_preacts_gradients_equal_dense_grad():
+    idx, vals, lengths = _selection(seed=2)
+    r = np.random.default_rng(3)
+    p = {"w_enc": jnp.asarray(r.standard_normal((S, D)), jnp.float32),
+         "b_enc": jnp.asarray(r.standard_normal(S), jnp.float32),
+         "w_dec": jnp.asarray(r.standard_normal((S, D)), jnp.float32),
+         "b_dec": jnp.asarray(r.standard_normal(D), jnp.float32)}
+    x = jnp.asarray(r.standard_normal((B, D)), jnp.float32)
+    target = jnp.asarray(r.standard_normal((B, D)), jnp.float32)
+    mask = jnp.arange(K)[None, :] < jnp.asarray(lengths)[:, None]
+    rows = jnp.arange(B)[:, None]
+
+    def sparse_loss(p):
+        pre = (x - p["b_dec"]) @ p["w_enc"].T + p["b_enc"]
+        v = jnp.take_along_axis(jax.lax.stop_gradient(pre), jnp.asarray(idx), axis=1)
+        sel = sparse.selected_preacts(x, p["b_dec"], p["w_enc"], p["b_enc"], jnp.asarray(idx), v, True,
+                                      jnp.asarray(lengths))
+        out = sparse.sparse_decode(jax.nn.relu(sel), jnp.asarray(idx), p["w_dec"], jnp.asarray(lengths))
+        return jnp.sum((out - target) ** 2)
+
+    def dense_loss(p):
+        pre = (x - p["b_dec"]) @ p["w_enc"].T + p["b_enc"]
+        sel = jnp.where(mask, jnp.take_along_axis(pre, jnp.asarray(idx), axis=1), 0.0)
+        acts = jnp.zeros((B, S)).at[rows, jnp.asarray(idx)].add(jax.nn.relu(sel))
+        return jnp.sum((acts @ p["w_dec"] - target) ** 2)
+
+    np.testing.assert_allclose(sparse_loss(p), dense_loss(p), rtol=1e-5)
+    gs, gd = jax.grad(sparse_loss)(p), jax.grad(dense_loss)(p)
+    for name in p:
+        np.testing.assert_allclose(gs[name], gd[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def _old_auxk(params, x_bd, x_hat_bd, dead_s, cfg, coef):
+    """The AuxK the trainer used before: a top-k_aux over all latents (dead ones unmasked), dense."""
+    pre = (x_bd - params["b_dec_d"]) @ params["w_enc_sd"].T + params["b_enc_s"]
+    masked = jnp.where(dead_s[None, :], jax.lax.stop_gradient(pre), -jnp.inf)
+    _, idx = jax.lax.top_k(masked, cfg.k_aux)
+    valid = dead_s[idx]
+    acts = jnp.zeros_like(pre).at[jnp.arange(pre.shape[0])[:, None], idx].set(
+        jnp.where(valid, jnp.take_along_axis(pre, idx, axis=1), 0.0))
+    recons = acts @ params["w_dec_sd"]
+    resid = jax.lax.stop_gradient(x_bd - x_hat_bd)
+    scale = jnp.minimum(dead_s.sum() / max(cfg.d_in // 2, 1), 1.0)
+    return coef * scale * jnp.mean(jnp.sum((recons - resid) ** 2, -1))
+
+
+@pytest.mark.parametrize("n_dead, buckets", [(3, (512, 2048)), (9, (512, 2048)), (30, (512, 2048)),
+                                             (9, (8, 16)), (14, (8, 16))])
+def test_auxk_over_dead_equals_old_auxk_value_and_gradient(n_dead, buckets, monkeypatch):
+    """Few dead (< k_aux: no top-k), more than k_aux, every latent dead; and small candidate buckets
+    (8, 16) that hold the dead latents in the small or only in the large bucket."""
+    monkeypatch.setattr(A, "AUXK_CANDIDATES", buckets)
+    d, s, b = 12, 32, 24  # k_aux = 6
+    cfg = SAEConfig("topk", d, s, k=3, aux_coefficient=0.7)
+    r = np.random.default_rng(n_dead)
+    p = {"w_enc_sd": jnp.asarray(r.standard_normal((s, d)) * 0.5, jnp.float32),
+         "b_enc_s": jnp.asarray(r.standard_normal(s) * 0.1, jnp.float32),
+         "w_dec_sd": jnp.asarray(r.standard_normal((s, d)) * 0.5, jnp.float32),
+         "b_dec_d": jnp.asarray(r.standard_normal(d) * 0.1, jnp.float32)}
+    x = jnp.asarray(r.standard_normal((b, d)), jnp.float32)
+    x_hat = x * 0.3
+    dead = jnp.zeros(s, bool).at[jnp.asarray(r.permutation(s)[:n_dead])].set(True)
+
+    def new(p):
+        pre = jax.lax.stop_gradient((x - p["b_dec_d"]) @ p["w_enc_sd"].T + p["b_enc_s"])
+        return A.auxk_loss(p, x, x_hat, pre, dead, cfg, cfg.hparams())
+
+    old = lambda p: _old_auxk(p, x, x_hat, dead, cfg, 0.7)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(new)(p), old(p), rtol=1e-5)
+    g_new, g_old = jax.jit(jax.grad(new))(p), jax.grad(old)(p)
+    for name in p:
+        np.testing.assert_allclose(g_new[name], g_old[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_kth_largest_is_exact():
+    r = np.random.default_rng(5)
+    a = np.maximum(r.standard_normal((50, 7)), 0).astype(np.float32)
+    b = np.maximum(r.standard_normal((3, 20)), 0).astype(np.float32)
+    b[0, :4] = a.max()  # ties at the top
+    both = np.concatenate([a.ravel(), b.ravel()])
+    for n in (1, 5, 37, 100, both.size):
+        want = np.sort(both)[::-1][n - 1]
+        assert float(A.kth_largest([jnp.asarray(a), jnp.asarray(b)], jnp.asarray(n))) == want, n
+    neg = np.where(a > 0, a, -1.0)  # negative entries never count
+    n = int((a > 0).sum())
+    assert float(A.kth_largest([jnp.asarray(neg)], jnp.asarray(n))) == np.sort(a[a > 0])[0]
+
+
+def _bt_params(seed, d, s):
+    r = np.random.default_rng(seed)
+    return {"w_enc_sd": jnp.asarray(r.standard_normal((s, d)) * 0.5, jnp.float32),
+            "b_enc_s": jnp.asarray(r.standard_normal(s) * 0.1, jnp.float32),
+            "w_dec_sd": jnp.asarray(r.standard_normal((s, d)) * 0.5, jnp.float32),
+            "b_dec_d": jnp.asarray(r.standard_normal(d) * 0.1, jnp.float32)}
+
+
+@pytest.mark.parametrize("heavy_rows", [False, True])
+def test_sparse_batchtopk_equals_dense_definition(heavy_rows, monkeypatch):
+    """Loss, metrics, firing counts, threshold update and gradient equal the dense BatchTopK
+    (one top-k over the flattened batch); `heavy_rows` plants tokens that keep far more than the
+    per-token candidates (they go through the dense heavy path)."""
+    monkeypatch.setattr(A, "BATCHTOPK_DENSE_UP_TO", 0)  # the tiers, not the small-batch dense path
+    d, s, b, k = 12, 96, 128, 4  # tiers: 8 candidates per token; 16 tokens offer 32; 2 tokens whole rows
+    cfg = SAEConfig("batchtopk", d, s, k=k, aux_coefficient=0.5)
+    p = _bt_params(7, d, s)
+    r = np.random.default_rng(8)
+    x = r.standard_normal((b, d)).astype(np.float32)
+    if heavy_rows:
+        x[[5, 77]] *= 6.0
+    x = jnp.asarray(x)
+    dead = jnp.zeros(s, bool).at[jnp.arange(0, s, 5)].set(True)
+    buffers = {"threshold": jnp.asarray(0.2, jnp.float32)}
+
+    def dense(p):
+        pre = (x - p["b_dec_d"]) @ p["w_enc_sd"].T + p["b_enc_s"]
+        acts = A._batchtopk_train_acts(pre, cfg, cfg.hparams())
+        xh = acts @ p["w_dec_sd"] + p["b_dec_d"]
+        mse = jnp.mean(jnp.sum((xh - x) ** 2, -1))
+        return mse + _old_auxk(p, x, xh, dead, cfg, 0.5), (acts, xh)
+
+    arch = get_architecture("batchtopk")
+    loss = jax.jit(lambda p: arch.loss(p, buffers, x, cfg, cfg.hparams(), dead)[0])
+    out = jax.jit(lambda p: arch.loss(p, buffers, x, cfg, cfg.hparams(), dead)[1])(p)
+    (ref_loss, (acts, xh)) = dense(p)
+    if heavy_rows:
+        assert (acts[5] > 0).sum() > 2 * k and (acts[77] > 0).sum() > 2 * k
+    assert float(out.metrics["batchtopk_capped_fraction"]) == 0.0
+    np.testing.assert_allclose(loss(p), ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(out.metrics["l0"], (acts > 0).sum() / b, rtol=1e-6)
+    np.testing.assert_array_equal(out.fired_s, (acts > 0).sum(0))
+    np.testing.assert_allclose(out.buffers["threshold"], 0.99 * 0.2 + 0.01 * acts[acts > 0].min(), rtol=1e-6)
+    g_sparse = jax.jit(jax.grad(lambda p: arch.loss(p, buffers, x, cfg, cfg.hparams(), dead)[0]))(p)
+    g_dense = jax.grad(lambda p: dense(p)[0])(p)
+    for name in p:
+        np.testing.assert_allclose(g_sparse[name], g_dense[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_batchtopk_reports_capped_tokens(monkeypatch):
+    """More heavy tokens than the tiers hold: the extra ones are capped at their candidates and
+    the metric says so (the rest of the selection still keeps the k*B largest of what it saw)."""
+    monkeypatch.setattr(A, "BATCHTOPK_DENSE_UP_TO", 0)
+    d, s, b, k = 12, 96, 64, 2  # tiers: 4 candidates per token; 8 tokens offer 16; 1 token its whole row
+    cfg = SAEConfig("batchtopk", d, s, k=k)
+    p = _bt_params(9, d, s)
+    x = np.random.default_rng(10).standard_normal((b, d)).astype(np.float32)
+    x[:6] *= 8.0
+    out = get_architecture("batchtopk").loss(p, {"threshold": jnp.zeros(())}, jnp.asarray(x), cfg, cfg.hparams(),
+                                            None)[1]
+    assert float(out.metrics["batchtopk_capped_fraction"]) > 0
