@@ -21,11 +21,12 @@ Runtime: measured 734 s wall (9.5 min of CPU) while the test suite shared the
 predictions 467 s (16 tasks x 4 views), analysis 162 s. It now decodes 8 tasks;
 a measurement alone on an idle machine is still to be taken.
 Expected result: a summary with 64 prompts, ~76k tokens, rows durable ==
-tokens, 4 too_long prompts named in skipped.jsonl, 96 SAE steps per site,
+tokens, 4 too_long prompts named in skipped.jsonl, ~75 SAE steps per site
+(every token drawn once: "tokens drawn of ... captured" in the summary),
 2 SAE exports, the predictions scored (arcstream-tiny solves almost nothing;
 see its model card), and per site the analysis's dead latents (never fired on
-the rows analysed; the one meaning of "dead" in the summary: 120 and 13 of
-2048 measured) and how its features behave across the views.
+the rows analysed; the one meaning of "dead" in the summary: 219 of 2048
+measured at site 1, under 2% at site 3) and how its features behave across the views.
 
 Variants: `configs/default.py:nosae` (capture and store only).
 Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`
