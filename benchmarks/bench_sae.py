@@ -70,6 +70,7 @@ def _parse():
                     help="--whole: extra architectures trained at the largest token count for the table only")
     ap.add_argument("--repeats", type=int, default=1, help="--whole: runs per (trainer, arch, tokens)")
     ap.add_argument("--data_dir", default="/tmp/arcstream_bench_sae")
+    ap.add_argument("--data_rows", type=int, default=0, help="--whole: stored rows (default: the largest --tokens)")
     ap.add_argument("--eval_rows", type=int, default=8192)
     ap.add_argument("--l0_coefficient", type=float, default=1.0, help="jumprelu, both trainers (SAELens default)")
     ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
@@ -289,10 +290,17 @@ def _archs(s: str) -> list[str]:
     return [a.strip() for a in s.split(",") if a.strip()]
 
 
-def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str) -> dict:
-    """One `python -m arcstream.train_sae` process on the stored rows; its export is moved to `out`."""
+def _timed_child(cmd: list[str], log_name: str, env: dict | None = None) -> tuple[float, float, int, str]:
+    """common.timed_child with its stderr in `data_dir/logs/<log_name>.log`."""
     import common
 
+    logs = os.path.join(ARGS.data_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    return common.timed_child(cmd, cwd=ROOT, env=env, capture=True, stderr_path=os.path.join(logs, f"{log_name}.log"))
+
+
+def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str) -> dict:
+    """One `python -m arcstream.train_sae` process on the stored rows; its export is moved to `out`."""
     shutil.rmtree(os.path.join(run_dir, "saes"), ignore_errors=True)
     ckpt = os.path.join(ARGS.data_dir, "ckpt")
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -305,9 +313,10 @@ def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str
            f"--config.compilation_cache_dir={cache_dir}", "--config.log_every=1000000"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    wall, rss, rc, text = common.timed_child(cmd, cwd=ROOT, env=env, capture=True)
+    wall, rss, rc, text = _timed_child(cmd, os.path.basename(out), env=env)
     if rc != 0:
-        raise RuntimeError(f"arcstream child failed (exit {rc}): {' '.join(cmd)}\n{text[-2000:]}")
+        raise RuntimeError(f"arcstream child failed (exit {rc}): {' '.join(cmd)}\n{text[-2000:]} "
+                           f"(log: {ARGS.data_dir}/logs)")
     loop = next((float(ln.split(",")[-1].split()[0]) for ln in text.splitlines() if ln.startswith("SAE training:")),
                 float("nan"))
     shutil.rmtree(out, ignore_errors=True)
@@ -316,16 +325,15 @@ def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str
 
 
 def run_saelens(run_dir: str, arch: str, tokens: int, out: str) -> dict:
-    import common
-
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "saelens", "--_arch", arch, "--_out", out,
            "--_train_tokens", str(tokens), "--data_dir", run_dir, "--d_in", str(ARGS.d_in),
            "--expansion", str(ARGS.expansion), "--k", str(ARGS.k), "--batch", str(ARGS.batch),
            "--l0_coefficient", str(ARGS.l0_coefficient)]
-    wall, rss, rc, text = common.timed_child(cmd, cwd=ROOT, capture=True)
+    wall, rss, rc, text = _timed_child(cmd, os.path.basename(out))
     if rc != 0:
-        raise RuntimeError(f"SAELens child failed (exit {rc}): {' '.join(cmd)}\n{text[-2000:]}")
+        raise RuntimeError(f"SAELens child failed (exit {rc}): {' '.join(cmd)}\n{text[-2000:]} "
+                           f"(log: {ARGS.data_dir}/logs)")
     loop = json.loads(text.strip().splitlines()[-1])["loop_tokens_per_s"]
     return {"wall_s": wall, "rss_gb": rss, "loop_tokens_per_s": loop}
 
@@ -348,12 +356,23 @@ def score(folder: str, x_eval: np.ndarray) -> tuple[float, float]:
     return sse / total, l0 / x.shape[0]
 
 
+def _busy_processes(n: int = 5) -> list[str]:
+    """The busiest other processes right now (what else shares the CPU during the measurement)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pcpu,pid,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return ["(ps unavailable)"]
+    rows = [ln.split(None, 2) for ln in out.splitlines()[1:]]
+    return [f"{r[0]}% {r[2][:70]}" for r in rows if len(r) == 3 and int(r[1]) != os.getpid()][:n]
+
+
 def whole_process() -> None:
     tokens = sorted({int(t) for t in ARGS.tokens.split(",")}, reverse=True)
     archs = _archs(ARGS.archs)
     quality_only = [a for a in _archs(ARGS.quality_archs) if a not in archs]
-    n_train = tokens[0]
+    n_train = max(ARGS.data_rows, tokens[0])
     run_dir, eval_path = prepare_data(n_train)
+    print("# other processes (%cpu, command):", "; ".join(_busy_processes()), flush=True)
     x_eval = np.load(eval_path, allow_pickle=False)
     cache_dir = os.path.join(ARGS.data_dir, "jax_cache")
     exports = os.path.join(ARGS.data_dir, "exports")
@@ -422,6 +441,7 @@ def whole_process() -> None:
             else:
                 row += f" {'-':>13s} {'-':>6s}" if trainer == "arcstream" else f" {'-':>11s} {'-':>6s}"
         print(row)
+    print("# other processes at the end (%cpu, command):", "; ".join(_busy_processes()), flush=True)
     with open(os.path.join(ARGS.data_dir, "results.json"), "w") as f:
         json.dump({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, f, indent=1)
 

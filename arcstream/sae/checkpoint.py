@@ -85,13 +85,18 @@ class SAECheckpointer:
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
-    def save(self, state: TrainState, data_iter: grain.DatasetIterator | None = None) -> None:
-        """Save at `state.step` and wait until it is on disk (a kill afterwards loses nothing)."""
+    def save(self, state: TrainState, data_iter: grain.DatasetIterator | None = None, *, wait: bool = True) -> None:
+        """Save at `state.step` and wait until it is on disk (a kill afterwards loses nothing).
+
+        `wait=False` returns once the arrays are copied to host (the state may be used or
+        donated then) and writes in the background; `close` waits for it.
+        """
         args = {"state": ocp.args.StandardSave(_to_tree(state))}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         self._mgr.save(int(state.step), args=ocp.args.Composite(**args), force=True)
-        self._mgr.wait_until_finished()
+        if wait:
+            self._mgr.wait_until_finished()
 
     def restore(
         self, template: TrainState, data_iter: grain.DatasetIterator | None = None, step: int | None = None
@@ -108,4 +113,5 @@ class SAECheckpointer:
         return _from_tree(restored["state"], template)
 
     def close(self) -> None:
+        self._mgr.wait_until_finished()
         self._mgr.close()

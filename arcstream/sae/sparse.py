@@ -10,22 +10,24 @@ cost left (the TopK paper's sparse kernels, written with XLA gather/scatter).
 Layout: per token b, `idx_bk[b, :]` holds latent ids in [0, d_sae) and
 `coef_bk[b, :]` their coefficients; weights are row-major `w_sd [d_sae, d]` so a
 latent is one contiguous row. Ragged selections (BatchTopK: each token keeps
-its own number of latents; AuxK with few dead latents) pass `lengths_b`: only
-entries `j < lengths_b[b]` count, the rest are ignored whatever they hold, and
-their gradients are zero. With lengths the tokens are processed longest first,
-so each chunk of tokens loops only over the columns its longest token uses:
-the work is proportional to the kept entries, not to the static width.
+its own number of latents) pass `lengths_b`: only entries `j < lengths_b[b]`
+count, the rest are ignored whatever they hold, and their gradients are zero.
+With lengths the tokens are processed longest first, so each chunk of tokens
+loops only over the columns its longest token uses: the work is proportional to
+the kept entries, not to the static width.
 
-Performance (measured on a 2-core AVX2 CPU, d 896, d_sae 14336, k 64, 4096
-tokens; CPU ms): XLA:CPU runs gathers and scatters on one thread, and what
-costs is materialising [chunk, k, d] blocks and row reductions. So
+Performance (2-core AVX2 CPU, d 896, d_sae 14336, k 64, 4096 tokens, one call,
+with glibc's huge-page tunable (arcstream/train_sae.py); the einsum versions these
+replace were timed without it, CPU time on a loaded machine). XLA:CPU runs
+gathers and scatters on one thread, and what costs is materialising
+[chunk, k, d] blocks and row reductions. So
 * `gather_sum` loops over columns `_UNROLL` at a time and adds `coef * w[idx]`
-  straight into a [chunk, d] accumulator (one fused gather-multiply-add; ~100 ms,
-  was ~260 ms as an einsum over a gathered [chunk, k, d] block);
-* `gather_dot` (the decoder's d_acts) uses a batched matrix-vector product per
-  column block (~150 ms, was ~390 ms as an einsum);
-* `scatter_outer` scatter-adds one column of outer products at a time (~250 ms;
-  XLA's scatter is the floor here).
+  straight into a [chunk, d] accumulator (one fused gather-multiply-add): ~45 ms,
+  was 250-280 ms as an einsum over a gathered [chunk, k, d] block;
+* `gather_dot` (the decoder's d_acts) is a batched matrix-vector product per
+  column block: ~100 ms, was ~390 ms as an einsum;
+* `scatter_outer` scatter-adds one column of outer products at a time: ~170 ms;
+  XLA's scatter is the floor here (chunk sizes 32-256 measured within noise).
 """
 
 from __future__ import annotations

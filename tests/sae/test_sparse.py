@@ -199,3 +199,39 @@ def test_batchtopk_reports_capped_tokens(monkeypatch):
     out = get_architecture("batchtopk").loss(p, {"threshold": jnp.zeros(())}, jnp.asarray(x), cfg, cfg.hparams(),
                                             None)[1]
     assert float(out.metrics["batchtopk_capped_fraction"]) > 0
+
+
+@pytest.mark.parametrize("shape, k", [((40, 2048), 8), ((3, 5, 1024), 4), ((7, 100), 5)])
+def test_two_stage_top_k_equals_lax_top_k(shape, k):
+    """Blocked top-k (long rows) and the plain fallback (short or ragged rows) give lax.top_k's values
+    and, without ties, its indices."""
+    x = jnp.asarray(np.random.default_rng(11).standard_normal(shape), jnp.float32)
+    v, i = A.top_k(x, k)
+    rv, ri = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(v, rv)
+    np.testing.assert_array_equal(i, ri)
+
+
+def test_batchtopk_sweep_members_under_vmap_equal_separate_losses(monkeypatch):
+    """Members with different k vmapped together (the trainer's sweep axis: ragged kernels whose loop
+    trip counts differ per member) give each member's own loss and gradient."""
+    monkeypatch.setattr(A, "BATCHTOPK_DENSE_UP_TO", 0)
+    d, s, b = 12, 96, 128
+    members = [SAEConfig("batchtopk", d, s, k=2), SAEConfig("batchtopk", d, s, k=5)]
+    static, hps = A.sweep_config(members)
+    arch = get_architecture("batchtopk")
+    ps = [_bt_params(20 + i, d, s) for i in range(2)]
+    x = jnp.asarray(np.random.default_rng(21).standard_normal((b, d)), jnp.float32)
+    buf = {"threshold": jnp.zeros(())}
+
+    def loss(p, hp):
+        return arch.loss(p, buf, x, static, hp, None)[0]
+
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    vl, vg = jax.jit(jax.vmap(jax.value_and_grad(loss)))(stacked, hps)
+    for i in range(2):
+        hp_i = jax.tree.map(lambda a: a[i], hps)
+        l_i, g_i = jax.jit(jax.value_and_grad(loss))(ps[i], hp_i)
+        np.testing.assert_allclose(vl[i], l_i, rtol=1e-5)
+        for name in g_i:
+            np.testing.assert_allclose(vg[name][i], g_i[name], rtol=1e-4, atol=1e-6, err_msg=name)
