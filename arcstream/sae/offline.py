@@ -194,8 +194,10 @@ def train_offline(
     if ckpt.latest_step() is not None:
         state = ckpt.restore(state, it)
         start = int(state.step)
-        truncate_metrics(metrics_path, start)
         log(f"resumed SAE training from step {start} ({ckpt.directory})")
+    # Lines past the restart step were logged by a killed attempt (one killed before its first
+    # checkpoint restarts at 0): they are logged again.
+    truncate_metrics(metrics_path, start)
     step = make_train_step(specs, tc)
     every = int(config.checkpoint_every)
     log_every = max(1, int(config.log_every))
@@ -233,6 +235,9 @@ def train_offline(
         "tokens_per_s": tokens / max(elapsed, 1e-9),
         "exports": [str(p) for p in exports],
         "final": {f"{k[0]}/{k[1]}": v for k, v in last.items()},
+        # "dead" in the summary: no fire on the window's tokens (the trainer's counter), said with its size
+        "dead": {f"{site}/{name}": {"d_sae": cfg.d_sae, "window_tokens": min(total_steps, cfg.dead_steps) * batch_size}
+                 for site, members in specs.items() for name, cfg in zip(names[site], members)},
         "state": state,
     }
 
@@ -319,8 +324,13 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = [f"SAE training: {summary['total_steps']} steps (resumed from {summary['resumed_from']}), "
              f"{summary['tokens_per_s']:.0f} tokens/s"]
     for key, rec in sorted(summary["final"].items()):
+        d = summary["dead"][key]
+        dead = int(round(rec["dead_fraction"] * d["d_sae"]))
+        # "dead" means what it means in the analysis and the run summary: never fired on the tokens
+        # named (here the trainer's window of its last sae.dead_steps steps, or all of a shorter run)
         lines.append(f"  {key}: loss {rec['loss']:.4g}  L0 {rec['l0']:.1f}  FVU {rec['fvu']:.3f}  "
-                     f"dead {rec['dead_fraction']:.3f}  dense {rec['dense_fraction']:.3f}")
+                     f"dead {dead} of {d['d_sae']} ({dead / d['d_sae']:.1%}, never fired on the last "
+                     f"{d['window_tokens']:,} training tokens)  dense {rec['dense_fraction']:.3f}")
     lines += [f"  export: {p}" for p in summary["exports"]]
     return lines
 

@@ -262,6 +262,10 @@ def test_offline_train_sae_on_a_stored_run_exports_loadable_saes(tiny_ckpt, tmp_
     assert acts.shape == (256, 128) and ((acts > 0).sum(1) <= 4).all() and (acts > 0).any()
     records = [json.loads(l) for l in (tmp_path / "run" / "saes" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(np.isfinite(r["loss"]) for r in records)
+    # the summary's "dead" is a count over named tokens (8 steps of 512 < dead_steps: the whole run)
+    dead = int(round(records[-1]["dead_fraction"] * 128))
+    assert f"dead {dead} of 128 ({dead / 128:.1%}, never fired on the last 4,096 training tokens)" in p.stdout, \
+        p.stdout
 
 
 def test_predict_true_writes_a_scored_submission_after_the_capture(tiny_ckpt, tmp_path):
