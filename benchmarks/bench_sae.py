@@ -338,8 +338,13 @@ def run_saelens(run_dir: str, arch: str, tokens: int, out: str) -> dict:
     return {"wall_s": wall, "rss_gb": rss, "loop_tokens_per_s": loop}
 
 
-def score(folder: str, x_eval: np.ndarray) -> tuple[float, float]:
-    """(FVU, L0) of the SAE saved in `folder`, through SAELens's own load_from_disk / encode / decode."""
+def score(folder: str, x_eval: np.ndarray, batch_k: int = 0) -> tuple[float, float]:
+    """(FVU, L0) of the SAE saved in `folder`, through SAELens's own load_from_disk / encode / decode.
+
+    `batch_k` > 0 (BatchTopK): the latents are chosen by the training rule instead of the exported
+    threshold, the batch_k x rows largest ReLU pre-activations of each 1024-row batch (pre-activations
+    from the loaded W_enc, b_enc, b_dec), then decoded by SAELens's `decode`.
+    """
     import torch
     from sae_lens import SAE
 
@@ -349,7 +354,12 @@ def score(folder: str, x_eval: np.ndarray) -> tuple[float, float]:
     with torch.no_grad():
         for i in range(0, x.shape[0], 1024):
             xb = x[i:i + 1024]
-            feats = sae.encode(xb)
+            if batch_k:
+                pre = torch.relu((xb - sae.b_dec) @ sae.W_enc + sae.b_enc)
+                kth = torch.topk(pre.flatten(), batch_k * xb.shape[0]).values[-1]
+                feats = torch.where(pre >= kth, pre, torch.zeros_like(pre))
+            else:
+                feats = sae.encode(xb)
             sse += float(((sae.decode(feats) - xb) ** 2).sum())
             l0 += float((feats != 0).sum())
     total = float(((x - x.mean(0)) ** 2).sum())
@@ -430,13 +440,16 @@ def whole_process() -> None:
 
     print(f"\n# quality at {tokens[0]} tokens: held-out rows ({x_eval.shape[0]}), both exports through SAELens's "
           "load_from_disk/encode/decode (FVU = sum ||x - x_hat||^2 / sum ||x - mean||^2)")
-    print(f"{'arch':10s} {'arcstream FVU':>13s} {'L0':>6s} {'SAELens FVU':>11s} {'L0':>6s}")
-    for arch in archs + quality_only:
-        row = f"{arch:10s}"
+    print(f"{'arch':18s} {'arcstream FVU':>13s} {'L0':>6s} {'SAELens FVU':>11s} {'L0':>6s}")
+    # BatchTopK twice: by the exported threshold (what SAELens's encode does; an EMA that short runs
+    # leave far from converged) and by the batch top-k rule it was trained with.
+    rows = [(a, 0) for a in archs + quality_only] + [("batchtopk", ARGS.k)] * ("batchtopk" in archs + quality_only)
+    for arch, batch_k in rows:
+        row = f"{arch + (' (batch)' if batch_k else ''):18s}"
         for trainer in ("arcstream", "saelens"):
             folder = os.path.join(exports, f"{trainer}_{arch}_{tokens[0]}")
             if os.path.exists(folder):
-                fvu, l0 = score(folder, x_eval)
+                fvu, l0 = score(folder, x_eval, batch_k)
                 row += f" {fvu:13.4f} {l0:6.1f}" if trainer == "arcstream" else f" {fvu:11.4f} {l0:6.1f}"
             else:
                 row += f" {'-':>13s} {'-':>6s}" if trainer == "arcstream" else f" {'-':>11s} {'-':>6s}"
