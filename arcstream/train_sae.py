@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS.config
     if not config.run_dir:
         raise app.UsageError("--config.run_dir is required (the run directory holding the activation store)")
+    cli.quiet_library_logs()
     cli.log_environment()
     from arcstream.sae import summary_lines, train_offline
     from arcstream.sae.offline import use_compilation_cache

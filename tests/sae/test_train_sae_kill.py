@@ -78,7 +78,9 @@ def test_train_sae_killed_at_random_moments_resumes_to_the_uninterrupted_exports
         assert proc.returncode == -signal.SIGKILL, f"attempt ended by itself after delays {delays}: {err[-2000:]}"
     p = subprocess.run(_cmd(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed SAE training from step" in p.stdout + p.stderr, f"no resume after delays {delays}"
+    assert "resumed SAE training from step" in p.stderr, f"no resume after delays {delays}"
+    # our INFO lines reach the user, Orbax's (dozens per save: threads, renames, throughputs) do not
+    assert "checkpoint_manager.py" not in p.stderr and "async_checkpointer.py" not in p.stderr, p.stderr[-2000:]
 
     for member in ("m0_k2", "m1_k4"):
         for name in ("sae_weights.safetensors", "cfg.json"):
