@@ -10,8 +10,10 @@ The spliced forward walks the same public pieces `arcstream.model.forward`
 uses (embedding, rope tables, segment mask, the blocks' sub-modules, final
 norm and head) and replaces one site's value on the way; the tests check it
 against `forward` (identity splice) and against HF PyTorch with a forward hook
-(zero splice). Prompts run one per row, right-padded to a multiple of
-`pad_to` tokens so a handful of shapes compile; padding is masked out of the loss.
+(zero splice). Prompts run one per row, right-padded to the next power of two
+(at least `pad_to` tokens) so a handful of shapes compile; padding is masked out of
+the loss. (Padded to multiples of 256, the default run's 16 prompts compiled 31
+programs, 36 s of its 184 s analysis.)
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def ce_loss_recovered(model: Decoder, prompts: Sequence[np.ndarray], site: str, 
         n = len(ids)
         if n < 2:
             continue
-        t = -(-n // pad_to) * pad_to
+        t = max(pad_to, 1 << (n - 1).bit_length())
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :n] = ids
         seg = np.zeros((1, t), np.int32)

@@ -113,7 +113,7 @@ class InvarianceAccumulator:
             for j in range(i + 1, len(views)):
                 for frame, acc in ((0, self.j_orig_s), (1, self.j_view_s)):
                     a, b = sets[i][frame], sets[j][frame]
-                    inter = np.bincount(np.intersect1d(a, b) // space, minlength=self.d_sae)
+                    inter = np.bincount(np.intersect1d(a, b, assume_unique=True) // space, minlength=self.d_sae)  # codes() is unique
                     union = (np.bincount(a // space, minlength=self.d_sae) +
                              np.bincount(b // space, minlength=self.d_sae) - inter)
                     acc += np.where(union > 0, inter / np.maximum(union, 1), 0.0)
