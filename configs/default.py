@@ -18,7 +18,8 @@ and ends with the analysis: `output_dir/dashboard/index.html` (open it from
 disk) and `output_dir/report.md`.
 Runtime: measured 305 s on an idle 2-core CPU from a fresh clone (7 min 20 s with
 the venv and `pip install`): predictions 136 s (8 tasks x 4 views, shape-constrained),
-analysis 131 s, online SAEs 31 s, forward 5 s with compilation.
+analysis 131 s (87 s after the padding fixes that measurement led to), online SAEs
+31 s, forward 5 s with compilation.
 Expected result: a summary with 64 prompts, ~76k tokens, rows durable ==
 tokens, 4 too_long prompts named in skipped.jsonl, ~75 SAE steps per site
 (every token drawn once: "tokens drawn of ... captured" in the summary),
