@@ -675,20 +675,22 @@ def _jumprelu_encode(params, buffers, x_bd, cfg, hp):
     return jax.nn.relu(pre_bs) * (pre_bs > t_s)
 
 
-def _jumprelu_loss(params, buffers, x_bd, cfg, hp, dead_s):
+def _jumprelu_loss(params, buffers, x_bd, cfg, hp, dead_s, *, target_bd=None):
+    """MSE of reconstructing `target_bd` (a transcoder's target; default x_bd itself) + the L0 penalty."""
     del buffers, dead_s
+    y_bd = x_bd if target_bd is None else target_bd
     pre_bs = preacts(params, x_bd, cfg)
     t_s = jnp.exp(params["log_threshold_s"])
     acts_bs = jumprelu(pre_bs, t_s, cfg.jumprelu_bandwidth)
-    x_hat_bd = decode(params, acts_bs)
-    mse = _mse(x_bd, x_hat_bd)
+    y_hat_bd = decode(params, acts_bs)
+    mse = _mse(y_bd, y_hat_bd)
     l0_b = jnp.sum(step_fn(pre_bs, t_s, cfg.jumprelu_bandwidth), axis=-1)
     l0_loss = hp["l0_coefficient"] * jnp.mean(l0_b)
     fired_bs = acts_bs > 0
     out = StepOutput(
         loss=mse + l0_loss,
         losses={"mse_loss": mse, "l0_loss": l0_loss},
-        metrics=reconstruction_metrics(x_bd, x_hat_bd, fired_bs.sum(-1).mean()),
+        metrics=reconstruction_metrics(y_bd, y_hat_bd, fired_bs.sum(-1).mean()),
         fired_s=fired_bs.sum(0),
     )
     return out.loss, out

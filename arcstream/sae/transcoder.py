@@ -37,13 +37,9 @@ from arcstream.sae.architectures import (
     Architecture,
     Params,
     SAEConfig,
-    StepOutput,
-    _mse,
-    jumprelu,
-    preacts,
-    reconstruction_metrics,
+    _jumprelu_encode,
+    _jumprelu_loss,  # with target_bd: the same loss, reconstructing the target site
     register_architecture,
-    step_fn,
     unit_norm_decoder,
 )
 from arcstream.sae.matryoshka import check_k, nested_batchtopk_loss, threshold_buffers, threshold_encode
@@ -123,30 +119,6 @@ def _jumprelu_init(key, cfg):
     params = init_transcoder(key, cfg)
     params["log_threshold_s"] = jnp.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold), jnp.float32)
     return params
-
-
-def _jumprelu_encode(params, buffers, x_bd, cfg, hp):
-    del buffers, hp
-    pre_bs = preacts(params, x_bd, cfg)
-    return jax.nn.relu(pre_bs) * (pre_bs > jnp.exp(params["log_threshold_s"]))
-
-
-def _jumprelu_loss(params, buffers, x_bd, cfg, hp, dead_s, *, target_bd):
-    del buffers, dead_s
-    pre_bs = preacts(params, x_bd, cfg)
-    t_s = jnp.exp(params["log_threshold_s"])
-    acts_bs = jumprelu(pre_bs, t_s, cfg.jumprelu_bandwidth)
-    y_hat_bd = acts_bs @ params["w_dec_sd"] + params["b_dec_d"]
-    mse = _mse(target_bd, y_hat_bd)
-    l0_loss = hp["l0_coefficient"] * jnp.mean(jnp.sum(step_fn(pre_bs, t_s, cfg.jumprelu_bandwidth), axis=-1))
-    fired_bs = acts_bs > 0
-    out = StepOutput(
-        loss=mse + l0_loss,
-        losses={"mse_loss": mse, "l0_loss": l0_loss},
-        metrics=reconstruction_metrics(target_bd, y_hat_bd, fired_bs.sum(-1).mean()),
-        fired_s=fired_bs.sum(0),
-    )
-    return out.loss, out
 
 
 def _jumprelu_export(params, buffers, cfg, hp):
