@@ -8,20 +8,15 @@ metrics flush or in the exports.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.analysis.helpers import SITE, make_store
+from tests.kill import REPO, has_checkpoint, kill_at_random_moments, lines, run_job
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 60
 
 
@@ -34,50 +29,22 @@ def _cmd(run_dir: Path) -> list[str]:
             "--config.checkpoint_every=3", "--config.log_every=1"]
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, JAX_PLATFORMS="cpu", ARCSTREAM_NO_PROGRESS="1", XLA_FLAGS="")
-
-
-def _lines(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-
-
 @pytest.mark.slow  # three or four entry-point processes (~1 min here)
 def test_train_sae_killed_at_random_moments_resumes_to_the_uninterrupted_exports(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     make_store(full)
     shutil.copytree(full, killed)
-    p = subprocess.run(_cmd(full), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_job(_cmd(full))
 
-    rng = np.random.default_rng()  # random moments; the delays are in the assertion messages
     metrics = killed / "saes" / "metrics.jsonl"
-    delays = []
     ckpts = killed / "saes" / "checkpoints"
-    for attempt in range(2):
-        proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        start = _lines(metrics)
-        t0 = time.monotonic()
-
-        def ready() -> bool:
-            if attempt == 0:  # anywhere once it trains (its first new metrics line), before a checkpoint too
-                return _lines(metrics) > start
-            # the second attempt: once a checkpoint is on disk, so the last run resumes from one
-            return ckpts.exists() and any(d.name.isdigit() for d in ckpts.iterdir())
-
-        while not ready() and proc.poll() is None and time.monotonic() - t0 < 300:
-            time.sleep(0.01)
-        delays.append(float(rng.uniform(0.0, 0.3)))
-        time.sleep(delays[-1])
-        proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, f"attempt ended by itself after delays {delays}: {err[-2000:]}"
-    p = subprocess.run(_cmd(killed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    delays = kill_at_random_moments(_cmd(killed), [
+        # anywhere once it trains (its first new metrics line), before a checkpoint too
+        lambda: lines(metrics) > 0,
+        # then once a checkpoint is on disk, so the last run resumes from one
+        lambda: has_checkpoint(ckpts) and lines(metrics) > 0,
+    ])
+    p = run_job(_cmd(killed))
     assert "resumed SAE training from step" in p.stderr, f"no resume after delays {delays}"
     # our INFO lines reach the user, Orbax's (dozens per save: threads, renames, throughputs) do not
     assert "checkpoint_manager.py" not in p.stderr and "async_checkpointer.py" not in p.stderr, p.stderr[-2000:]
