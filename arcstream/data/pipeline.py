@@ -397,6 +397,9 @@ class Pipeline:
         self.batches = 0  # batches yielded so far (carried across resume)
         self.prompts = 0  # prompts yielded so far
         self.tokens = 0  # real (non-padding) tokens yielded so far
+        # Skips of this shard once it has run dry: the packer's state points back to its last open rows, so
+        # skips after them (trailing bad tasks, or a shard whose tasks are all bad) are counted here instead.
+        self._skips_at_end: int | None = None
 
     def _iterator(self) -> grain.DatasetIterator:
         if self._it is None:
@@ -407,7 +410,11 @@ class Pipeline:
         return self
 
     def __next__(self) -> PackedBatch:
-        batch = next(self._iterator())
+        try:
+            batch = next(self._iterator())
+        except StopIteration:
+            self._skips_at_end = self._tally.base + len(self._tally.items)
+            raise
         self.batches += 1
         self.prompts += len(batch.prompts)
         self.tokens += int(np.count_nonzero(batch.segment_ids))
@@ -430,7 +437,8 @@ class Pipeline:
         The packer reads ahead of the batches it has emitted and its state
         points back to the start of its open rows, so `skip_counts` may already
         count skips that a pipeline restored from this state meets again; this
-        number does not: it is where a resumed pipeline's skips start.
+        number does not: it is where a resumed pipeline's skips start. Once the
+        shard has run dry it is every skip the shard has (`skips_at_end`).
         """
         def find(node: Any) -> dict[str, int] | None:
             if isinstance(node, dict):
@@ -442,6 +450,8 @@ class Pipeline:
                         return found
             return None
 
+        if state.get("skips_at_end") is not None:
+            return int(state["skips_at_end"])
         counts = find(state.get("grain", {}))
         if counts is None:
             raise ValueError("pipeline state holds no skip counts; was it saved by Pipeline.get_state()?")
@@ -465,6 +475,7 @@ class Pipeline:
             "batches": self.batches,
             "prompts": self.prompts,
             "tokens": self.tokens,
+            "skips_at_end": self._skips_at_end,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -480,6 +491,7 @@ class Pipeline:
                 f"{json.dumps(diff, default=str)}; resume with the saved options or start a fresh run")
         self._iterator().set_state(state["grain"])
         self.batches, self.prompts, self.tokens = state["batches"], state["prompts"], state["tokens"]
+        self._skips_at_end = state.get("skips_at_end")
 
     def close(self) -> None:
         """Stops Grain worker processes / threads, if any."""
