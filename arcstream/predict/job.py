@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,6 +59,7 @@ from arcstream.data.task import InvalidTask, Pair, Skipped, Task
 from arcstream.predict.generator import Generation, Generator
 from arcstream.predict.score import Score, score_predictions
 from arcstream.predict.vote import Answer, Candidate, attempts, rank_by_product, vote
+from arcstream.store.layout import RunLocation, join_location
 
 SELECTIONS = ("vote", "product")
 FALLBACKS = ("blank", "input")  # blank = [[0]]; input = the test input grid
@@ -334,63 +334,81 @@ def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predi
 # --- the resumable job ------------------------------------------------------------------------------
 
 
-def _read_details(path: pathlib.Path) -> list[dict[str, Any]]:
-    """Complete lines of details.jsonl; a torn last line (a crash mid-append) is cut off the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-    out = []
-    for n, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n} is not JSON ({e}); the file is the resume log: delete the line "
-                             "(its task is recomputed) or the whole output dir") from None
-    return out
+DETAILS = "details.jsonl"
 
 
-def _append_line(path: pathlib.Path, obj: Any) -> None:
-    """One JSON line, appended with a single write and fsynced: a task is done iff its line is whole."""
-    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _DetailsLog:
+    """details.jsonl, the resume log: one JSON line per finished task, in a local folder or a kvstore URL.
+
+    Local: each line is appended with one `write` and fsynced, so a task is done iff its line is whole;
+    a torn last line (a kill mid-append) is cut off when the log is read. kvstore URLs have no append:
+    the whole object is rewritten, atomically, once per chunk of tasks.
+    """
+
+    def __init__(self, location: RunLocation):
+        self.location = location
+        self._data = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        """Complete lines; a torn last line is removed from the log."""
+        data = self.location.read_bytes(DETAILS) or b""
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            if self.location.local is not None:
+                with open(self.location.local / DETAILS, "r+b") as f:
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                self.location.write_bytes_atomic(DETAILS, data[:end])
+        self._data = data[:end]
+        out = []
+        for n, line in enumerate(self._data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{join_location(self.location.url, DETAILS)} line {n} is not JSON ({e}); the "
+                                 "file is the resume log: delete the line (its task is recomputed) or the whole "
+                                 "output dir") from None
+        return out
+
+    def append(self, records: Sequence[Any]) -> None:
+        lines = b"".join((json.dumps(r, separators=(",", ":")) + "\n").encode() for r in records)
+        if not lines:
+            return
+        if self.location.local is None:
+            self.location.write_bytes_atomic(DETAILS, self._data + lines)
+        else:
+            fd = os.open(self.location.local / DETAILS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                for r in records:  # one write per task: a kill leaves whole lines and at most one torn one
+                    os.write(fd, (json.dumps(r, separators=(",", ":")) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._data += lines
 
 
-def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json(location: RunLocation, key: str, obj: Any) -> None:
+    location.write_bytes_atomic(key, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def _check_config(path: pathlib.Path, resolved: dict[str, Any]) -> None:
+def _check_config(location: RunLocation, resolved: dict[str, Any]) -> None:
     """Writes config.json, or refuses to resume under a different config (naming the keys that differ).
 
     `output_dir` is not compared: a run directory may be moved or copied and resumed there.
     """
-    if path.exists():
-        old = json.loads(path.read_text())
+    old = location.read_json("config.json")
+    if old is not None:
         diff = _diff({k: v for k, v in old.items() if k != "output_dir"},
                      {k: v for k, v in resolved.items() if k != "output_dir"})
         if diff:
-            raise ValueError(f"{path.parent} holds a run with another config; differing keys: " + "; ".join(diff)
+            raise ValueError(f"{location.url} holds a run with another config; differing keys: " + "; ".join(diff)
                              + ". Use a fresh --config.output_dir, or the stored config")
         return
-    _write_json_atomic(path, resolved)
+    _write_json(location, "config.json", resolved)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -480,9 +498,9 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
         raise ValueError(f"--config.predict.fallback is {p.fallback!r}; expected one of {FALLBACKS}")
     if int(p.tasks_per_chunk) < 1:
         raise ValueError(f"--config.predict.tasks_per_chunk is {p.tasks_per_chunk}; expected >= 1")
-    out = pathlib.Path(str(config.output_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(out / "config.json", json.loads(config.to_json()))
+    out = RunLocation(str(config.output_dir))
+    out.ensure_writable()
+    _check_config(out, json.loads(config.to_json()))
 
     model_name = str(config.model) if generator is None else type(generator).__name__
     if generator is None:
@@ -508,8 +526,8 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
     n_aug, seed = int(data.n_augmentations), int(data.seed)
     max_tasks = int(data.max_tasks)
 
-    details_path = out / "details.jsonl"
-    done = {r["task_id"]: r for r in _read_details(details_path)}
+    details = _DetailsLog(out)
+    done = {r["task_id"]: r for r in details.read()}
     resumed = len(done)
 
     def rows() -> Iterable[tuple[int, Task | Skipped]]:
@@ -538,10 +556,9 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
         records = predict_tasks(tasks, generator, tokenizer, prompter=prompter, n_augmentations=n_aug, seed=seed,
                                 selection=str(p.selection), fallback=str(p.fallback),
                                 constrain_shape=bool(p.constrain_shape))
-        for rec in records:
-            if rec["task_id"] not in done:
-                _append_line(details_path, rec)
-                done[rec["task_id"]] = rec
+        new = [rec for rec in records if rec["task_id"] not in done]
+        details.append(new)
+        done.update((rec["task_id"], rec) for rec in new)
 
     # --- the submission, in source order
     predictions = {}
@@ -559,21 +576,20 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
             shape_right += bool(t.get("shape_right"))
             generations += len(t["generations"])
             decoded += sum(g["ok"] for g in t["generations"])
-    files = {"config.json": str(out / "config.json"), "details.jsonl": str(details_path)}
-    _write_json_atomic(out / "predictions.json", predictions)
-    files["predictions.json"] = str(out / "predictions.json")
+    files = {k: str(join_location(out.url, k)) for k in ("config.json", DETAILS, "predictions.json")}
+    _write_json(out, "predictions.json", predictions)
     if skipped:
         from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
 
-        SkippedLog(str(out)).replace(skipped)  # the writer every job shares (atomic, fsynced)
-        files["skipped.jsonl"] = str(out / SKIPPED_FILE)
+        SkippedLog(out).replace(skipped)  # the writer every job shares (atomic, fsynced)
+        files[SKIPPED_FILE] = str(join_location(out.url, SKIPPED_FILE))
     score = None
     if solutions:
         score = score_predictions(predictions, solutions)
-        _write_json_atomic(out / "score.json", score.to_json())
-        files["score.json"] = str(out / "score.json")
+        _write_json(out, "score.json", score.to_json())
+        files["score.json"] = str(join_location(out.url, "score.json"))
     return PredictResult(
-        output_dir=str(out), source=getattr(source, "spec", str(data.source)), model=model_name, tasks=len(order),
+        output_dir=out.url, source=getattr(source, "spec", str(data.source)), model=model_name, tasks=len(order),
         test_inputs=sum(test_counts.values()), generations=generations, decoded=decoded,
         failures=dict(sorted(failures.items())), skipped=dict(sorted(Counter(s.reason for s in skipped).items())),
         resumed_tasks=resumed, selection=str(p.selection), score=score, seconds=time.perf_counter() - start,

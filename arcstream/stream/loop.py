@@ -566,18 +566,13 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
 
 
 def _why_no_predictions(config: ml_collections.ConfigDict, pcount: int) -> str:
-    """Why `predict=True` cannot run inside this run ("" when it can): it decodes in one process and
-    writes local files. The capture goes on either way; the summary says what to run instead."""
-    from arcstream.store.layout import RunLocation
-
+    """Why `predict=True` cannot run inside this run ("" when it can): it decodes in one process. The
+    capture goes on either way; the summary says what to run instead."""
     if not config.predict:
         return ""
     after = "run python -m arcstream.predict --config=configs/predict.py (same model and data) after the capture"
     if pcount > 1:
         return f"they run in one process and this run has {pcount}; {after}"
-    if RunLocation(str(config.output_dir)).local is None:
-        return (f"they are written to local files and --config.output_dir={config.output_dir!r} is a URL; "
-                f"{after}, with a local --config.output_dir")
     return ""
 
 
@@ -589,11 +584,8 @@ def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tok
     ones the run captured (`max_prompts / n_augmentations`) when `max_prompts` bounds the run.
     """
     from arcstream.predict import predict_config_from_run, run_predictions
-    from arcstream.store.layout import RunLocation, is_url
 
-    pc = predict_config_from_run(config, model_path)
-    if is_url(str(config.output_dir)):  # a file:// URL (run() refuses the others): predict writes with pathlib
-        pc.output_dir = str(RunLocation(str(config.output_dir)).local / "predictions")
+    pc = predict_config_from_run(config, model_path)  # output_dir/predictions, a local path or a URL alike
     if int(config.max_prompts):  # about the tasks the run captured, and no more than predict_options.max_tasks
         captured = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
         pc.data.max_tasks = min(int(pc.data.max_tasks), captured) if int(pc.data.max_tasks) else captured

@@ -220,3 +220,30 @@ def test_run_config_predict_options_max_tasks_bounds_the_decoded_tasks(tmp_path)
     assert predict_config_from_run(rc, "some/model").data.max_tasks == 3
     rc.predict_options.max_tasks = 0
     assert predict_config_from_run(rc, "some/model").data.max_tasks == 3
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_url_output_dirs_equal_a_local_run_and_resume_after_a_crash(tmp_path, tokenizer, arc_tasks, scheme):
+    """memory:// and file:// output dirs (the kvstore path and the local path behind a URL): every file equals
+    a local run's, and a crash mid-run (a torn details line) resumes to the same files."""
+    import uuid
+
+    from arcstream.store.layout import RunLocation
+
+    local = run_predictions(_config(tmp_path / "local"), generator=NoisyGenerator(arc_tasks), tokenizer=tokenizer)
+    url = f"memory://predict-{uuid.uuid4().hex}" if scheme == "memory" else f"file://{tmp_path / 'url'}"
+    crashing = NoisyGenerator(arc_tasks, fail_after=local.generations // 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_predictions(_config(url), generator=crashing, tokenizer=tokenizer)
+    loc = RunLocation(url)
+    done = loc.read_bytes("details.jsonl")
+    assert done and 0 < done.count(b"\n") < N_TASKS
+    loc.write_bytes_atomic("details.jsonl", done + b'{"task_id": "torn li')  # a crash mid-write
+    res = run_predictions(_config(url), generator=NoisyGenerator(arc_tasks), tokenizer=tokenizer)
+    assert res.resumed_tasks == done.count(b"\n") and res.score.solved == local.score.solved
+    assert res.files["predictions.json"] == f"{url}/predictions.json"
+    for name in ("predictions.json", "score.json"):
+        assert loc.read_bytes(name) == (tmp_path / "local" / name).read_bytes(), name
+    assert sorted(loc.read_bytes("details.jsonl").decode().splitlines()) == sorted(
+        (tmp_path / "local" / "details.jsonl").read_text().splitlines())
+    assert json.loads(loc.read_bytes("config.json"))["data"]["max_tasks"] == N_TASKS

@@ -137,10 +137,16 @@ def test_memory_url_with_online_saes_needs_a_checkpoint_dir(tiny_ckpt, tmp_path)
         run(_config(tiny_ckpt, _url(), **SAE))
     with pytest.raises(ValueError, match=r"--config\.sae\.checkpoint_dir='memory://"):
         run(_config(tiny_ckpt, tmp_path / "run", **{**SAE, "sae.checkpoint_dir": _url()}))
-    # predict=True (the default run's) cannot write to a URL: the capture still runs, the summary says why.
-    result = run(_config(tiny_ckpt, _url(), predict=True))
-    assert result.predictions is None and "is a URL" in result.predict_skipped
-    assert any(k == "predictions" and v.startswith("skipped: ") for k, v in result.summary_rows())
+    # predict=True (the default run's) writes its files into the URL run directory too.
+    from arcstream.store.layout import RunLocation
+
+    url = _url()
+    result = run(_config(tiny_ckpt, url, predict=True))
+    assert result.predictions is not None and not result.predict_skipped
+    loc = RunLocation(url)
+    predictions = loc.read_json("predictions/predictions.json")
+    assert predictions and loc.read_json("predictions/score.json")["total"] == sum(len(v) for v in predictions.values())
+    assert loc.read_bytes("predictions/details.jsonl").count(b"\n") == len(predictions)
 
 
 def test_checkpoint_dirs_keep_gs_urls_whole_without_touching_gcs():
