@@ -43,7 +43,7 @@ def spliced_logits(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Arr
 @nnx.jit(static_argnames=("site", "mode", "cfg"))
 def _losses(model, sae_params, buffers, tokens_bt, segment_ids_bt, positions_bt, *, site, mode, cfg):
     """(sum of next-token CE over real targets, number of targets)."""
-    from arcstream.sae import decode, encode
+    from arcstream.sae import reconstruct
 
     if mode == "clean":
         replace = None
@@ -53,7 +53,7 @@ def _losses(model, sae_params, buffers, tokens_bt, segment_ids_bt, positions_bt,
         def replace(v_btd):
             b, t, d = v_btd.shape
             x_nd = v_btd.reshape(b * t, d).astype(jnp.float32)
-            return decode(sae_params, encode(sae_params, cfg, x_nd, buffers), buffers).reshape(b, t, d).astype(
+            return reconstruct(sae_params, cfg, x_nd, buffers)[1].reshape(b, t, d).astype(
                 v_btd.dtype)
     logits = spliced_logits(model, tokens_bt, segment_ids_bt, positions_bt, site, replace).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)

@@ -46,6 +46,7 @@ class AnalyzeOptions:
     run_dir: str
     output_dir: str = ""  # "" = run_dir (a local folder or a kvstore URL)
     sae_dir: str = ""  # "" = run_dir/saes
+    saes: tuple[str, ...] = ()  # SAELens folders from outside the run (each on the site its cfg.json names)
     sites: tuple[str, ...] = ()  # () = every stored site with an SAE export
     chunk_rows: int = 4096
     max_rows: int = 0  # analyse at most this many rows (from the start); 0 = all committed rows
@@ -85,8 +86,9 @@ class AnalyzeOptions:
             if int(config[name]) < 1:
                 raise ValueError(f"config.{name}={config[name]}; expected a positive integer")
         sites = tuple(s.strip() for s in str(config.sites or "").split(",") if s.strip())
+        saes = tuple(s.strip() for s in str(config.get("saes") or "").split(",") if s.strip())
         return cls(run_dir=run_dir, output_dir=str(config.output_dir or ""), sae_dir=str(config.sae_dir or ""),
-                   sites=sites, chunk_rows=int(config.chunk_rows), max_rows=int(config.max_rows), eval_rows=eval_rows,
+                   saes=saes, sites=sites, chunk_rows=int(config.chunk_rows), max_rows=int(config.max_rows), eval_rows=eval_rows,
                    eval_fraction=float(config.eval_fraction), top_k=int(config.top_k),
                    dense_density=float(config.dense_density), dashboard_features=int(config.dashboard_features),
                    examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi),
@@ -158,13 +160,12 @@ def _encoder(params, cfg, buffers, chunk_rows: int):
     """
     import jax
 
-    from arcstream.sae import decode, encode
+    from arcstream.sae import reconstruct
 
     # Weights are arguments, not closed-over constants: a 16k-latent SAE would otherwise be baked into the HLO.
     @jax.jit
     def fn(params, buffers, x_nd):
-        acts = encode(params, cfg, x_nd, buffers)
-        return acts, decode(params, acts, buffers)
+        return reconstruct(params, cfg, x_nd, buffers)
 
     def run(x_nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = x_nd.shape[0]
@@ -464,9 +465,41 @@ def _has_sae(folder: str | Path) -> bool:
     return RunLocation(folder).exists("cfg.json")
 
 
+def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
+    """(site, folder) of each `config.saes` folder: the stored site its cfg.json's hook name names, checked."""
+    from arcstream.store.layout import RunLocation
+
+    out: list[tuple[str, str | Path]] = []
+    for folder in opts.saes:
+        cfg_json = RunLocation(folder).read_json("cfg.json")
+        if cfg_json is None:
+            raise FileNotFoundError(f"--config.saes: {folder}/cfg.json does not exist; expected a SAELens folder "
+                                    "(cfg.json + sae_weights.safetensors)")
+        meta = cfg_json.get("metadata") or {}
+        hook = str(meta.get("hook_name") or cfg_json.get("hook_name") or "")
+        if hook not in reader.sites:
+            raise ValueError(f"--config.saes: {folder}/cfg.json reads hook_name={hook!r}, which {opts.run_dir} does "
+                             f"not store (it stores {list(reader.sites)}); capture that site, or give an SAE of one "
+                             "of these")
+        if int(cfg_json.get("d_in", -1)) != reader.sites[hook]:
+            raise ValueError(f"--config.saes: {folder}/cfg.json has d_in={cfg_json.get('d_in')}, but site {hook!r} "
+                             f"of {opts.run_dir} stores width {reader.sites[hook]}; the SAE is for another model")
+        if opts.sites and hook not in opts.sites:
+            continue
+        if any(site == hook for site, _ in out):
+            raise ValueError(f"--config.saes: two SAEs for site {hook!r} ({out[0][1]} and {folder}); the analysis "
+                             "writes one set of outputs per site: run it once per SAE with its own output_dir")
+        out.append((hook, folder))
+    if not out:
+        raise ValueError(f"--config.saes: none of {list(opts.saes)} is for the sites {list(opts.sites)}")
+    return out
+
+
 def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
     from arcstream.store.layout import join_location
 
+    if opts.saes:
+        return _external_saes(reader, opts)
     sae_root = opts.sae_dir or join_location(opts.run_dir, "saes")
     if opts.sites:
         missing = [s for s in opts.sites if s not in reader.sites]

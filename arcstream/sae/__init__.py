@@ -29,7 +29,7 @@ from arcstream.sae.train import (
     spec_sites,
     state_shardings,
 )
-from arcstream.sae.export import decode, encode, export_circuit_tracer, export_sae, load_sae
+from arcstream.sae.export import decode, encode, export_circuit_tracer, export_sae, load_sae, reconstruct
 from arcstream.sae.data import ActivationSource, InMemorySource, batch_dataset
 from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.offline import export_all, parse_sweep, site_specs, summary_lines, train_offline

@@ -71,6 +71,9 @@ class SAEConfig:
     d_out: int = 0
     input_site: str = ""
     target_site: str = ""
+    # SAELens's run-time input normalisation, for SAEs loaded from elsewhere (export.NORMALIZATIONS):
+    # each token is normalised before encoding and the reconstruction mapped back. arcstream trains with "none".
+    normalize_activations: str = "none"
 
     def __post_init__(self) -> None:
         if self.architecture not in _REGISTRY:

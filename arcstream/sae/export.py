@@ -123,11 +123,11 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
     arch = cfg_json.get("architecture", "standard")
     if arch not in _LOADABLE:
         raise ValueError(f"load_sae: {cfg_path} has architecture={arch!r}; expected one of {_LOADABLE}")
-    norm = cfg_json.get("normalize_activations", "none")
-    if norm not in ("none", None):
+    norm = cfg_json.get("normalize_activations") or "none"
+    if norm not in NORMALIZATIONS:
         raise ValueError(
-            f"load_sae: {cfg_path} has normalize_activations={norm!r}; only 'none' is supported "
-            "(fold the normalisation into the weights first)"
+            f"load_sae: {cfg_path} has normalize_activations={norm!r}; arcstream applies {NORMALIZATIONS} as "
+            "SAELens does at run time (fold any other normalisation into the weights first)"
         )
     w = load_safetensors(data[WEIGHTS_FILE])
     d_in, d_sae = int(cfg_json["d_in"]), int(cfg_json["d_sae"])
@@ -155,22 +155,55 @@ def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, 
         kw["k"] = int(cfg_json.get("k", 100))  # SAELens's default when k is absent
         if cfg_json.get("rescale_acts_by_decoder_norm", False):
             raise ValueError(f"load_sae: {cfg_path} has rescale_acts_by_decoder_norm=true; not supported")
+    # SAELens folds expected_average_only_in's factor into the weights when it saves; at run time it is identity.
+    kw["normalize_activations"] = "none" if norm == "expected_average_only_in" else norm
     cfg = SAEConfig(arch, d_in, d_sae, apply_b_dec_to_input=bool(cfg_json.get("apply_b_dec_to_input", True)), **kw)
     buffers = {"scale": jnp.ones((), jnp.float32)}
     return params, cfg, buffers, cfg_json
 
 
+# SAELens's run-time input normalisations (`normalize_activations` in cfg.json) that load_sae accepts.
+NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+
+
+def _normalise(cfg: SAEConfig, x_bd):
+    """(x as the SAE's encoder sees it, the map of a reconstruction back to x's space), as SAELens's
+    `run_time_activation_norm_fn_in/out`: constant_norm_rescale scales each token to norm sqrt(d_in);
+    layer_norm subtracts each token's mean and divides by its (unbiased, as torch's) std + 1e-5."""
+    if cfg.normalize_activations == "constant_norm_rescale":
+        norm = jnp.linalg.norm(x_bd, axis=-1, keepdims=True)
+        coeff = cfg.d_in ** 0.5 / jnp.where(norm > 0, norm, 1.0)  # all-zero padding rows stay finite
+        return x_bd * coeff, lambda y: y / coeff
+    if cfg.normalize_activations == "layer_norm":
+        mu = x_bd.mean(axis=-1, keepdims=True)
+        centred = x_bd - mu
+        std = jnp.std(centred, axis=-1, keepdims=True, ddof=1)
+        return centred / (std + 1e-5), lambda y: y * std + mu
+    return x_bd, lambda y: y
+
+
 def encode(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None = None):
-    """Inference encoding of raw activations (scale applied) -> acts [B, d_sae]."""
+    """Inference encoding of raw activations (scale and input normalisation applied) -> acts [B, d_sae]."""
     buffers = dict(buffers or {})
     scale = buffers.pop("scale", 1.0)
     buffers.pop("steps_since_fired_s", None)
     arch = get_architecture(cfg.architecture)
-    return arch.encode(params, buffers, jnp.asarray(x_bd, jnp.float32) * scale, cfg, cfg.hparams())
+    x_bd, _ = _normalise(cfg, jnp.asarray(x_bd, jnp.float32))
+    return arch.encode(params, buffers, x_bd * scale, cfg, cfg.hparams())
+
+
+def reconstruct(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None = None):
+    """(acts [B, d_sae], reconstruction [B, d_out] in x's raw space): encode, decode, and undo the input
+    normalisation of `cfg` (what every consumer of a reconstruction should call)."""
+    x_bd = jnp.asarray(x_bd, jnp.float32)
+    acts = encode(params, cfg, x_bd, buffers)
+    _, back = _normalise(cfg, x_bd)
+    return acts, back(decode(params, acts, buffers))
 
 
 def decode(params: Params, acts_bs, buffers: Buffers | None = None):
-    """Decode to raw activation space (scale undone; a transcoder's target scale)."""
+    """Decode to raw activation space (scale undone; a transcoder's target scale). An SAE with an input
+    normalisation needs the input to map back: use `reconstruct`."""
     buffers = buffers or {}
     scale = buffers.get("target_scale", buffers.get("scale", 1.0))
     return (jnp.asarray(acts_bs) @ params["w_dec_sd"] + params["b_dec_d"]) / scale
