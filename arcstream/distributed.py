@@ -9,8 +9,9 @@ How a process learns it is part of a pod, in order:
 1. `ARCSTREAM_COORDINATOR`, `ARCSTREAM_NUM_PROCESSES`, `ARCSTREAM_PROCESS_ID`
    (set by `launch/local.py`, handy anywhere);
 2. a cluster JAX detects on its own (Cloud TPU VMs / pods, SLURM, Open MPI,
-   Kubernetes): `ARCSTREAM_DISTRIBUTED=auto` or any `SLURM_JOB_ID` with more
-   than one task, or a multi-host TPU;
+   Kubernetes): with `ARCSTREAM_DISTRIBUTED=auto` (set it on a multi-host TPU
+   pod: nothing here detects one), or under SLURM with `SLURM_NTASKS` > 1,
+   `jax.distributed.initialize()` is called without arguments;
 3. otherwise a single process: nothing to do.
 """
 

@@ -33,7 +33,7 @@ def _reexec_with_huge_pages() -> None:
 
 def open_source(run_dir: str):
     """The run's activation store as an ActivationSource (`.sites`, `.activations(site)`)."""
-    from arcstream.store import open_run  # the store is wired in at the entry point only (sae knows no store)
+    from arcstream.store import open_run  # the store is wired in at the entry point only (sae reads arrays, not the store)
 
     return open_run(run_dir)
 

@@ -30,7 +30,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.compilation_cache_dir = "~/.cache/arcstream/jax"
 
     c.sae = config_dict.ConfigDict()
-    c.sae.enabled = True  # (shared key with the run job; the offline trainer always trains)
     # standard | topk | batchtopk | jumprelu | matryoshka_batchtopk (SAELens names), or a transcoder:
     # batchtopk_transcoder | jumprelu_transcoder (reads sae.input_site, reconstructs sae.target_site)
     c.sae.architecture = "topk"

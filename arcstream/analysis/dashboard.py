@@ -22,7 +22,6 @@ Page contract (the tests rely on it):
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +197,6 @@ def render_dashboard(sites: list, title: str = "") -> str:
     summary = "".join(
         f"<li>{html.escape(s.site)}: {s.architecture}, d_sae {s.d_sae}, {s.rows} rows; held-out L0 "
         f"{s.eval['l0']:.2f}, FVU {s.eval['fvu']:.4f}; dead {int(s.stats.dead_mask().sum())}</li>" for s in sites)
-    data = json.dumps({"sites": [s.site for s in sites]})
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>arcstream features '
             f'{html.escape(title)}</title><style>{_CSS}</style></head><body>'
             f'<div id="list-pane"><input id="search" type="search" placeholder="search label, index, site">'
@@ -210,7 +208,7 @@ def render_dashboard(sites: list, title: str = "") -> str:
             f'{html.escape(title)}</p><ul>{summary}</ul><p class="muted">Click a linked index for its page. '
             f'Cells where the feature fires are outlined in white, brighter = stronger; the top token\'s cell in '
             f'magenta; hatched cells were not stored.</p></div>{"".join(pages)}</div>'
-            f'<script type="application/json" id="meta">{html.escape(data)}</script><script>{_JS}</script>'
+            f'<script>{_JS}</script>'
             f'</body></html>')
 
 

@@ -33,11 +33,10 @@ colour the rule maps, so the rule is determined by the examples.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
-from arcstream.data.task import Skipped, Task, task_from_pairs
+from arcstream.data.task import Task, task_from_pairs
 
 MAX_SIDE = 30
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from arcstream.data.records import GRID_TRAIN_OUTPUT
 from arcstream.data.sources import TaskSource, open_source
 from arcstream.data.task import Skipped, Task
 

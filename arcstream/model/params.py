@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -377,7 +377,3 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path: str | os.PathL
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return out
 
-
-def param_paths(model: Decoder) -> Sequence[str]:
-    """Dotted NNX paths of all parameters (for logs and tests)."""
-    return [p for p, _ in _flat_params(nnx.state(model, nnx.Param))]

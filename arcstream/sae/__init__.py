@@ -1,7 +1,8 @@
 """Sparse autoencoders on activation batches: architectures, the shared training step,
 SAELens export/import, checkpoints and the offline trainer's data source.
 
-Knows nothing of the model or the store: it takes arrays [N, d_in] per site.
+Knows nothing of the model or the activation store: it takes arrays [N, d_in] per site (it uses only
+the run directory's file I/O, `store.layout.RunLocation`, to read and write exports).
 """
 
 from arcstream.sae.architectures import (

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -741,7 +741,3 @@ def member_names(members: tuple[SAEConfig, ...] | list[SAEConfig]) -> list[str]:
     return ["_".join([f"m{i}"] + [f"{f.split('_')[0]}{getattr(m, f)}" for f in varying])
             for i, m in enumerate(members)]
 
-
-def architectures() -> Mapping[str, Architecture]:
-    """The registry (read-only view)."""
-    return dict(_REGISTRY)

@@ -17,7 +17,9 @@ single process) the manifest; with several processes the run job calls
 manifest's rows: anything written after it is overwritten by the rerun steps,
 which are deterministic, so the finished store equals an uninterrupted one.
 
-Not thread-safe: one thread appends and commits (e.g. the drain thread).
+Not thread-safe: appends and commits must never overlap. The run job appends
+from its drain thread and commits from the main thread only after joining the
+drain (`DrainQueue.join`), so one thread at a time touches the writer.
 """
 
 from __future__ import annotations

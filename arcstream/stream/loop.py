@@ -7,18 +7,22 @@ last commit rewrites exactly what an uninterrupted run would have written
 
 Commit protocol (every `commit_every` steps and at the end), in this order:
   1. the drain is joined: every captured row of steps < s is in the writer;
-  2. `writer.commit(s, extra={pipeline state, counters})`: data durable, then
-     this process's ledger (atomic);
-  3. online SAE state checkpointed for step s (Orbax);
-  4. barrier; process 0 replaces `manifest.json` (atomic): from now on the rows
+  2. the skips the committed pipeline state has passed are appended to
+     skipped.jsonl (so a commit never counts a line that is not on disk);
+  3. online SAEs: the ring's owed draws are trained, then their state is
+     checkpointed for step s (Orbax), and the commit records that SAE step;
+  4. `writer.commit(s, extra={pipeline state, skipped lines, SAE step, ...})`:
+     data durable, then this process's ledger (atomic);
+  5. barrier; process 0 replaces `manifest.json` (atomic): from now on the rows
      count, and a resume starts at step s.
-A kill between 2 and 4 leaves the previous manifest in force; the resumed run
-redoes those steps and overwrites the same rows.
+A kill between 2 and 5 leaves the previous manifest in force; the resumed run
+truncates skipped.jsonl to its commit's line count, drops SAE checkpoint steps
+newer than its commit, redoes those steps and overwrites the same rows.
 
 Hosts must agree on the number of steps although their shards may yield
-different numbers of batches: with several processes, each step starts with a
-tiny all-gather of "I still have data"; a host that has run out feeds an empty
-(all-padding) batch until every host is done.
+different numbers of batches: with several processes, every `sync_every` steps
+(commit_every, or 16) a tiny all-gather asks "does any host still have data";
+a host that has run out feeds empty (all-padding) batches until they agree.
 """
 
 from __future__ import annotations

@@ -229,7 +229,6 @@ def local_rows(x: jax.Array) -> np.ndarray:
 @dataclasses.dataclass
 class DrainStats:
     batches: int = 0
-    rows: int = 0
     bytes: int = 0
     d2h_seconds: float = 0.0  # waiting for device-to-host copies (in the drain thread)
     sink_seconds: float = 0.0  # time inside the sink (host compaction + store append)
