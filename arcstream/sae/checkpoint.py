@@ -85,6 +85,15 @@ class SAECheckpointer:
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
+    def delete_newer_than(self, step: int) -> list[int]:
+        """Deletes every checkpoint step after `step` (an attempt killed between its SAE save and the store's
+        commit leaves one: it is not what the commit records, and Orbax's max_to_keep would keep it over
+        the resumed run's own saves); returns the deleted steps."""
+        orphans = sorted(s for s in self._mgr.all_steps() if s > step)
+        for s in orphans:
+            self._mgr.delete(s)
+        return orphans
+
     def save(self, state: TrainState, data_iter: grain.DatasetIterator | None = None, *, wait: bool = True) -> None:
         """Save at `state.step` and wait until it is on disk (a kill afterwards loses nothing).
 

@@ -674,6 +674,10 @@ class _OnlineSAE:
         # output_dir/metrics.jsonl (process 0), flushed and fsynced at each commit; a kill loses only
         # records after the last commit, which the resumed run logs again.
         self.metrics = JsonlLog(join_location(str(config.output_dir), "metrics.jsonl"), fsync=True)
+        orphans = self.ckpt.delete_newer_than(int(resume_sae_step or 0))
+        if orphans:
+            logging.info("deleted SAE checkpoint step(s) %s: newer than the store's last commit (SAE step %d), "
+                         "left by a killed attempt", orphans, int(resume_sae_step or 0))
         if resume_sae_step is not None and jax.process_index() == 0:
             # metrics.jsonl lines of SAE steps past the checkpoint the run resumes from are logged again.
             self.metrics.truncate(int(resume_sae_step), key="sae_step")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,11 @@ def test_killed_run_resumes_its_online_saes_from_the_commit(tiny_ckpt, tmp_path)
     at_commit = max(r["sae_step"] for r in full_recs if r["run_step"] <= 2)
     assert ledger["step"] == 2 and ledger["extra"]["sae_step"] == at_commit > 0, \
         "commit records the SAE step with the store's"
+    # A kill between an SAE save and the store's commit leaves a checkpoint newer than the commit: planted
+    # here as step 999 (a copy of the committed one). The resumed run must delete it, or Orbax's max_to_keep
+    # would keep it over the run's own saves.
+    ckpts = killed / "saes" / "checkpoints"
+    shutil.copytree(ckpts / str(at_commit), ckpts / "999")
     p = subprocess.run(cmd + _cli_overrides(tiny_ckpt, killed, sae), env=_env(1), cwd=REPO, capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -309,6 +315,9 @@ def test_killed_run_resumes_its_online_saes_from_the_commit(tiny_ckpt, tmp_path)
         recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [r["sae_step"] for r in recs if r["site"] == "blocks.0.hook_resid_post"]
 
+    assert "deleted SAE checkpoint step(s) [999]" in p.stderr
+    assert "999" not in {d.name for d in ckpts.iterdir()}
+    assert max(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) == sae_steps(full)[-1]
     # The resumed run continues from the checkpointed SAE step 4 (5, 6, ...), not from 1, ends at the same
     # count, and the steps logged by the killed attempt after its last commit are not duplicated.
     assert sae_steps(killed) == sae_steps(full) == list(range(1, sae_steps(full)[-1] + 1))
