@@ -26,6 +26,7 @@ are random 4-connected blobs in a per-task palette):
   gravity        every non-background cell slides to one side (down/up/left/right)
   crop           the output is the bounding box of the one object in the grid
   fill_background  background cells take one colour; objects are copied
+  constant       every output is the same grid, whatever the input (copy it from the train outputs)
 Each task has 3-5 train pairs and 1 test pair; every train input shows every
 colour the rule maps, so the rule is determined by the examples.
 """
@@ -233,6 +234,19 @@ def _fill_background(rng: np.random.Generator) -> tuple[dict, Callable, Callable
     return {"colour": colour}, lambda: _scene(rng, *size(), palette, objects=objects), apply
 
 
+def _constant(rng: np.random.Generator) -> tuple[dict, Callable, Callable]:
+    palette = _palette(rng, int(rng.integers(1, 5)))
+    h, w = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+    out = _scene(rng, h, w, palette, objects=int(rng.integers(1, 5)))
+    if not out.any():
+        out[0, 0] = palette[0]
+    size = _sizes(rng, 3, 12)
+    in_palette = _palette(rng, int(rng.integers(1, 5)))
+    objects = int(rng.integers(1, 6))
+    return ({"output": out.tolist()}, lambda: _scene(rng, *size(), in_palette, objects=objects),
+            lambda g: out.copy())
+
+
 RULES: Mapping[str, Callable[[np.random.Generator], tuple[dict, Callable, Callable]]] = {
     "recolour": _recolour,
     "symmetry": _symmetry,
@@ -242,6 +256,7 @@ RULES: Mapping[str, Callable[[np.random.Generator], tuple[dict, Callable, Callab
     "gravity": _gravity,
     "crop": _crop,
     "fill_background": _fill_background,
+    "constant": _constant,
 }
 
 

@@ -11,7 +11,7 @@ from arcstream.data.sources import open_source
 from arcstream.data.synthetic import RULES, generate_task
 from arcstream.data.task import Task
 
-N = 400  # 50 tasks per rule on average
+N = 450  # 50 tasks per rule on average
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,8 @@ def _expected(t, x):
         return x[r0:r1 + 1, c0:c1 + 1]
     if rule == "fill_background":
         return np.where(x == 0, m["colour"], x)
+    if rule == "constant":
+        return np.asarray(m["output"], x.dtype)
     raise AssertionError(rule)
 
 
