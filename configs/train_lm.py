@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.prompts = 16  # prompts of the held-out loss during training
     c.eval.final_prompts = 0  # prompts of the final held-out loss (0 = the whole set)
     c.eval.context_tasks = 20  # held-out tasks of the context-use table (own / no / another task's examples)
+    c.eval.context_tasks_during = 8  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
     c.eval.accuracy = True  # decode answers on eval.source and score them (pass@2)
     c.eval.accuracy_tasks = 100  # the first N tasks are decoded (0 = all 400: about an hour more on 2 CPU cores)
     c.eval.n_augmentations = 1  # views voted per test input
@@ -111,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.prompts = c.eval.final_prompts = 4
         c.eval.accuracy_tasks = 2
         c.eval.context_tasks = 2
+        c.eval.context_tasks_during = 2
         c.eval.max_new_tokens = 32
     elif arg:
         raise ValueError(f"configs/train_lm.py:{arg}: unknown variant; expected none or 'smoke'")

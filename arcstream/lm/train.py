@@ -413,6 +413,10 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
             if evaluate:
                 rec["held_out"] = held_out_loss(nll_fn, params, eval_batches, put).as_dict()
                 log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
+                if int(config.eval.get("context_tasks_during", 0)):
+                    rec["held_out"]["context"] = _context_gain(config, nnx.merge(graphdef, params), tokenizer)
+                    log(f"step {step}: context gain {rec['held_out']['context']['gain']:.1%} on "
+                        f"{rec['held_out']['context']['test_outputs']} held-out test outputs")
             write_metrics(rec)
             last_loss = float(np.mean(window[-5:]))
             log(f"step {step}/{total} loss {loss:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
@@ -456,6 +460,17 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     if jax.process_index() == 0:
         write_model_card(config, result, export_dir, out / "metrics.jsonl")
     return result
+
+
+def _context_gain(config: ml_collections.ConfigDict, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The context-use figure of the model card on the first `eval.context_tasks_during` held-out tasks: answer-
+    cell loss with the task's own train pairs, none and another task's, and the gain 1 - own / another."""
+    from arcstream.lm.evaluate import context_use_of_run
+
+    cu = context_use_of_run(config, model, tokenizer, max_tasks=int(config.eval.context_tasks_during))
+    own, other = cu["model"]["own"]["loss"], cu["model"]["other"]["loss"]
+    return {"own": own, "none": cu["model"]["none"]["loss"], "other": other, "gain": 1.0 - own / other,
+            "test_outputs": cu["test_outputs"]}
 
 
 def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:

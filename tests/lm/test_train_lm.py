@@ -49,6 +49,9 @@ def test_training_lowers_the_loss_and_exports(straight):
     result, out = straight
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
+    evals = [r["held_out"] for r in records if "held_out" in r]
+    assert evals and all(0 < e["context"]["own"] and e["context"]["gain"] == 1 - e["context"]["own"] /
+                         e["context"]["other"] for e in evals)  # the context figure at every held-out eval
     assert records[-1]["loss"] < records[0]["loss"]
     assert result.epochs >= 1  # 12 tasks at 2 rows a step: the stream went round and re-augmented
     # The export loads in arcstream and reproduces the trainer's held-out numbers.
