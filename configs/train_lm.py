@@ -14,7 +14,10 @@ about two thirds of the training tokens), one random augmentation per prompt, lo
 output grid and its stop token. Why the generated tasks: trained on the ~630
 ARC tasks alone (700 steps), the model's answer loss was the same with the
 task's own examples, none, or another task's (context gain 0.4%): it had learnt
-local statistics of output grids, not to read the examples. Every `train.checkpoint_every` steps an Orbax checkpoint; rerunning the
+local statistics of output grids, not to read the examples. The arcstream-tiny
+shipped today is that 700-step model (its card has its own settings); this mixture
+is being trained to replace it, and replaces it only if its card's context figures
+beat it. Every `train.checkpoint_every` steps an Orbax checkpoint; rerunning the
 command resumes. At the end: `output_dir/export/` (HF layout + tokenizer +
 README.md model card + loss_curve.png), the held-out loss and the pass@2
 accuracy on ARC-AGI-1 evaluation. Runtime: about 5 hours on a 2-core CPU, resumable in slices
