@@ -232,3 +232,12 @@ def test_a_truncated_kaggle_file_fails_at_open_naming_the_file(tmp_path):
         assert "t_challenges.json cannot be read as JSON" in str(e)
     else:
         raise AssertionError("a truncated challenges file was read")
+
+
+def test_a_jsonl_file_whose_first_row_is_a_list_skips_that_row_only(tmp_path):
+    """Found by the fuzz test above: a .jsonl file starting with '[' was read as one JSON array and refused."""
+    good = {"examples": [[[[1]], [[2]]], [[[3]], [[4]]]], "source": "", "seeds": []}
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps([good]) + "\n" + json.dumps(good) + "\n")
+    first, second = list(open_source(f"hf:{p}"))
+    assert isinstance(first, Skipped) and first.reason in REASONS and isinstance(second, Task)
