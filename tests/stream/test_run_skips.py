@@ -123,8 +123,8 @@ def test_a_killed_and_resumed_run_names_each_skip_once(tiny_ckpt, tmp_path):
 
 
 @given(entries=task_files())
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                HealthCheck.too_slow])
+@settings(max_examples=3, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_the_run_job_on_a_randomly_broken_file_keeps_every_good_task_and_names_every_bad_one(
         tiny_ckpt, tmp_path_factory, entries):
     """Hypothesis-drawn Kaggle files (tests/data/test_fuzz_sources.py: wrong types, NaN, ragged, empty and
