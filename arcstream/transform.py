@@ -37,7 +37,7 @@ from typing import Any, TextIO
 from arcstream import cli
 from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Skipped, SkipLog, Task
-from arcstream.store.layout import RunLocation, join_location
+from arcstream.store.layout import RunLocation, fsync_dir, join_location
 
 # Grid-size histogram buckets over max(height, width).
 SIDE_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30))
@@ -111,11 +111,7 @@ class _JsonObjectWriter:
         self._f.close()
         if self.location.local is not None:
             os.replace(self.tmp, self.location.local / self.key)
-            fd = os.open(self.location.local, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.location.local)
         else:
             self.location.write_bytes_atomic(self.key, self.tmp.read_bytes())
             self.tmp.unlink()

@@ -375,20 +375,20 @@ class _DetailsLog:
         return out
 
     def append(self, records: Sequence[Any]) -> None:
-        lines = b"".join((json.dumps(r, separators=(",", ":")) + "\n").encode() for r in records)
+        lines = [(json.dumps(r, separators=(",", ":")) + "\n").encode() for r in records]
         if not lines:
             return
         if self.location.local is None:
-            self.location.write_bytes_atomic(DETAILS, self._data + lines)
+            self.location.write_bytes_atomic(DETAILS, self._data + b"".join(lines))
         else:
             fd = os.open(self.location.local / DETAILS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                for r in records:  # one write per task: a kill leaves whole lines and at most one torn one
-                    os.write(fd, (json.dumps(r, separators=(",", ":")) + "\n").encode())
+                for line in lines:  # one write per task: a kill leaves whole lines and at most one torn one
+                    os.write(fd, line)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self._data += lines
+        self._data += b"".join(lines)
 
 
 def _write_json(location: RunLocation, key: str, obj: Any) -> None:

@@ -182,22 +182,24 @@ def _normalise(cfg: SAEConfig, x_bd):
     return x_bd, lambda y: y
 
 
-def encode(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None = None):
-    """Inference encoding of raw activations (scale and input normalisation applied) -> acts [B, d_sae]."""
+def _encode_normalised(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None):
     buffers = dict(buffers or {})
     scale = buffers.pop("scale", 1.0)
     buffers.pop("steps_since_fired_s", None)
-    arch = get_architecture(cfg.architecture)
+    return get_architecture(cfg.architecture).encode(params, buffers, x_bd * scale, cfg, cfg.hparams())
+
+
+def encode(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None = None):
+    """Inference encoding of raw activations (scale and input normalisation applied) -> acts [B, d_sae]."""
     x_bd, _ = _normalise(cfg, jnp.asarray(x_bd, jnp.float32))
-    return arch.encode(params, buffers, x_bd * scale, cfg, cfg.hparams())
+    return _encode_normalised(params, cfg, x_bd, buffers)
 
 
 def reconstruct(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None = None):
     """(acts [B, d_sae], reconstruction [B, d_out] in x's raw space): encode, decode, and undo the input
     normalisation of `cfg` (what every consumer of a reconstruction should call)."""
-    x_bd = jnp.asarray(x_bd, jnp.float32)
-    acts = encode(params, cfg, x_bd, buffers)
-    _, back = _normalise(cfg, x_bd)
+    x_bd, back = _normalise(cfg, jnp.asarray(x_bd, jnp.float32))
+    acts = _encode_normalised(params, cfg, x_bd, buffers)
     return acts, back(decode(params, acts, buffers))
 
 

@@ -280,7 +280,7 @@ class RunLocation:
             target.parent.mkdir(parents=True, exist_ok=True)
             _write_and_fsync(tmp, data)
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as err:
             try:
                 tmp.unlink()
@@ -335,7 +335,7 @@ def _write_and_fsync(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
