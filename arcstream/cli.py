@@ -197,7 +197,7 @@ def job_lock(directory: str, job: str, *, flag: str, create: bool = True) -> Ite
     import jax
     import numpy as np
 
-    from arcstream.store.layout import RunLocation, StoreError
+    from arcstream.io import RunLocation, StoreError
     from arcstream.store.lock import RunLockedError, acquire_run_lock, check_run_lock, new_run_id
 
     location = RunLocation(directory)

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 from arcstream import cli
 from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Skipped, SkipLog, Task
-from arcstream.store.layout import RunLocation, fsync_dir, join_location
+from arcstream.io import RunLocation, fsync_dir, join_location
 
 # Grid-size histogram buckets over max(height, width).
 SIDE_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30))

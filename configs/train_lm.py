@@ -43,7 +43,7 @@ from arcstream.model import default_model_options
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "arcstream-tiny"  # the model card's title
-    c.output_dir = "runs/train_lm"  # checkpoints/, metrics.jsonl, export/, eval_predictions/
+    c.output_dir = "runs/train_lm"  # checkpoints/, metrics.jsonl, export/, eval_predictions/ (a path or kvstore URL)
     c.seed = 0  # parameter init, shuffles and augmentations (epoch e uses seed + e)
     c.tokenizer = "digits"  # arcstream tokenizer: digits (one token per colour) | merged
     c.export_dtype = "bfloat16"  # dtype of the exported safetensors: bfloat16 | float32
@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 10  # steps between metrics.jsonl records
     c.train.eval_every = 300  # steps between held-out losses (on eval.prompts prompts); 0 = never
     c.train.checkpoint_every = 50
+    c.train.checkpoint_dir = ""  # Orbax checkpoints; "" = output_dir/checkpoints (set it for a memory:// output_dir)
     c.train.stop_after = 0  # stop (checkpoint saved) after this step, to train in slices; 0 = run to train.steps
 
     c.eval = ml_collections.ConfigDict()

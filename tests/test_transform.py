@@ -113,7 +113,7 @@ def test_rerun_is_byte_identical_and_replaces_stale_files(tmp_path, monkeypatch)
 def test_url_output_dirs_hold_the_local_bytes_and_lose_stale_files(tmp_path, monkeypatch, scheme):
     import uuid
 
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     monkeypatch.setenv("ARCSTREAM_NO_PROGRESS", "1")
     fx = write_barc_dataset(tmp_path / "data", n_good=5)

@@ -26,7 +26,7 @@ OUTPUTS = ("analysis/features.json", "report.md", "dashboard/index.html",
 
 
 def _read(directory: str, key: str) -> bytes:
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     data = RunLocation(directory).read_bytes(key)
     assert data is not None, f"{directory}/{key} is missing"

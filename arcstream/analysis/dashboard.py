@@ -215,7 +215,7 @@ def render_dashboard(sites: list, title: str = "") -> str:
 def write_dashboard(sites: list, path: str | Path, title: str = "") -> str | Path:
     """Writes `render_dashboard(...)` to `path` atomically: a local file (returned as a `Path`) or a file
     in a kvstore URL (`RunLocation`; returned as the URL string)."""
-    from arcstream.store.layout import file_location, is_url
+    from arcstream.io import file_location, is_url
 
     location, key = file_location(path)
     location.write_bytes_atomic(key, render_dashboard(sites, title).encode("utf-8"))

@@ -453,21 +453,21 @@ def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, den
 
 def _write_text(path: str | Path, text: str) -> None:
     """Replaces a file atomically, in a local folder or a kvstore URL (`RunLocation`)."""
-    from arcstream.store.layout import file_location
+    from arcstream.io import file_location
 
     location, key = file_location(path)
     location.write_bytes_atomic(key, text.encode("utf-8"))
 
 
 def _has_sae(folder: str | Path) -> bool:
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     return RunLocation(folder).exists("cfg.json")
 
 
 def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
     """(site, folder) of each `config.saes` folder: the stored site its cfg.json's hook name names, checked."""
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     out: list[tuple[str, str | Path]] = []
     for folder in opts.saes:
@@ -496,7 +496,7 @@ def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]
 
 
 def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
-    from arcstream.store.layout import join_location
+    from arcstream.io import join_location
 
     if opts.saes:
         return _external_saes(reader, opts)
@@ -526,7 +526,7 @@ def analyze(config: Any) -> AnalyzeResult:
 
     opts = config if isinstance(config, AnalyzeOptions) else AnalyzeOptions.from_config(config)
     start = time.perf_counter()
-    from arcstream.store.layout import join_location
+    from arcstream.io import join_location
 
     out = opts.output_dir or opts.run_dir  # a local folder or a kvstore URL: every write goes through RunLocation
     reader = open_run(opts.run_dir)

@@ -60,7 +60,7 @@ def _plots(s, folder: Any) -> dict[str, str]:
 def write_report(sites: list, out_dir: str | Path, opts: Any) -> str | Path:
     """Writes `out_dir/report.md` and its PNGs under `out_dir/analysis/` (a local folder or a kvstore URL);
     returns the report's path (a `Path`, or the URL string)."""
-    from arcstream.store.layout import RunLocation, is_url, join_location
+    from arcstream.io import RunLocation, is_url, join_location
 
     out = RunLocation(out_dir)
     folder = RunLocation(join_location(out_dir, "analysis"))

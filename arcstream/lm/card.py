@@ -13,17 +13,23 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from arcstream.io import join_location
 
-def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Path, *, dtype: str) -> Path:
-    """config.json + model.safetensors (in `dtype`) + tokenizer files, loadable by transformers and `load_model`."""
+
+def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Path, *, dtype: str,
+                 every_process: bool = False) -> Path:
+    """config.json + model.safetensors (in `dtype`) + tokenizer files, loadable by transformers and `load_model`.
+
+    Every process calls it; process 0 writes, or every process (into its own local `path`) with
+    `every_process` (an export staged locally on each host on its way to a kvstore URL)."""
     from arcstream.model import Decoder, save_hf_checkpoint
 
     cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     abstract = nnx.eval_shape(lambda: Decoder(mcfg, dtype=dtype, rngs=nnx.Rngs(0)))
     gdef, _ = nnx.split(abstract)
     del graphdef  # same structure; the exported graph carries the export dtype
-    save_hf_checkpoint(nnx.merge(gdef, cast), mcfg, path)
-    if jax.process_index() == 0:
+    save_hf_checkpoint(nnx.merge(gdef, cast), mcfg, path, every_process=every_process)
+    if every_process or jax.process_index() == 0:
         tokenizer.save_pretrained(path)
     return path
 
@@ -35,10 +41,12 @@ def export_prompt_format(config: ml_collections.ConfigDict, path: Path) -> Path:
     return write_prompt_format(path, config.data)
 
 
-def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
-                     log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export."""
-    from arcstream.lm.train import eval_pipeline, held_out_loss, make_nll_fn
+def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log: Callable[[str], None] = print,
+                     name: str = "", predictions_dir: str | Path = "") -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export
+    in the local folder `export_dir`; `name` is where the export lives for the record (default: the folder).
+    The decoded answers go to `predictions_dir` (default `output_dir/eval_predictions`; a path or URL)."""
+    from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
     from arcstream.model import attention_option, load_model
 
     e = config.eval
@@ -65,9 +73,9 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *,
         from arcstream.predict.job import default_predict_section, run_predictions
 
         c = ml_collections.ConfigDict()
-        c.model = str(export_dir)
+        c.model = name or str(export_dir)
         c.dtype = "float32"
-        c.output_dir = str(Path(str(config.output_dir)).absolute() / "eval_predictions")
+        c.output_dir = str(predictions_dir or join_location(str(config.output_dir), "eval_predictions"))
         c.seed = 0
         c.data = ml_collections.ConfigDict(json.loads(config.data.to_json()))
         for k in ("sources", "exclude"):
@@ -100,10 +108,13 @@ def _tokenizer(path: Path) -> Any:
     return load_tokenizer(str(path))
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (a local path or a file in a kvstore URL); [] when it does not exist."""
+    from arcstream.io import file_location
+
+    location, key = file_location(path)
+    data = location.read_bytes(key)
+    return [json.loads(line) for line in (data or b"").decode("utf-8").splitlines() if line.strip()]
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -133,7 +144,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir: Path, metrics: Path) -> Path:
+def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir: Path, metrics: str | Path) -> Path:
     """export_dir/README.md (HF model card front matter + what, how, how well, how to reproduce)."""
     records = read_metrics(metrics)
     plot = plot_loss_curve(records, export_dir / "loss_curve.png")

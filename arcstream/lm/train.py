@@ -15,13 +15,18 @@ cut back to it (no duplicated records). At the end the model is exported in the
 HF layout (config.json, model.safetensors, tokenizer files) under
 `output_dir/export`, evaluated on the held-out set, and `output_dir/export/README.md`
 (the model card: data, steps, loss curve, held-out loss and accuracy) is written.
+
+`output_dir` is a local path or a kvstore URL (`file://`, `gs://`, `memory://`): metrics.jsonl goes through
+`arcstream.io.JsonlLog`, the export is staged in a local folder and uploaded (`arcstream.io.local_folder`),
+the held-out predictions go to `output_dir/eval_predictions` through the predict job's own URL support.
+Checkpoints go to `train.checkpoint_dir` (default `output_dir/checkpoints`), which Orbax must be able to
+write: a local path or gs:// / s3:// / az://; a `memory://` output_dir needs it set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +42,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from arcstream.data.records import GRID_TEST_OUTPUT, GRID_TRAIN_OUTPUT
+from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, checkpoint_path, is_url, join_location, local_folder
 from arcstream.lm.data import TaskMixture, targets
+from arcstream.lm.heldout import UNIFORM_CELL_NATS, eval_pipeline, held_out_loss, make_nll_fn, token_nll
 
-UNIFORM_CELL_NATS = math.log(10.0)  # the loss of a model that gives every colour the same probability
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: Any):
@@ -81,18 +86,9 @@ def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransfor
     return opt, schedule
 
 
-def _nll(graphdef: Any, params: Any, tokens, seg, pos, tgt):
-    from arcstream.model import forward
-
-    model = nnx.merge(graphdef, params)
-    logits = forward(model, tokens, seg, pos, sites=(), return_logits=True).logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-
-
 def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation) -> Callable:
     def loss_fn(params, tokens, seg, pos, tgt, w):
-        nll = _nll(graphdef, params, tokens, seg, pos, tgt)
+        nll = token_nll(graphdef, params, tokens, seg, pos, tgt)
         n = jnp.maximum(w.sum(), 1.0)
         return (nll * w).sum() / n, n
 
@@ -103,69 +99,6 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation) -> C
         return params, opt_state, {"loss": loss, "target_tokens": n, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
-
-
-def make_nll_fn(graphdef: Any) -> Callable:
-    """jitted (params, tokens, seg, pos, tgt) -> per-token NLL [B, T] of the next token (float32)."""
-    return jax.jit(lambda params, tokens, seg, pos, tgt: _nll(graphdef, params, tokens, seg, pos, tgt))
-
-
-# --- held-out evaluation -------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class HeldOutLoss:
-    """Mean next-token losses (nats) on held-out prompts, by what the target token is."""
-
-    answer_cell: float  # cells of the test output (the answer grid): comparable to ln 10 = 2.303
-    answer_token: float  # every answer token (cells, line breaks, stop token)
-    train_output_cell: float  # cells of the train output grids inside the prompts
-    answer_cells: int  # how many answer cells were scored
-    prompts: int
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["uniform_cell"] = UNIFORM_CELL_NATS
-        d["answer_cell_vs_uniform"] = self.answer_cell / UNIFORM_CELL_NATS
-        return d
-
-
-def held_out_loss(nll_fn: Callable, params: Any, batches: Any, put: Callable) -> HeldOutLoss:
-    sums = np.zeros(3)
-    counts = np.zeros(3)
-    prompts = 0
-    for batch in batches:
-        tgt, _ = targets(batch)
-        nll = np.asarray(jax.device_get(nll_fn(params, *put(batch.tokens, batch.segment_ids, batch.positions, tgt))))
-        nxt_kind = np.zeros_like(batch.grid_kind)
-        nxt_kind[:, :-1] = batch.grid_kind[:, 1:]
-        nxt_ans = np.zeros_like(batch.answer_mask)
-        nxt_ans[:, :-1] = batch.answer_mask[:, 1:]
-        same = np.zeros(batch.tokens.shape, bool)
-        same[:, :-1] = (batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1]) & (batch.segment_ids[:, 1:] > 0)
-        for i, m in enumerate((nxt_ans & (nxt_kind == GRID_TEST_OUTPUT), nxt_ans, nxt_kind == GRID_TRAIN_OUTPUT)):
-            m = m & same
-            sums[i] += float(nll[m].sum())
-            counts[i] += int(m.sum())
-        prompts += len(batch.prompts)
-    mean = sums / np.maximum(counts, 1)
-    return HeldOutLoss(float(mean[0]), float(mean[1]), float(mean[2]), int(counts[0]), prompts)
-
-
-def eval_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, source_spec: str, max_prompts: int):
-    """The held-out prompts: identity augmentation, answer included, same prompt format as training."""
-    from arcstream.data.pipeline import make_pipeline
-
-    data = ml_collections.ConfigDict(json.loads(config.data.to_json()))
-    with data.unlocked():
-        for k in ("sources", "exclude"):
-            del data[k]
-        data.source = source_spec
-        data.n_augmentations = 1
-        data.shuffle = False
-        data.max_prompts = int(max_prompts)
-        data.seed = 0
-    return make_pipeline(data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count())
 
 
 # --- the training pipeline (epochs) ----------------------------------------------------------------------
@@ -295,22 +228,24 @@ class TrainLMResult:
         return rows
 
 
-def _metrics_writer(path: Path, resume_step: int | None) -> Callable[[dict[str, Any]], None]:
-    from arcstream.sae.offline import truncate_metrics
+def output_location(config: ml_collections.ConfigDict) -> str:
+    """`output_dir` as the job uses it: an absolute local path, or a kvstore URL as given."""
+    out = str(config.output_dir)
+    if not out:
+        raise ValueError("--config.output_dir is empty: give a local directory or a kvstore URL (gs://bucket/run)")
+    return out if is_url(out) else str(Path(out).expanduser().absolute())
 
+
+def _metrics_log(path: str | Path, resume_step: int | None) -> JsonlLog | None:
+    """metrics.jsonl of process 0 (None elsewhere): emptied on a fresh run, cut back to the step on a resume."""
     if jax.process_index() != 0:
-        return lambda rec: None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if resume_step is not None and path.exists():
-        truncate_metrics(path, resume_step)
-    elif resume_step is None and path.exists():
-        path.unlink()
-
-    def write(rec: dict[str, Any]) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    return write
+        return None
+    log = JsonlLog(path, fsync=True)
+    if resume_step is None:
+        log.location.delete(log.key)
+    else:
+        log.truncate(resume_step)
+    return log
 
 
 def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> TrainLMResult:
@@ -320,8 +255,11 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     from arcstream.model import attention_option, init_random, make_mesh
 
     start = time.perf_counter()
-    out = Path(str(config.output_dir)).absolute()
+    out = output_location(config)
     t = config.train
+    flag = "--config.train.checkpoint_dir"  # a memory:// output_dir needs it: Orbax writes files and gs://
+    ckpt_dir = checkpoint_path(checkpoint_dir(str(t.get("checkpoint_dir", "") or ""), out, "checkpoints", flag=flag,
+                                              output_flag="--config.output_dir"), flag)
     tokenizer = build_arc_tokenizer(str(config.tokenizer))
     mcfg = model_config(config, tokenizer)
     mesh = make_mesh(data=int(config.mesh.data), model=int(config.mesh.model))
@@ -350,7 +288,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     stream = EpochStream(config, tokenizer, source)
 
     # --- resume
-    ckpt = ocp.CheckpointManager(out / "checkpoints", options=ocp.CheckpointManagerOptions(
+    ckpt = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=2, create=True))
     step, resumed_from = 0, None
     counters = {"tokens": 0, "targets": 0, "seconds": 0.0}  # over all sessions of the run
@@ -362,13 +300,14 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
         params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
         meta = restored["meta"]
         if meta["fingerprint"] != _fingerprint(config):
-            raise ValueError(f"{out}/checkpoints was written by another configuration; use a new "
+            raise ValueError(f"{ckpt_dir} was written by another configuration; use a new "
                              f"--config.output_dir or the same config (saved: {meta['fingerprint']})")
         stream.restore(meta["streams"][jax.process_index()])
         counters = meta["counters"]
         step = resumed_from = int(latest)
         log(f"resumed from step {step} (epoch {stream.epoch})")
-    write_metrics = _metrics_writer(out / "metrics.jsonl", resumed_from)
+    metrics_path = join_location(out, "metrics.jsonl")
+    metrics = _metrics_log(metrics_path, resumed_from)
 
     saved = {"step": latest}
 
@@ -417,7 +356,9 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
                     rec["held_out"]["context"] = _context_gain(config, nnx.merge(graphdef, params), tokenizer)
                     log(f"step {step}: context gain {rec['held_out']['context']['gain']:.1%} on "
                         f"{rec['held_out']['context']['test_outputs']} held-out test outputs")
-            write_metrics(rec)
+            if metrics is not None:
+                metrics.append(rec)
+                metrics.flush()
             last_loss = float(np.mean(window[-5:]))
             log(f"step {step}/{total} loss {loss:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
                 f"epoch {stream.epoch}")
@@ -433,12 +374,12 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     if not window:  # resumed at the end: the last records of metrics.jsonl hold the final losses
         from arcstream.lm.card import read_metrics
 
-        window = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+        window = [r["loss"] for r in read_metrics(metrics_path)]
         last_loss = float(np.mean(window[-5:])) if window else float("nan")
     stats = {**source.stats, "per_source": source.per_source, "skips": stream.skips}
     if step < total:  # stopped early on purpose (train.stop_after): the checkpoint is saved, rerun to go on
         return TrainLMResult(
-            output_dir=str(out), export_dir="", steps=step, resumed_from=resumed_from, params=n_params,
+            output_dir=out, export_dir="", steps=step, resumed_from=resumed_from, params=n_params,
             tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]), epochs=float(stream.epoch),
             final_loss=last_loss, held_out={}, accuracy=None, train_tasks=len(source), source_stats=stats,
             seconds=time.perf_counter() - start, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9),
@@ -447,18 +388,25 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     # --- export, evaluate, card
     from arcstream.lm.card import export_model, export_prompt_format, final_evaluation, write_model_card
 
-    export_dir = out / "export"
-    export_model(graphdef, params, mcfg, tokenizer, export_dir, dtype=str(config.export_dtype))
-    if jax.process_index() == 0:
-        export_prompt_format(config, export_dir)
-    held, accuracy = final_evaluation(config, export_dir, log=log)
-    result = TrainLMResult(
-        output_dir=str(out), export_dir=str(export_dir), steps=step, resumed_from=resumed_from, params=n_params,
-        tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]),
-        epochs=float(stream.epoch), final_loss=last_loss, held_out=held, accuracy=accuracy, train_tasks=len(source),
-        source_stats=stats, total_steps=total, seconds=time.perf_counter() - start, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9))
-    if jax.process_index() == 0:
-        write_model_card(config, result, export_dir, out / "metrics.jsonl")
+    # A kvstore URL output_dir: each process stages the export in a local folder (transformers, safetensors and
+    # matplotlib write files), process 0 uploads it at the end, README.md last.
+    export_at = join_location(out, "export")
+    staged = RunLocation(out).local is None
+    with local_folder(export_at, upload=jax.process_index() == 0, last=("README.md",)) as export_dir:
+        export_model(graphdef, params, mcfg, tokenizer, export_dir, dtype=str(config.export_dtype),
+                     every_process=staged)
+        if staged or jax.process_index() == 0:
+            export_prompt_format(config, export_dir)
+        held, accuracy = final_evaluation(config, export_dir, log=log, name=str(export_at),
+                                          predictions_dir=join_location(out, "eval_predictions"))
+        result = TrainLMResult(
+            output_dir=out, export_dir=str(export_at), steps=step, resumed_from=resumed_from, params=n_params,
+            tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]),
+            epochs=float(stream.epoch), final_loss=last_loss, held_out=held, accuracy=accuracy,
+            train_tasks=len(source), source_stats=stats, total_steps=total, seconds=time.perf_counter() - start,
+            tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9))
+        if jax.process_index() == 0:
+            write_model_card(config, result, export_dir, metrics_path)
     return result
 
 
@@ -478,7 +426,8 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     d = json.loads(config.to_json_best_effort())
     keep = {k: d[k] for k in ("model", "tokenizer", "seed", "data") if k in d}
     keep["train"] = {k: v for k, v in d.get("train", {}).items() if k not in ("log_every", "eval_every",
-                                                                            "checkpoint_every", "stop_after")}
+                                                                            "checkpoint_every", "stop_after",
+                                                                            "checkpoint_dir")}
     keep["data"] = {k: v for k, v in keep.get("data", {}).items() if k not in ("read_threads", "prefetch",
                                                                              "worker_count")}
     return keep

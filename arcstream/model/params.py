@@ -325,14 +325,14 @@ def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
 
 # ---------------------------------------------------------------------------- saving
 def save_hf_checkpoint(model: Decoder, config: ModelConfig, path: str | os.PathLike, *,
-                       max_shard_bytes: int | None = None) -> Path:
+                       max_shard_bytes: int | None = None, every_process: bool = False) -> Path:
     """Write `config.json` + safetensors in the HF layout (transformers can load it).
 
     No torch needed.  Kernels are transposed back to HF `[out, in]`; a tied LM
     head is not stored (as HF does).  With `max_shard_bytes`, tensors are
     split across `model-0000i-of-0000n.safetensors` with an index file.
     Multi-process: every process must call this (arrays are gathered); only
-    process 0 writes.
+    process 0 writes, or each process to its own `path` with `every_process`.
     """
     from jax.experimental import multihost_utils
     from safetensors.flax import save_file
@@ -347,7 +347,7 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path: str | os.PathL
             arr = multihost_utils.process_allgather(arr, tiled=True)
         host = np.asarray(jax.device_get(arr))
         tensors[key] = jax.device_put(host.T if transpose else host, cpu)
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 and not every_process:
         return out
     out.mkdir(parents=True, exist_ok=True)
     hf = config.to_hf_config()

@@ -59,7 +59,7 @@ from arcstream.data.task import InvalidTask, Pair, Skipped, Task
 from arcstream.predict.generator import Generation, Generator
 from arcstream.predict.score import Score, score_predictions
 from arcstream.predict.vote import Answer, Candidate, attempts, rank_by_product, vote
-from arcstream.store.layout import RunLocation, join_location
+from arcstream.io import RunLocation, join_location
 
 SELECTIONS = ("vote", "product")
 FALLBACKS = ("blank", "input")  # blank = [[0]]; input = the test input grid

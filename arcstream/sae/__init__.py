@@ -2,7 +2,7 @@
 SAELens export/import, checkpoints and the offline trainer's data source.
 
 Knows nothing of the model or the activation store: it takes arrays [N, d_in] per site (it uses only
-the run directory's file I/O, `store.layout.RunLocation`, to read and write exports).
+the run directory file I/O of `arcstream.io`, to read and write exports).
 """
 
 from arcstream.sae.architectures import (

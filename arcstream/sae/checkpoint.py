@@ -13,20 +13,19 @@ The directory is a local path (or `file://` URL) or an object-store URL that
 `etils.epath` knows (`gs://`, `s3://`, `az://`): Orbax writes its small files
 through epath and the arrays through TensorStore (as MaxText does for `gs://`).
 Other kvstore URLs (`memory://`) cannot hold Orbax checkpoints: `checkpoint_path`
-refuses them with an error naming `--config.sae.checkpoint_dir`.
+(`arcstream.io`) refuses them with an error naming the flag to set.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
+from arcstream.io import checkpoint_path
 from arcstream.sae.train import SiteState, TrainState
 
 
@@ -46,26 +45,6 @@ def _from_tree(tree: dict[str, Any], template: TrainState) -> TrainState:
         name: SiteState(**tree["sites"][f"site{i}"]) for i, name in enumerate(sorted(template.sites))
     }
     return TrainState(sites=sites, step=tree["step"], rng=tree["rng"])
-
-
-# URL schemes etils.epath (hence Orbax) can write; gs:// needs gcsfs (or TensorFlow) installed.
-EPATH_SCHEMES = ("gs://", "s3://", "az://")
-
-
-def checkpoint_path(directory: str | os.PathLike, flag: str = "checkpoint directory") -> Path | epath.Path:
-    """The Orbax directory for `directory`: an absolute local `Path`, or an `epath.Path` for an object-store URL.
-
-    `flag` names the setting in errors (e.g. `--config.sae.checkpoint_dir`).
-    """
-    text = os.fspath(directory).removeprefix("file://")
-    if "://" not in text:
-        return Path(text).expanduser().absolute()
-    if not text.startswith(EPATH_SCHEMES):
-        raise ValueError(
-            f"{flag}={text!r}: Orbax checkpoints can go to a local path or a {', '.join(EPATH_SCHEMES)} URL, "
-            f"not to {text.split('://')[0]}:// (TensorStore can write there, Orbax's file layer cannot); "
-            f"set {flag} to a local directory or a gs:// URL")
-    return epath.Path(text)
 
 
 class SAECheckpointer:

@@ -17,7 +17,7 @@ W_dec and b_dec. `export_circuit_tracer` turns a set of them (one per layer) int
 circuit-tracer's per-layer transcoder layout.
 
 A folder may be a local path or a TensorStore kvstore URL (`gs://...`,
-`memory://...`): both files go through `arcstream.store.layout.RunLocation`,
+`memory://...`): both files go through `arcstream.io.RunLocation`,
 each replaced whole (a reader never sees half a file), weights before cfg.json.
 """
 
@@ -35,7 +35,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from arcstream.sae.architectures import Buffers, Params, SAEConfig, get_architecture
-from arcstream.store.layout import RunLocation, is_url
+from arcstream.io import RunLocation, is_url
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -16,7 +16,6 @@ cannot write, e.g. `memory://`).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +31,7 @@ from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.data import ActivationSource, batch_dataset
 from arcstream.sae.export import export_sae
 from arcstream.sae.train import TrainConfig, TrainState, batch_sites, init_train_state, make_train_step, member_state
-from arcstream.store.layout import file_location, join_location
+from arcstream.io import JsonlLog, checkpoint_dir, join_location, truncate_metrics
 
 
 def parse_sweep(sweep: str) -> dict[str, list[Any]]:
@@ -183,7 +182,9 @@ def train_offline(
     # and read ahead of a short run on the very cores its steps need.
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
     saes_dir = join_location(run_dir, "saes")
-    ckpt = SAECheckpointer(_checkpoint_dir(config, saes_dir), flag="--config.checkpoint_dir")
+    ckpt = SAECheckpointer(checkpoint_dir(str(config.get("checkpoint_dir", "") or ""), run_dir, "saes", "checkpoints",
+                                           flag="--config.checkpoint_dir", output_flag="--config.run_dir"),
+                           flag="--config.checkpoint_dir")
     metrics_path = join_location(saes_dir, "metrics.jsonl")
 
     # The init batch is batch 0 read on its own (not from the training iterator), so the
@@ -240,83 +241,6 @@ def train_offline(
                  for site, members in specs.items() for name, cfg in zip(names[site], members)},
         "state": state,
     }
-
-
-def _checkpoint_dir(config: Any, saes_dir: str | Path) -> str:
-    """`checkpoint_dir`, else `run_dir/saes/checkpoints`; a URL Orbax cannot write is refused naming the flag."""
-    from arcstream.sae.checkpoint import checkpoint_path
-
-    explicit = str(config.get("checkpoint_dir", "") or "")
-    if explicit:
-        return explicit
-    default = str(join_location(saes_dir, "checkpoints"))
-    try:
-        checkpoint_path(default, "--config.checkpoint_dir")
-    except ValueError:
-        raise ValueError(f"--config.run_dir={config.run_dir!r}: Orbax checkpoints cannot be written under it "
-                         f"({default}); set --config.checkpoint_dir to a local directory or a gs:// URL") from None
-    return default
-
-
-class JsonlLog:
-    """A JSONL file in a local directory or a kvstore URL, written as a trainer goes (offline and online SAEs).
-
-    Records wait in memory until `flush()`. Local: they are appended (and
-    fsynced with `fsync=True`); `appends` is true. A kvstore has no append, so
-    there the file is kept in memory and rewritten whole at each `flush` (one
-    atomic object write: readers see the old or the new file, never part of
-    one). Either way a kill loses at most the lines after the last flush, and
-    `truncate` drops lines past the step a resumed run restarts from.
-    """
-
-    def __init__(self, path: str | Path, *, fsync: bool = False):
-        self.path = path
-        self.location, self.key = file_location(path)
-        self.appends = self.location.local is not None
-        self.fsync = fsync
-        self._pending: list[str] = []
-        self._whole: bytes | None = None  # kvstores: the file's content as last written
-
-    def truncate(self, step: int, key: str = "step") -> None:
-        truncate_metrics(self.path, step, key=key)
-        self._whole = None
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        self._pending.append(json.dumps(record) + "\n")
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        data = "".join(self._pending).encode()
-        if self.appends:
-            path = self.location.local / self.key
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:
-                f.write(data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-        else:
-            if self._whole is None:
-                self._whole = self.location.read_bytes(self.key) or b""
-            self._whole += data
-            self.location.write_bytes_atomic(self.key, self._whole)
-        self._pending.clear()
-
-
-def truncate_metrics(path: str | os.PathLike, step: int, key: str = "step") -> None:
-    """Drop metrics.jsonl lines whose `key` is past the restored step (a resumed run writes them again).
-
-    `path`: a local file or a file in a kvstore URL (`gs://bucket/run/metrics.jsonl`). Replaces the
-    file atomically (`RunLocation.write_bytes_atomic`), so a kill here leaves the old file, never a
-    half-written one.
-    """
-    location, name = file_location(path)
-    data = location.read_bytes(name)
-    if data is None:
-        return
-    keep = [ln for ln in data.decode().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
-    location.write_bytes_atomic(name, "".join(ln + "\n" for ln in keep).encode())
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:

@@ -8,8 +8,8 @@ JAX distributed: the run job does its own barriers and calls
 directory it writes; `skipped` the `skipped.jsonl` writer every job shares.
 """
 
-from arcstream.store.layout import (DTYPES, FORMAT_VERSION, TOKEN_FIELDS, ConfigMismatchError, RunLocation,
-                                    StoreError, StoreWriteError)
+from arcstream.store.layout import DTYPES, FORMAT_VERSION, TOKEN_FIELDS, ConfigMismatchError
+from arcstream.io import RunLocation, StoreError, StoreWriteError
 from arcstream.store.manifest import (Ledger, Manifest, ProcessCommit, StoreLayout, config_diff,
                                       config_fingerprint, read_manifest, write_manifest)
 from arcstream.store.lock import RunLock, RunLockedError, acquire_run_lock, check_run_lock

@@ -57,7 +57,7 @@ from typing import Any
 
 from absl import logging
 
-from arcstream.store.layout import RunLocation, StoreError
+from arcstream.io import RunLocation, StoreError
 
 MODES = ("auto", "flock", "lease")
 DEFAULT_LEASE_TIMEOUT_S = 60.0

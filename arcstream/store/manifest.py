@@ -21,8 +21,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from arcstream.store.layout import (FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, ConfigMismatchError, RunLocation,
-                                    StoreError, ledger_key)
+from arcstream.store.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, ConfigMismatchError, ledger_key
+from arcstream.io import RunLocation, StoreError
 
 
 def canonical_json(obj: Any, what: str = "config") -> str:

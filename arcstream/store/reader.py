@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorstore as ts
 
-from arcstream.store.layout import (CONFIG_FILE, CONTEXT, MANIFEST_FILE, TOKEN_FIELDS, RunLocation, StoreError,
-                                    activation_key, numpy_dtype, token_key)
+from arcstream.store.layout import CONFIG_FILE, MANIFEST_FILE, TOKEN_FIELDS, activation_key, numpy_dtype, token_key
+from arcstream.io import CONTEXT, RunLocation, StoreError
 from arcstream.store.manifest import Manifest, read_manifest
 
 if TYPE_CHECKING:  # imported where used: `arcstream.data` pulls in transformers and torch (~7 s of start-up)

@@ -24,7 +24,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from arcstream.store.layout import RunLocation, StoreError, process_name
+from arcstream.store.layout import process_name
+from arcstream.io import RunLocation, StoreError
 
 SKIPPED_FILE = "skipped.jsonl"
 

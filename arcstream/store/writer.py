@@ -33,11 +33,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from arcstream.store.layout import (CONFIG_FILE, CONTEXT, DTYPES, MANIFEST_FILE, TOKEN_FIELDS, ConfigMismatchError,
-                                    RunLocation,
-                                    StoreError, StoreWriteError, activation_key, activation_metadata,
-                                    check_site_name, explain_os_error, ledger_key, numpy_dtype, prompt_segment_key,
-                                    prompt_to_json, token_key, token_metadata)
+from arcstream.store.layout import CONFIG_FILE, DTYPES, MANIFEST_FILE, TOKEN_FIELDS, ConfigMismatchError, activation_key, activation_metadata, check_site_name, ledger_key, numpy_dtype, prompt_segment_key, prompt_to_json, token_key, token_metadata
+from arcstream.io import CONTEXT, RunLocation, StoreError, StoreWriteError, explain_os_error
 from arcstream.store.manifest import (Ledger, ProcessCommit, StoreLayout, canonical_json, config_diff,
                                       config_fingerprint, read_ledger, read_manifest, write_manifest)
 

@@ -284,7 +284,7 @@ def _resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
     # directory: output_dir/random_model when output_dir is local, else a local
     # cache folder named after the model's settings, built by every process that
     # lacks it (hosts of a pod do not share a disk).
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     local = RunLocation(str(config.output_dir)).local
     note = "random weights (no --config.model given)"
@@ -650,8 +650,8 @@ class _OnlineSAE:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
                  resume_sae_step: int | None):
         from arcstream.sae import SAECheckpointer, TrainConfig, make_train_step, site_specs
-        from arcstream.sae.offline import JsonlLog
-        from arcstream.store.layout import join_location
+        from arcstream.io import JsonlLog
+        from arcstream.io import join_location
 
         self.config = config
         self.mesh = mesh
@@ -746,7 +746,7 @@ class _OnlineSAE:
 
     def finish(self, output_dir: str, model_name: str) -> tuple[list[str], dict[str, dict[str, float]]]:
         from arcstream.sae import export_all
-        from arcstream.store.layout import join_location
+        from arcstream.io import join_location
 
         exports = []
         if self.state is not None and jax.process_index() == 0:
@@ -762,22 +762,10 @@ def _sae_checkpoint_dir(config: ml_collections.ConfigDict) -> str:
 
     Raises when that is a URL Orbax cannot write (e.g. memory://), naming the flag to set.
     """
-    from arcstream.sae.checkpoint import checkpoint_path
-    from arcstream.store.layout import join_location
+    from arcstream.io import checkpoint_dir
 
-    flag = "--config.sae.checkpoint_dir"
-    explicit = str(config.sae.get("checkpoint_dir", "") or "")
-    if explicit:
-        checkpoint_path(explicit, flag)
-        return explicit
-    default = str(join_location(str(config.output_dir), "saes", "checkpoints"))
-    try:
-        checkpoint_path(default, flag)
-    except ValueError:
-        raise ValueError(
-            f"--config.output_dir={config.output_dir!r}: the online SAEs' Orbax checkpoints cannot be written "
-            f"under it ({default}); set {flag} to a local directory or a gs:// URL "
-            "(or --config.sae.enabled=False)") from None
-    return default
+    return checkpoint_dir(str(config.sae.get("checkpoint_dir", "") or ""), str(config.output_dir), "saes",
+                          "checkpoints", flag="--config.sae.checkpoint_dir", output_flag="--config.output_dir",
+                          hint=" (or --config.sae.enabled=False)")
 
 

@@ -90,7 +90,7 @@ def test_held_out_answer_cells_beat_uniform_colours(shipped):
     from flax import nnx
 
     from arcstream.data.pipeline import default_data_config
-    from arcstream.lm.train import eval_pipeline, held_out_loss, make_nll_fn
+    from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
     from arcstream.model import load_model
 
     c = ml_collections.ConfigDict()

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from configs.train_lm import get_config
 
 
-def _config(out: Path, **train):
+def _config(out: Path | str, **train):
     c = get_config("smoke")
     c.output_dir = str(out)
     c.mesh.data = 2  # the tests see 8 fake devices; 2 rows per step over 2 of them
@@ -120,3 +120,74 @@ def test_a_source_that_skips_every_task_is_reported_with_its_skip_counts(tmp_pat
             next(stream)
     finally:
         stream.close()
+
+
+def _url_read(url: str, key: str) -> bytes | None:
+    from arcstream.io import RunLocation
+
+    return RunLocation(url).read_bytes(key)
+
+
+def _records(data: bytes) -> list[dict]:
+    """metrics.jsonl records without the one wall-clock field (tokens/s differs from run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in data.decode().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_memory_url_output_dir_stopped_and_resumed_equals_the_local_run(straight, tmp_path):
+    """train_lm into memory:// (checkpoints in train.checkpoint_dir), stopped at step 4 and resumed: the export,
+    metrics and held-out predictions in the URL equal the uninterrupted local run's; nothing else is written
+    locally."""
+    import uuid
+
+    from arcstream.lm.train import train
+
+    result, out = straight
+    url = f"memory://train-lm-{uuid.uuid4().hex[:8]}"
+    ckpt = tmp_path / "ckpt"
+    first = train(_config(url, stop_after=4, checkpoint_dir=str(ckpt)), log=_log)
+    assert first.stopped_at == 4 and _url_read(url, "export/model.safetensors") is None
+    second = train(_config(url, checkpoint_dir=str(ckpt)), log=_log)
+    assert second.resumed_from == 4 and second.export_dir == f"{url}/export"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "arcstream_prompt.json"):
+        assert _url_read(url, f"export/{name}") == (out / "export" / name).read_bytes(), name
+    assert _records(_url_read(url, "metrics.jsonl")) == _records((out / "metrics.jsonl").read_bytes())
+    assert _records(_url_read(url, "export/training_metrics.jsonl")) == _records((out / "metrics.jsonl").read_bytes())
+    card = _url_read(url, "export/README.md").decode()
+    assert f"{second.held_out['answer_cell']:.4f}" in card and second.held_out == result.held_out
+    png = _url_read(url, "export/loss_curve.png")
+    assert png is not None and png.startswith(b"\x89PNG")
+    local_pred = json.loads((out / "eval_predictions" / "predictions.json").read_text())
+    assert json.loads(_url_read(url, "eval_predictions/predictions.json")) == local_pred
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # the export was staged and removed
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 8]
+
+
+def test_a_memory_url_output_dir_without_a_checkpoint_dir_is_refused_naming_the_flag(tmp_path):
+    from arcstream.lm.train import train
+
+    with pytest.raises(ValueError, match=r"--config\.output_dir='memory://lm-x'.*set --config\.train\.checkpoint_dir"):
+        train(_config("memory://lm-x"), log=_log)
+    with pytest.raises(ValueError, match=r"--config\.train\.checkpoint_dir='memory://c'"):
+        train(_config("memory://lm-x", checkpoint_dir="memory://c"), log=_log)
+
+
+@pytest.mark.slow
+def test_a_file_url_output_dir_is_the_local_folder(straight, tmp_path):
+    """file:///abs/dir trains into that folder (no relative 'file:' folder), checkpoints included."""
+    import os
+
+    from arcstream.lm.train import train
+
+    result, out = straight
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        second = train(_config(f"file://{tmp_path}/run"), log=_log)
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "file:").exists()
+    assert (tmp_path / "run" / "export" / "model.safetensors").read_bytes() == \
+        (out / "export" / "model.safetensors").read_bytes()
+    assert (tmp_path / "run" / "checkpoints").is_dir() and second.export_dir == f"file://{tmp_path}/run/export"

@@ -52,7 +52,7 @@ def test_blocked_and_auto_equal_dense_through_the_whole_model(family):
 
 
 def test_blocked_gradients_equal_dense_in_the_lm_loss():
-    from arcstream.lm.train import _nll
+    from arcstream.lm.heldout import token_nll
 
     cfg = ModelConfig.tiny("qwen2")
     tok, seg, pos = _packed_rows(cfg.vocab_size, seed=1)
@@ -63,7 +63,7 @@ def test_blocked_gradients_equal_dense_in_the_lm_loss():
         graphdef, params = nnx.split(init_random(cfg, seed=5, attention=impl))
 
         def loss(p, graphdef=graphdef):
-            nll = _nll(graphdef, p, tok, seg, pos, tgt)
+            nll = token_nll(graphdef, p, tok, seg, pos, tgt)
             return (nll * w).sum() / w.sum()
 
         grads[impl] = jax.tree.leaves(jax.jit(jax.grad(loss))(params))

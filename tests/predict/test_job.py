@@ -228,7 +228,7 @@ def test_url_output_dirs_equal_a_local_run_and_resume_after_a_crash(tmp_path, to
     a local run's, and a crash mid-run (a torn details line) resumes to the same files."""
     import uuid
 
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     local = run_predictions(_config(tmp_path / "local"), generator=NoisyGenerator(arc_tasks), tokenizer=tokenizer)
     url = f"memory://predict-{uuid.uuid4().hex}" if scheme == "memory" else f"file://{tmp_path / 'url'}"

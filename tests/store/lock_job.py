@@ -32,7 +32,7 @@ class _Result:
 
 
 def _log(directory: str, what: str) -> None:
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     loc = RunLocation(directory)
     if loc.local is not None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from arcstream.store import StoreWriteError, StoreWriter, open_run
-from arcstream.store import layout as layout_module
+from arcstream import io as layout_module
 from tests.store.helpers import CONFIG, SITES, assert_reader_equals, make_batch, run_uninterrupted, tree_files, write_steps
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

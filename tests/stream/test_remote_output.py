@@ -52,7 +52,7 @@ def _assert_same_store(a: str, b: str) -> None:
 
 
 def _metrics(run_dir: str) -> list[dict]:
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     data = RunLocation(run_dir).read_bytes("metrics.jsonl")
     assert data is not None, f"{run_dir}/metrics.jsonl is missing"
@@ -95,7 +95,7 @@ def test_a_memory_url_run_writes_what_a_local_run_writes(tiny_ckpt, tmp_path):
 
 
 def test_random_model_of_a_memory_url_run_is_built_in_the_local_cache(tmp_path, monkeypatch):
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
     from arcstream.stream.loop import _random_model_cache_dir, run
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -138,7 +138,7 @@ def test_memory_url_with_online_saes_needs_a_checkpoint_dir(tiny_ckpt, tmp_path)
     with pytest.raises(ValueError, match=r"--config\.sae\.checkpoint_dir='memory://"):
         run(_config(tiny_ckpt, tmp_path / "run", **{**SAE, "sae.checkpoint_dir": _url()}))
     # predict=True (the default run's) writes its files into the URL run directory too.
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import RunLocation
 
     url = _url()
     result = run(_config(tiny_ckpt, url, predict=True))
@@ -153,7 +153,7 @@ def test_checkpoint_dirs_keep_gs_urls_whole_without_touching_gcs():
     """No mock_epath: the gs:// directory is only built as an epath.Path here, never opened."""
     from etils import epath
 
-    from arcstream.sae.checkpoint import checkpoint_path
+    from arcstream.io import checkpoint_path
 
     p = checkpoint_path("gs://bucket/run/saes/checkpoints")
     assert isinstance(p, epath.Path) and str(p) == "gs://bucket/run/saes/checkpoints"
@@ -163,8 +163,8 @@ def test_checkpoint_dirs_keep_gs_urls_whole_without_touching_gcs():
 
 def test_export_and_metrics_truncation_work_on_a_kvstore_url():
     from arcstream.sae import SAEConfig, TrainConfig, export_sae, init_train_state, load_sae, member_state
-    from arcstream.sae.offline import truncate_metrics
-    from arcstream.store.layout import RunLocation
+    from arcstream.io import truncate_metrics
+    from arcstream.io import RunLocation
 
     x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
     cfg = SAEConfig("topk", 8, 16, k=2)

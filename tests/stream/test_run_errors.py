@@ -41,7 +41,7 @@ def test_a_write_failure_mid_run_is_the_error_the_job_ends_with_and_a_rerun_comp
                        text=True)
     assert p.returncode == 1, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("arcstream.store.layout.StoreWriteError: ") or \
+    assert last.startswith("arcstream.io.StoreWriteError: ") or \
         last.startswith("StoreWriteError: "), p.stderr[-3000:]
     assert "a file size limit was hit" in p.stderr and "Committed rows" in p.stderr
     assert "failed earlier" not in p.stderr and "the activation writer failed" not in p.stderr
