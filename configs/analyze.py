@@ -10,6 +10,9 @@ Scope-style SAE, another run's export), each analysed on the stored site its cfg
     python -m arcstream.analyze --config=configs/analyze.py --config.run_dir=runs/demo \
         --config.saes=PATH[,PATH] --config.output_dir=runs/demo/external
 
+A SAELens release downloads once (network and sae_lens needed) into ~/.cache/arcstream/saes, e.g.
+`--config.saes=sae_lens:gemma-scope-2b-pt-res-canonical@layer_20/width_16k/canonical`.
+
 JumpReLU thresholds, apply_b_dec_to_input and SAELens's run-time input normalisations (layer_norm,
 constant_norm_rescale; expected_average_only_in is folded into the weights when SAELens saves) are applied as
 SAELens applies them.

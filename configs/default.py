@@ -41,6 +41,7 @@ from arcstream.analysis.config import default_analyze_config
 from arcstream.data.pipeline import default_data_config
 from arcstream.model import default_model_options
 from arcstream.predict.job import default_predict_section
+from arcstream.sae.options import sae_section
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -102,35 +103,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.store.token_fraction = 1.0  # keep this deterministic fraction of those tokens
     c.store.rows_per_shard = 4096  # rows per shard file (whole-shard writes)
 
-    # Online SAEs (SAELens names and keys; same keys as configs/train_sae.py).
-    c.sae = ml_collections.ConfigDict()
-    c.sae.enabled = arg != "nosae"  # train one SAE per captured site (or one transcoder) on the ring buffer
-    c.sae.architecture = "topk"  # standard | topk | batchtopk | jumprelu | matryoshka_batchtopk | *_transcoder
-    c.sae.expansion_factor = 8  # d_sae = expansion_factor * d_in, unless d_sae is set
-    c.sae.d_sae = 0  # latents; 0 = use expansion_factor
-    c.sae.k = 48  # active latents per token (topk; batchtopk on average); 16 and 32 left 41% and 17% of the latents dead on this run
-    c.sae.l1_coefficient = 5.0  # standard: decoder-norm-weighted L1 weight
-    c.sae.l0_coefficient = 1e-3  # jumprelu: L0 penalty weight
-    c.sae.aux_coefficient = 1.0 / 32  # topk/batchtopk: AuxK weight
-    c.sae.jumprelu_bandwidth = 0.05  # jumprelu: STE kernel width
-    c.sae.jumprelu_init_threshold = 0.01  # jumprelu: initial threshold
-    c.sae.dead_steps = 200  # SAE steps without firing after which a latent counts as dead
-    c.sae.b_dec_init = "geometric_median"  # geometric_median | mean | zeros
-    c.sae.lr = 1e-3  # peak Adam learning rate
-    c.sae.warmup_steps = 20  # linear warm-up (SAE steps)
-    c.sae.decay_fraction = 0.0  # linear decay over this fraction of total_steps (online: usually 0)
-    c.sae.total_steps = 100_000  # the schedule's length in SAE steps (training stops there)
-    c.sae.clip_norm = 1.0  # global gradient-norm clip; 0 disables
-    c.sae.batch_size = 1024  # tokens per SAE step, sampled from the ring (a multiple of the data axis)
-    c.sae.passes = 1  # draws of every captured token (without replacement; SAE steps per forward step follow)
-    c.sae.exclude_first_token = True  # never train on position 0 (attention-sink norms)
-    c.sae.log_every = 10  # SAE steps between metrics.jsonl records
-    c.sae.sweep = ""  # e.g. "k=8,16,32": several SAEs per site, vmapped in one step
-    c.sae.matryoshka_widths = ""  # matryoshka_batchtopk: nested prefix widths, e.g. "224,896,3584" (last = d_sae)
-    c.sae.use_matryoshka_aux_loss = False  # matryoshka_batchtopk: AuxK per level on its own residual
-    c.sae.input_site = ""  # batchtopk_transcoder | jumprelu_transcoder: the site encoded (a captured site)
-    c.sae.target_site = ""  # transcoders: the site reconstructed from it, e.g. blocks.L.hook_mlp_out (captured)
-    c.sae.checkpoint_dir = ""  # Orbax SAE checkpoints: a local dir or gs:// URL; "" = output_dir/saes/checkpoints
+    # Online SAEs: every key, its default and its meaning is in arcstream/sae/options.py (SAELens names).
+    # This run's values differ from the offline defaults where the ring's short run needs it.
+    c.sae = sae_section(
+        "online",
+        enabled=arg != "nosae",  # train one SAE per captured site (or one transcoder) on the ring buffer
+        expansion_factor=8,  # d_sae = 8 x d_in: a few hundred thousand tokens train no wider dictionary
+        k=48,  # 16 and 32 left 41% and 17% of the latents dead on this run
+        dead_steps=200,  # SAE steps without firing after which a latent counts as dead (a short run)
+        lr=1e-3,
+        warmup_steps=20,
+        decay_fraction=0.0,  # the online run's length is not known in advance: no decay
+        batch_size=1024,  # tokens per SAE step, sampled from the ring (a multiple of the data axis)
+    )
 
     c.data.max_prompts = c.get_ref("max_prompts")
     c.data.seed = c.get_ref("seed")

@@ -16,8 +16,9 @@ def default_analyze_config() -> ml_collections.ConfigDict:
     c.output_dir = ""  # where to write analysis/, dashboard/, report.md (local path or URL); "" = run_dir
     c.sae_dir = ""  # folder of SAELens exports, one sub-folder per site; "" = run_dir/saes
     # SAEs from outside the run, comma-separated SAELens folders (SAELens's own save_model output, a
-    # Gemma Scope-style download, another run's export; local or URL): each is analysed on the stored site
-    # its cfg.json names (hook_name). "" = the run's own exports under sae_dir.
+    # Gemma Scope-style download, another run's export; local or URL) or SAELens releases,
+    # sae_lens:RELEASE@SAE_ID (downloaded once, arcstream/sae/pretrained.py): each is analysed on the stored
+    # site its cfg.json names (hook_name). "" = the run's own exports under sae_dir.
     c.saes = ""
     c.sites = ""  # comma-separated sites to analyse; "" = every stored site with an SAE export
     c.chunk_rows = 4096  # rows read and encoded at a time (memory ~ chunk_rows x d_sae x 4 bytes)

@@ -468,9 +468,11 @@ def _has_sae(folder: str | Path) -> bool:
 def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
     """(site, folder) of each `config.saes` folder: the stored site its cfg.json's hook name names, checked."""
     from arcstream.io import RunLocation
+    from arcstream.sae.pretrained import resolve_folder
 
     out: list[tuple[str, str | Path]] = []
-    for folder in opts.saes:
+    for spec in opts.saes:
+        folder = resolve_folder(spec, flag="--config.saes")  # a folder, or sae_lens:RELEASE@SAE_ID
         cfg_json = RunLocation(folder).read_json("cfg.json")
         if cfg_json is None:
             raise FileNotFoundError(f"--config.saes: {folder}/cfg.json does not exist; expected a SAELens folder "

@@ -26,93 +26,14 @@ import grain
 import jax
 import numpy as np
 
-from arcstream.sae.architectures import SWEEPABLE, SAEConfig, member_names
+from arcstream.sae.architectures import SAEConfig, member_names
 from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.data import ActivationSource, batch_dataset
 from arcstream.sae.export import export_sae
-from arcstream.sae.train import TrainConfig, TrainState, batch_sites, init_train_state, make_train_step, member_state
+from arcstream.sae.options import SAEOptions
+from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
+from arcstream.sae.train import TrainState, batch_sites, init_train_state, make_train_step, member_state
 from arcstream.io import JsonlLog, checkpoint_dir, join_location, truncate_metrics
-
-
-def parse_sweep(sweep: str) -> dict[str, list[Any]]:
-    """`"k=16,32;l1_coefficient=1,5"` -> {"k": [16, 32], "l1_coefficient": [1.0, 5.0]} (zipped, equal lengths)."""
-    out: dict[str, list[Any]] = {}
-    for part in filter(None, (p.strip() for p in sweep.split(";"))):
-        name, _, values = part.partition("=")
-        name = name.strip()
-        if name not in SWEEPABLE or not values:
-            raise ValueError(f"sae.sweep entry {part!r}: expected NAME=V1,V2,... with NAME in {SWEEPABLE}")
-        cast = int if name == "k" else float
-        out[name] = [cast(v) for v in values.split(",")]
-    lengths = {n: len(v) for n, v in out.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"sae.sweep lists differ in length {lengths}; members are zipped, so they must match")
-    return out
-
-
-def parse_widths(value: Any) -> tuple[int, ...]:
-    """`sae.matryoshka_widths`: "" (none), "256,1024,4096" or a sequence of ints -> a tuple of ints."""
-    if value is None or value == "":
-        return ()
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        return tuple(int(str(p).strip()) for p in parts if str(p).strip())
-    except ValueError:
-        raise ValueError(f"sae.matryoshka_widths={value!r}: expected comma-separated integers, e.g. "
-                         "'256,1024,4096' (strictly increasing, the last = d_sae)") from None
-
-
-def site_specs(sae_cfg: Mapping[str, Any], d_in_by_site: Mapping[str, int]) -> dict[str, list[SAEConfig]]:
-    """The SAE configs from the `sae.*` config keys: one spec per site (an SAE or a sweep on it) or,
-    for a transcoder architecture, the one spec `sae.input_site` -> `sae.target_site`
-    (keyed `transcoder_key(input, target)`); `d_in_by_site` gives every available site's width."""
-    from arcstream.sae.architectures import get_architecture
-    from arcstream.sae.transcoder import transcoder_key
-
-    arch = str(sae_cfg["architecture"])
-    input_site = str(sae_cfg.get("input_site", "") or "")
-    target_site = str(sae_cfg.get("target_site", "") or "")
-    if get_architecture(arch).transcoder:
-        for flag, s in (("sae.input_site", input_site), ("sae.target_site", target_site)):
-            if s not in d_in_by_site:
-                raise ValueError(f"--config.{flag}={s!r}: sae.architecture={arch!r} is a transcoder and needs an "
-                                 f"input and a target site among {sorted(d_in_by_site)} (e.g. "
-                                 "blocks.L.hook_resid_mid -> blocks.L.hook_mlp_out)")
-        if input_site == target_site:
-            raise ValueError(f"--config.sae.input_site and sae.target_site are both {input_site!r}; a transcoder "
-                             "reconstructs another site (for the same site train an SAE)")
-        routes = {transcoder_key(input_site, target_site): (d_in_by_site[input_site],
-                                                            dict(d_out=d_in_by_site[target_site],
-                                                                 input_site=input_site, target_site=target_site,
-                                                                 apply_b_dec_to_input=False))}
-    elif input_site or target_site:
-        raise ValueError(f"--config.sae.input_site={input_site!r} / sae.target_site={target_site!r} are set but "
-                         f"sae.architecture={arch!r} is an autoencoder; use a transcoder architecture "
-                         "(batchtopk_transcoder, jumprelu_transcoder) or leave them empty")
-    else:
-        routes = {site: (d_in, {}) for site, d_in in d_in_by_site.items()}
-    widths = parse_widths(sae_cfg.get("matryoshka_widths", ""))
-    specs = {}
-    sweep = parse_sweep(str(sae_cfg.get("sweep", "") or ""))
-    n = len(next(iter(sweep.values()))) if sweep else 1
-    for site, (d_in, route) in routes.items():
-        d_sae = int(sae_cfg.get("d_sae", 0) or 0) or int(sae_cfg["expansion_factor"]) * d_in
-        base = dict(
-            architecture=arch, d_in=d_in, d_sae=d_sae, k=int(sae_cfg["k"]),
-            l1_coefficient=float(sae_cfg["l1_coefficient"]), l0_coefficient=float(sae_cfg["l0_coefficient"]),
-            aux_coefficient=float(sae_cfg["aux_coefficient"]), lr=float(sae_cfg["lr"]),
-            dead_steps=int(sae_cfg["dead_steps"]), b_dec_init=str(sae_cfg["b_dec_init"]),
-            jumprelu_bandwidth=float(sae_cfg["jumprelu_bandwidth"]),
-            jumprelu_init_threshold=float(sae_cfg["jumprelu_init_threshold"]),
-            matryoshka_widths=widths,
-            use_matryoshka_aux_loss=bool(sae_cfg.get("use_matryoshka_aux_loss", False)),
-            **route,
-        )
-        try:
-            specs[site] = [SAEConfig(**{**base, **{f: v[i] for f, v in sweep.items()}}) for i in range(n)]
-        except ValueError as e:
-            raise ValueError(f"sae.* for {site!r} (d_in {d_in}, d_sae {d_sae}): {e}") from None
-    return specs
 
 
 def export_all(state: TrainState, specs: Mapping[str, list[SAEConfig]], saes_dir: str | Path,
@@ -158,25 +79,19 @@ def train_offline(
 ) -> dict[str, Any]:
     """Train SAEs on `source` per `config` (see configs/train_sae.py); returns a summary dict."""
     run_dir = str(config.run_dir)
-    sae_cfg = config.sae
+    opts = SAEOptions.from_config(config.sae)
     sites = [s.strip() for s in str(config.sites or "").split(",") if s.strip()] or list(source.sites)
     unknown = [s for s in sites if s not in set(source.sites)]
     if unknown:
         raise ValueError(f"--config.sites: {unknown} not in the run's stored sites {list(source.sites)}")
     d_in = {s: int(source.activations(s).shape[1]) for s in sites}
-    specs = site_specs(sae_cfg, d_in)
+    specs = opts.site_specs(d_in)
+    pretrained = load_pretrained(parse_init_from(opts.init_from), specs)  # checked before any data is read
     sites = batch_sites(specs)  # only what the specs read (a transcoder: its input and target sites)
-    batch_size = int(sae_cfg.batch_size)
-    total_steps = max(1, int(sae_cfg.train_tokens) // batch_size)
-    tc = TrainConfig(
-        total_steps=total_steps,
-        warmup_steps=min(int(sae_cfg.warmup_steps), total_steps),
-        decay_steps=min(int(round(float(sae_cfg.decay_fraction) * total_steps)),
-                        total_steps - min(int(sae_cfg.warmup_steps), total_steps)),
-        clip_norm=float(sae_cfg.clip_norm),
-        seed=int(config.seed),
-    )
-    ds = batch_dataset(source, sites, batch_size, chunk_rows=int(sae_cfg.chunk_rows), seed=int(config.seed))
+    batch_size = opts.batch_size
+    total_steps = max(1, opts.train_tokens // batch_size)
+    tc = opts.train_config(total_steps, int(config.seed))
+    ds = batch_dataset(source, sites, batch_size, chunk_rows=opts.chunk_rows, seed=int(config.seed))
     # One reader thread, two batches ahead (a step takes seconds on a CPU, milliseconds to read).
     # Grain's default, 16 threads and 500 batches ahead, held ~7 GB of 4096 x 896 float32 batches
     # and read ahead of a short run on the very cores its steps need.
@@ -196,6 +111,9 @@ def train_offline(
         state = ckpt.restore(state, it)
         start = int(state.step)
         log(f"resumed SAE training from step {start} ({ckpt.directory})")
+    elif pretrained:
+        state = apply_pretrained(state, specs, pretrained)
+        log(f"SAEs start from {opts.init_from} ({', '.join(pretrained)})")
     # Lines past the restart step were logged by a killed attempt (one killed before its first
     # checkpoint restarts at 0): they are logged again.
     truncate_metrics(metrics_path, start)
@@ -259,5 +177,5 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["export_all", "parse_sweep", "parse_widths", "site_specs", "summary_lines", "train_offline",
+__all__ = ["export_all", "summary_lines", "train_offline",
            "use_compilation_cache"]

@@ -649,21 +649,21 @@ class _OnlineSAE:
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
                  resume_sae_step: int | None):
-        from arcstream.sae import SAECheckpointer, TrainConfig, make_train_step, site_specs
+        from arcstream.sae import SAECheckpointer, SAEOptions, make_train_step
+        from arcstream.sae.pretrained import load_pretrained, parse_init_from
         from arcstream.io import JsonlLog
         from arcstream.io import join_location
 
         self.config = config
         self.mesh = mesh
-        self.specs = site_specs(config.sae, dict(d_in))
-        total = int(config.sae.total_steps)
-        warm = min(int(config.sae.warmup_steps), total)
-        self.tc = TrainConfig(total_steps=total, warmup_steps=warm,
-                              decay_steps=min(int(round(float(config.sae.decay_fraction) * total)), total - warm),
-                              clip_norm=float(config.sae.clip_norm), seed=int(config.seed))
+        self.opts = opts = SAEOptions.from_config(config.sae)
+        self.specs = opts.site_specs(dict(d_in))
+        # sae.init_from: checked now (before the model runs), applied to the fresh state of a new run
+        self.pretrained = load_pretrained(parse_init_from(opts.init_from), self.specs)
+        self.tc = opts.train_config(opts.total_steps, int(config.seed))
         self.step_fn = make_train_step(self.specs, self.tc, mesh)
-        self.passes = int(config.sae.passes)
-        self.batch_size = int(config.sae.batch_size)
+        self.passes = opts.passes
+        self.batch_size = opts.batch_size
         self.sample = make_sampler(mesh, self.batch_size, self.passes)
         self.captured = 0  # tokens the ring was given for the SAEs (sae_mask), this invocation
         self.draws = 0  # rows the SAE steps took from the ring
@@ -691,6 +691,7 @@ class _OnlineSAE:
         starts with the first batch.
         """
         from arcstream.sae import init_train_state
+        from arcstream.sae.pretrained import apply_pretrained
 
         due, left, new = (int(v) for v in jax.device_get(due_uses(ring)))
         if not drain:
@@ -709,10 +710,12 @@ class _OnlineSAE:
                         # The SAE state saved with the store's last commit (ledger extra "sae_step").
                         self.state = self.ckpt.restore(self.state, step=int(self.resume_sae_step))
                         self.steps = int(self.state.step)
+                    elif self.pretrained:
+                        self.state = apply_pretrained(self.state, self.specs, self.pretrained)
                 self.state, metrics = self.step_fn(self.state, batch)
                 self.steps += 1
                 self.draws += self.batch_size
-                if self.steps % int(self.config.sae.log_every) == 0 or self.steps == 1:
+                if self.steps % self.opts.log_every == 0 or self.steps == 1:
                     self._log(jax.device_get(metrics), step)
             if drain:
                 left = int(jax.device_get(due_uses(ring))[1])

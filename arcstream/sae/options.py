@@ -1,0 +1,189 @@
+"""The `sae` section of a job's config: every key defined once, with its default and its meaning.
+
+Two jobs train SAEs: the run job's online trainer (`configs/default.py`, keys of `ONLINE`) and
+`arcstream.train_sae` on stored activations (`configs/train_sae.py`, keys of `OFFLINE`). Both build their
+`sae` section with `sae_section(job, **overrides)`, so adding a key is one edit here, and both resolve it
+with `SAEOptions.from_config` (an unknown key is refused by name, a missing one takes its default).
+
+The per-SAE hyperparameters (k, coefficients, lr, dead_steps, b_dec_init, ...) take their defaults from
+`SAEConfig` (sae/architectures.py, where their meaning lives); the keys below add what a job needs around
+them (width, sweep, schedule, batch). Comments on each field are the documentation of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from arcstream.sae.architectures import SWEEPABLE, SAEConfig, get_architecture
+from arcstream.sae.train import TrainConfig
+from arcstream.sae.transcoder import transcoder_key
+
+_SAE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SAEConfig) if f.default is not dataclasses.MISSING}
+
+
+def _d(name: str) -> Any:
+    return _SAE_DEFAULTS[name]
+
+
+def parse_sweep(sweep: str) -> dict[str, list[Any]]:
+    """`"k=16,32;l1_coefficient=1,5"` -> {"k": [16, 32], "l1_coefficient": [1.0, 5.0]} (zipped, equal lengths)."""
+    out: dict[str, list[Any]] = {}
+    for part in filter(None, (p.strip() for p in sweep.split(";"))):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in SWEEPABLE or not values:
+            raise ValueError(f"sae.sweep entry {part!r}: expected NAME=V1,V2,... with NAME in {SWEEPABLE}")
+        cast = int if name == "k" else float
+        out[name] = [cast(v) for v in values.split(",")]
+    lengths = {n: len(v) for n, v in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"sae.sweep lists differ in length {lengths}; members are zipped, so they must match")
+    return out
+
+
+def parse_widths(value: Any) -> tuple[int, ...]:
+    """`sae.matryoshka_widths`: "" (none), "256,1024,4096" or a sequence of ints -> a tuple of ints."""
+    if value is None or value == "":
+        return ()
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return tuple(int(str(p).strip()) for p in parts if str(p).strip())
+    except ValueError:
+        raise ValueError(f"sae.matryoshka_widths={value!r}: expected comma-separated integers, e.g. "
+                         "'256,1024,4096' (strictly increasing, the last = d_sae)") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEOptions:
+    # --- which SAE, how wide (both jobs)
+    architecture: str = "topk"  # standard | topk | batchtopk | jumprelu | matryoshka_batchtopk | *_transcoder
+    expansion_factor: int = 16  # d_sae = expansion_factor * d_in, unless d_sae is set
+    d_sae: int = 0  # number of latents; 0 = use expansion_factor
+    k: int = _d("k")  # active latents per token (topk; batchtopk on average)
+    l1_coefficient: float = _d("l1_coefficient")  # standard: decoder-norm-weighted L1 weight
+    l0_coefficient: float = _d("l0_coefficient")  # jumprelu: L0 penalty weight
+    aux_coefficient: float = _d("aux_coefficient")  # topk/batchtopk: AuxK weight (TopK paper: 1/32)
+    jumprelu_bandwidth: float = _d("jumprelu_bandwidth")  # jumprelu: STE kernel width (scaled units)
+    jumprelu_init_threshold: float = _d("jumprelu_init_threshold")  # jumprelu: initial threshold (scaled units)
+    dead_steps: int = _d("dead_steps")  # steps without firing after which a latent counts as dead
+    b_dec_init: str = _d("b_dec_init")  # geometric_median | mean | zeros
+    sweep: str = ""  # e.g. "k=32,64,128" or "l1_coefficient=1,5;lr=1e-4,3e-4": members zipped, vmapped in one step
+    matryoshka_widths: str = ""  # matryoshka_batchtopk: nested prefix widths, e.g. "896,3584,14336" (last = d_sae)
+    use_matryoshka_aux_loss: bool = _d("use_matryoshka_aux_loss")  # matryoshka_batchtopk: AuxK per level
+    input_site: str = ""  # transcoders: the site encoded, e.g. blocks.11.hook_resid_mid (a captured site)
+    target_site: str = ""  # transcoders: the site reconstructed from it (same tokens), e.g. blocks.11.hook_mlp_out
+    init_from: str = ""  # SAELens folders (PATH[,PATH]) to start from instead of a fresh init (sae/pretrained.py)
+    # --- optimiser and schedule (both jobs)
+    lr: float = _d("lr")  # peak Adam learning rate
+    warmup_steps: int = 100  # linear warm-up (SAE steps)
+    decay_fraction: float = 0.2  # linear decay to 0 over this fraction of the run (at the end)
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    batch_size: int = 4096  # tokens per SAE step (online: sampled from the ring, a multiple of the data axis)
+    # --- the run job's online SAEs only
+    enabled: bool = True  # train one SAE per captured site (or one transcoder) on the ring buffer
+    total_steps: int = 100_000  # the schedule's length in SAE steps (training stops there)
+    passes: int = 1  # draws of every captured token (without replacement; SAE steps per forward step follow)
+    exclude_first_token: bool = True  # never train on position 0 (attention-sink norms)
+    log_every: int = 10  # SAE steps between metrics.jsonl records
+    checkpoint_dir: str = ""  # Orbax SAE checkpoints: a local dir or gs:// URL; "" = output_dir/saes/checkpoints
+    # --- train_sae only
+    chunk_rows: int = 64  # contiguous stored rows read at once; a batch mixes batch_size / chunk_rows chunks
+    train_tokens: int = 50_000_000  # tokens to train on (steps = train_tokens // batch_size)
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | ml_collections.ConfigDict) -> SAEOptions:
+        """The options of a config's `sae` section; unknown keys are refused naming `--config.sae.KEY`."""
+        items = dict(section.items())
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(items) - set(fields))
+        if unknown:
+            raise ValueError(f"--config.sae.{unknown[0]} is not an SAE option (unknown: {unknown}); the keys are "
+                             f"{sorted(fields)} (arcstream/sae/options.py documents each)")
+        kw = {}
+        for name, value in items.items():
+            default = fields[name].default
+            if name == "matryoshka_widths" and not isinstance(value, str):
+                value = ",".join(str(w) for w in parse_widths(value))
+            try:
+                kw[name] = type(default)(value) if value is not None else default
+            except (TypeError, ValueError):
+                raise ValueError(f"--config.sae.{name}={value!r} is not a {type(default).__name__}") from None
+        return cls(**kw)
+
+    def train_config(self, total_steps: int, seed: int) -> TrainConfig:
+        """The trainer's schedule: warm-up capped at the run, linear decay over `decay_fraction` of it."""
+        warm = min(self.warmup_steps, total_steps)
+        return TrainConfig(total_steps=total_steps, warmup_steps=warm,
+                           decay_steps=min(int(round(self.decay_fraction * total_steps)), total_steps - warm),
+                           clip_norm=self.clip_norm, seed=seed)
+
+    def site_specs(self, d_in_by_site: Mapping[str, int]) -> dict[str, list[SAEConfig]]:
+        """One spec per site (an SAE, or a sweep of them) or, for a transcoder architecture, the one spec
+        `input_site` -> `target_site` (keyed `transcoder_key(input, target)`); `d_in_by_site` gives every
+        available site's width."""
+        arch = self.architecture
+        if get_architecture(arch).transcoder:
+            for flag, s in (("sae.input_site", self.input_site), ("sae.target_site", self.target_site)):
+                if s not in d_in_by_site:
+                    raise ValueError(f"--config.{flag}={s!r}: sae.architecture={arch!r} is a transcoder and needs an "
+                                     f"input and a target site among {sorted(d_in_by_site)} (e.g. "
+                                     "blocks.L.hook_resid_mid -> blocks.L.hook_mlp_out)")
+            if self.input_site == self.target_site:
+                raise ValueError(f"--config.sae.input_site and sae.target_site are both {self.input_site!r}; a "
+                                 "transcoder reconstructs another site (for the same site train an SAE)")
+            routes = {transcoder_key(self.input_site, self.target_site): (
+                d_in_by_site[self.input_site], dict(d_out=d_in_by_site[self.target_site], input_site=self.input_site,
+                                                    target_site=self.target_site, apply_b_dec_to_input=False))}
+        elif self.input_site or self.target_site:
+            raise ValueError(f"--config.sae.input_site={self.input_site!r} / sae.target_site={self.target_site!r} "
+                             f"are set but sae.architecture={arch!r} is an autoencoder; use a transcoder "
+                             "architecture (batchtopk_transcoder, jumprelu_transcoder) or leave them empty")
+        else:
+            routes = {site: (d_in, {}) for site, d_in in d_in_by_site.items()}
+        widths = parse_widths(self.matryoshka_widths)
+        sweep = parse_sweep(self.sweep)
+        n = len(next(iter(sweep.values()))) if sweep else 1
+        per_sae = {name: getattr(self, name) for name in _SAE_DEFAULTS if hasattr(self, name)}
+        specs = {}
+        for site, (d_in, route) in routes.items():
+            d_sae = self.d_sae or self.expansion_factor * d_in
+            base = {**per_sae, "architecture": arch, "d_in": d_in, "d_sae": d_sae, "matryoshka_widths": widths,
+                    **route}
+            try:
+                specs[site] = [SAEConfig(**{**base, **{f: v[i] for f, v in sweep.items()}}) for i in range(n)]
+            except ValueError as e:
+                raise ValueError(f"sae.* for {site!r} (d_in {d_in}, d_sae {d_sae}): {e}") from None
+        return specs
+
+
+ONLINE = ("architecture", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient", "aux_coefficient",
+          "jumprelu_bandwidth", "jumprelu_init_threshold", "dead_steps", "b_dec_init", "sweep", "matryoshka_widths",
+          "use_matryoshka_aux_loss", "input_site", "target_site", "init_from", "lr", "warmup_steps", "decay_fraction", "clip_norm",
+          "batch_size", "enabled", "total_steps", "passes", "exclude_first_token", "log_every", "checkpoint_dir")
+OFFLINE = tuple(k for k in ONLINE if k not in ("enabled", "total_steps", "passes", "exclude_first_token",
+                                               "log_every", "checkpoint_dir")) + ("chunk_rows", "train_tokens")
+JOB_KEYS = {"online": ONLINE, "train_sae": OFFLINE}
+
+
+def site_specs(section: SAEOptions | Mapping[str, Any], d_in_by_site: Mapping[str, int]) -> dict[str, list[SAEConfig]]:
+    """`SAEOptions.site_specs` of a config's `sae` section (or of resolved options)."""
+    opts = section if isinstance(section, SAEOptions) else SAEOptions.from_config(section)
+    return opts.site_specs(d_in_by_site)
+
+
+def sae_section(job: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The `sae` ConfigDict of `job` ("online": the run job; "train_sae"): the job's keys at their defaults,
+    then `overrides` (a key the job does not have is refused)."""
+    keys = JOB_KEYS[job]
+    bad = sorted(set(overrides) - set(keys))
+    if bad:
+        raise ValueError(f"sae_section({job!r}): {bad} are not {job} SAE keys; they are {list(keys)}")
+    defaults = SAEOptions()
+    return ml_collections.ConfigDict({k: overrides.get(k, getattr(defaults, k)) for k in keys})
+
+
+__all__ = ["JOB_KEYS", "OFFLINE", "ONLINE", "SAEOptions", "parse_sweep", "parse_widths", "sae_section", "site_specs"]
