@@ -2,8 +2,8 @@
 
 `sae.init_from=PATH[,PATH]` names SAELens folders (arcstream's exports or SAELens's own `save_model`
 output; local paths or kvstore URLs) or releases of SAELens's pretrained table, `sae_lens:RELEASE@SAE_ID`
-(`resolve_folder`; the analysis's `--config.saes` takes the same). Each folder's cfg.json names its site (`metadata.hook_name`, a
-transcoder's `hook_name_out` too); its weights replace the fresh initialisation of the spec that trains
+(`resolve_folder`; the analysis's `--config.saes` takes the same). Each folder's cfg.json names its site
+(`metadata.hook_name`, a transcoder's `hook_name_out` too); its weights replace the fresh initialisation of the spec that trains
 that site, every sweep member alike. A resumed run restores its checkpoint instead: init_from only starts
 a run.
 
