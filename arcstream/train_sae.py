@@ -1,16 +1,18 @@
 """Offline SAE training: python -m arcstream.train_sae --config=configs/train_sae.py --config.run_dir=DIR
 
-Flags only; the work is `arcstream.sae.train_offline`. The activation source is
-the run directory's store (`arcstream.store.open_run(DIR)`): only committed
-rows, so it also trains on a run still in progress. It holds the run directory's
-`.train_sae.lock` (`arcstream.store.lock`): a second train_sae on the same
+Flags only; the work is `arcstream.sae.train_offline`, run through `cli.run_job` like every entry point
+(environment log, pod join, run lock, summary box). The activation source is the run directory's store
+(`arcstream.store.open_run(DIR)`): only committed rows, so it also trains on a run still in progress. It
+holds the run directory's `.train_sae.lock` (`arcstream.store.lock`): a second train_sae on the same
 directory is refused, a capture still running there is not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from typing import Any
 
 from arcstream import cli
 
@@ -31,41 +33,44 @@ def _reexec_with_huge_pages() -> None:
     os.execve(sys.executable, sys.orig_argv, env)  # the same interpreter options, module and flags
 
 
-def open_source(run_dir: str):
-    """The run's activation store as an ActivationSource (`.sites`, `.activations(site)`)."""
-    from arcstream.store import open_run  # the store is wired in at the entry point only (sae reads arrays, not the store)
+@dataclasses.dataclass
+class TrainSAEResult:
+    """train_offline's summary, as the summary box's rows."""
 
-    return open_run(run_dir)
+    summary: dict[str, Any]
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        s = self.summary
+        if "stopped_at" in s:
+            return [("stopped", f"after step {s['stopped_at']} of {s['total_steps']} (checkpoint saved): rerun "
+                                "the same command to continue")]
+        from arcstream.sae.offline import summary_rows  # not at import: the module re-executes itself first
+
+        return summary_rows(s)
 
 
-def main(argv: list[str]) -> None:
-    from absl import app, flags, logging
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<key>=<value> flag")
-    config = flags.FLAGS.config
+def _run_dir_lock(config: Any) -> tuple[str, str, bool]:
+    """train_sae locks the run directory it reads and writes saes/ into; a missing one is not created."""
     if not config.run_dir:
-        raise app.UsageError("--config.run_dir is required (the run directory holding the activation store)")
-    cli.quiet_library_logs()
-    cli.log_environment()
-    from arcstream.sae import summary_lines, train_offline
+        raise ValueError("--config.run_dir is required (the run directory holding the activation store)")
+    return str(config.run_dir), "--config.run_dir", False
+
+
+def job(config: Any) -> TrainSAEResult:
+    from absl import logging
+
+    from arcstream.sae import train_offline
     from arcstream.sae.offline import use_compilation_cache
+    from arcstream.store import open_run  # the store is wired in at the entry point only (sae reads arrays)
 
     cache = use_compilation_cache(str(config.get("compilation_cache_dir", "") or ""))
     if cache:
         logging.info("compilation cache  %s", cache)
-
-    with cli.job_lock(str(config.run_dir), "train_sae", flag="--config.run_dir", create=False):
-        summary = train_offline(config, open_source(config.run_dir), log=logging.info)
-    if "stopped_at" in summary:
-        print(f"stopped after step {summary['stopped_at']} of {summary['total_steps']} (checkpoint saved)")
-        return
-    print("\n".join(summary_lines(summary)))
+    return TrainSAEResult(train_offline(config, open_run(str(config.run_dir)), log=logging.info))
 
 
 if __name__ == "__main__":
     _reexec_with_huge_pages()
-    from absl import app
-
-    cli.define_config_flag()
-    app.run(main)
+    # One process: train_offline does not shard its data over a pod (a pod would train the same SAEs
+    # on every host and write the same exports).
+    cli.run_job("arcstream train_sae", job, lock=_run_dir_lock)

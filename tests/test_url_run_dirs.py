@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -133,6 +134,7 @@ def test_the_train_sae_entry_point_on_a_file_url(runs, tmp_path):
            "--config.sae.train_tokens=256", "--config.sae.warmup_steps=1", f"--config.checkpoint_dir={tmp_path}/c"]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"export: {file_url}/saes/{SITE}" in p.stdout
+    assert p.stdout.startswith("┌ arcstream train_sae ")  # the summary box every entry point prints
+    assert f"{file_url}/saes/{SITE}" in re.sub(r"[\s│]", "", p.stdout)  # the export row (wrapped in the box)
     assert (Path(local) / ".train_sae.lock").exists()  # the lock went into the run directory itself
     planted_sae(Path(local) / "saes" / SITE)

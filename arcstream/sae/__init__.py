@@ -33,5 +33,5 @@ from arcstream.sae.train import (
 from arcstream.sae.export import decode, encode, export_circuit_tracer, export_sae, load_sae, reconstruct
 from arcstream.sae.data import ActivationSource, InMemorySource, batch_dataset
 from arcstream.sae.checkpoint import SAECheckpointer
-from arcstream.sae.offline import export_all, summary_lines, train_offline
+from arcstream.sae.offline import export_all, summary_rows, train_offline
 from arcstream.sae.options import SAEOptions, parse_sweep, sae_section, site_specs

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the SAE trainer: params, optimizer state, buffers, RNG, step
+"""Orbax checkpoints of the SAE trainer: params, optimizer state, buffers, step
 (and the offline trainer's Grain iterator).
 
 Saved as `ocp.args.Composite(state=StandardSave(tree), data=grain CheckpointSave)`.
@@ -32,7 +32,6 @@ from arcstream.sae.train import SiteState, TrainState
 def _to_tree(state: TrainState) -> dict[str, Any]:
     return {
         "step": state.step,
-        "rng": state.rng,
         "sites": {
             f"site{i}": {"params": s.params, "opt_state": s.opt_state, "buffers": s.buffers}
             for i, (_, s) in enumerate(sorted(state.sites.items()))
@@ -44,7 +43,7 @@ def _from_tree(tree: dict[str, Any], template: TrainState) -> TrainState:
     sites = {
         name: SiteState(**tree["sites"][f"site{i}"]) for i, name in enumerate(sorted(template.sites))
     }
-    return TrainState(sites=sites, step=tree["step"], rng=tree["rng"])
+    return TrainState(sites=sites, step=tree["step"])
 
 
 class SAECheckpointer:

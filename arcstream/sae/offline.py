@@ -137,10 +137,11 @@ def train_offline(
                     last[(site, name)] = rec
             if metrics_log.appends:
                 metrics_log.flush()
-        if (every and done % every == 0) or done == total_steps:
+        stopping = bool(stop_after) and done >= stop_after and done < total_steps
+        if (every and done % every == 0) or done == total_steps or stopping:
             metrics_log.flush()
             ckpt.save(state, it, wait=done < total_steps)  # the last one is written while the exports are
-        if stop_after and done >= stop_after and done < total_steps:
+        if stopping:  # saved just above, whatever checkpoint_every is: the rerun resumes from here
             ckpt.close()
             return {"stopped_at": done, "total_steps": total_steps}
     metrics_log.flush()
@@ -161,21 +162,21 @@ def train_offline(
     }
 
 
-def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """A one-screen summary of a finished run."""
-    lines = [f"SAE training: {summary['total_steps']} steps (resumed from {summary['resumed_from']}), "
-             f"{summary['tokens_per_s']:.0f} tokens/s"]
+def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The summary box of a finished run (`cli.print_summary` rows): steps, speed, each SAE, each export."""
+    resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else ""
+    rows = [("steps", f"{summary['total_steps']}{resumed}, {summary['tokens_per_s']:.0f} tokens/s")]
     for key, rec in sorted(summary["final"].items()):
         d = summary["dead"][key]
         dead = int(round(rec["dead_fraction"] * d["d_sae"]))
         # "dead" means what it means in the analysis and the run summary: never fired on the tokens
         # named (here the trainer's window of its last sae.dead_steps steps, or all of a shorter run)
-        lines.append(f"  {key}: loss {rec['loss']:.4g}  L0 {rec['l0']:.1f}  FVU {rec['fvu']:.3f}  "
-                     f"dead {dead} of {d['d_sae']} ({dead / d['d_sae']:.1%}, never fired on the last "
-                     f"{d['window_tokens']:,} training tokens)  dense {rec['dense_fraction']:.3f}")
-    lines += [f"  export: {p}" for p in summary["exports"]]
-    return lines
+        rows.append((key, f"loss {rec['loss']:.4g}, L0 {rec['l0']:.1f}, FVU {rec['fvu']:.3f}, dead {dead} of "
+                          f"{d['d_sae']} ({dead / d['d_sae']:.1%}, never fired on the last "
+                          f"{d['window_tokens']:,} training tokens), dense {rec['dense_fraction']:.3f}"))
+    rows += [("export", str(p)) for p in summary["exports"]]
+    return rows
 
 
-__all__ = ["export_all", "summary_lines", "train_offline",
+__all__ = ["export_all", "summary_rows", "train_offline",
            "use_compilation_cache"]

@@ -168,7 +168,7 @@ def apply_pretrained(state: TrainState, specs: Mapping[str, list[SAEConfig]],
             p["b_enc_s"] = p["b_enc_s"] * norm_s
         params = {k: _like(site.params[k], jnp.broadcast_to(p[k], (members,) + p[k].shape)) for k in site.params}
         sites[key] = SiteState(params=params, opt_state=site.opt_state, buffers=buffers)
-    return TrainState(sites=sites, step=state.step, rng=state.rng)
+    return TrainState(sites=sites, step=state.step)
 
 
 def _like(old: Any, new: jax.Array) -> jax.Array:

@@ -85,7 +85,6 @@ class TrainState:
 
     sites: dict[str, SiteState]
     step: jax.Array  # int32 scalar: completed steps
-    rng: jax.Array  # uint32[2] key, split once per step; the caller's batch sampler may use it
 
 
 def lr_shape(train_cfg: TrainConfig) -> optax.Schedule:
@@ -217,7 +216,7 @@ def _fresh_state(specs: Specs, train_cfg: TrainConfig, first_batches: Mapping[st
         }
         sites[site] = SiteState(params=params, opt_state=jax.vmap(tx.init)(params), buffers=buffers)
         del hp
-    return TrainState(sites=sites, step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(train_cfg.seed + 1))
+    return TrainState(sites=sites, step=jnp.zeros((), jnp.int32))
 
 
 def _spec_for(path, leaf) -> P:
@@ -323,7 +322,7 @@ def make_train_step(
                 params, opt_state, buffers, m = branches[0](args)
             new_sites[site] = SiteState(params=params, opt_state=opt_state, buffers=buffers)
             metrics[site] = m
-        new_state = TrainState(sites=new_sites, step=state.step + 1, rng=jax.random.split(state.rng)[0])
+        new_state = TrainState(sites=new_sites, step=state.step + 1)
         if mesh is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(new_state, mesh))
         return new_state, metrics

@@ -310,7 +310,7 @@ def _run(specs, batches, steps, mesh=None, dead_every=0):
         sites = {k: SiteState(v.params, v.opt_state, {**v.buffers, "steps_since_fired_s":
                                                        v.buffers["steps_since_fired_s"].at[:, ::dead_every].set(10**6)})
                  for k, v in state.sites.items()}
-        state = TrainState(sites=sites, step=state.step, rng=state.rng)
+        state = TrainState(sites=sites, step=state.step)
         if mesh is not None:
             state = jax.device_put(state, state_shardings(state, mesh))
     step = make_train_step(specs, tc, mesh=mesh)
@@ -362,7 +362,7 @@ def test_matryoshka_sweep_member_equals_its_single_run():
     tc = TrainConfig(total_steps=10, warmup_steps=1, decay_steps=2)
     init = init_train_state({"s": members}, tc, {"s": x})
     single = jax.tree.map(lambda a: a[1:2] if a.ndim else a, init)
-    single = type(init)(sites=single.sites, step=init.step, rng=init.rng)
+    single = type(init)(sites=single.sites, step=init.step)
     step = make_train_step({"s": [members[1]]}, tc)
     for _ in range(3):
         single, _ = step(single, {"s": x})

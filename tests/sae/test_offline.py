@@ -54,17 +54,20 @@ def _config(run_dir, **over):
 
 
 @pytest.mark.slow
-def test_killed_and_restarted_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("stop", [6, 5])  # right after the step-6 checkpoint; between checkpoints (5, every 3)
+def test_killed_and_restarted_run_equals_uninterrupted(tmp_path, stop):
+    """stop_after_steps saves where it stops, whatever checkpoint_every is (it once saved only on multiples:
+    a stop at 5 left the step-3 checkpoint while it said "checkpoint saved")."""
     src = _source()
     full = _config(tmp_path / "full")
     from arcstream.sae import train_offline
 
     ref = train_offline(full, src, log=lambda s: None)
-    part = _config(tmp_path / "part", stop_after_steps=6)  # "killed" right after the step-6 checkpoint
+    part = _config(tmp_path / "part", stop_after_steps=stop)
     stopped = train_offline(part, src, log=lambda s: None)
-    assert stopped == {"stopped_at": 6, "total_steps": 8}
+    assert stopped == {"stopped_at": stop, "total_steps": 8}
     resumed = train_offline(_config(tmp_path / "part"), src, log=lambda s: None)
-    assert resumed["resumed_from"] == 6
+    assert resumed["resumed_from"] == stop
     for site in src.sites:
         for member in ("m0_k2", "m1_k4"):
             a = (tmp_path / "full/saes" / site / member / "sae_weights.safetensors").read_bytes()

@@ -338,7 +338,7 @@ def test_transcoder_sweep_member_equals_its_single_run():
     np.testing.assert_allclose(m["t"]["l0"], [2, 5], rtol=0.05)
     init = init_train_state({"t": members}, tc, batch)
     single = jax.tree.map(lambda a: a[1:2] if a.ndim else a, init)
-    single = type(init)(sites=single.sites, step=init.step, rng=init.rng)
+    single = type(init)(sites=single.sites, step=init.step)
     step = make_train_step({"t": [members[1]]}, tc)
     for _ in range(3):
         single, _ = step(single, batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,7 +266,8 @@ def test_offline_train_sae_on_a_stored_run_exports_loadable_saes(tiny_ckpt, tmp_
     assert len(records) == 8 and all(np.isfinite(r["loss"]) for r in records)
     # the summary's "dead" is a count over named tokens (8 steps of 512 < dead_steps: the whole run)
     dead = int(round(records[-1]["dead_fraction"] * 128))
-    assert f"dead {dead} of 128 ({dead / 128:.1%}, never fired on the last 4,096 training tokens)" in p.stdout, \
+    box = " ".join(re.sub(r"[│┌┐└┘─]", " ", p.stdout).split())  # the summary box's text, unwrapped
+    assert f"dead {dead} of 128 ({dead / 128:.1%}, never fired on the last 4,096 training tokens)" in box, \
         p.stdout
 
 
