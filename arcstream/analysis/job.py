@@ -468,6 +468,7 @@ def _has_sae(folder: str | Path) -> bool:
 def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
     """(site, folder) of each `config.saes` folder: the stored site its cfg.json's hook name names, checked."""
     from arcstream.io import RunLocation
+    from arcstream.sae.export import hook_name
     from arcstream.sae.pretrained import resolve_folder
 
     out: list[tuple[str, str | Path]] = []
@@ -477,8 +478,7 @@ def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]
         if cfg_json is None:
             raise FileNotFoundError(f"--config.saes: {folder}/cfg.json does not exist; expected a SAELens folder "
                                     "(cfg.json + sae_weights.safetensors)")
-        meta = cfg_json.get("metadata") or {}
-        hook = str(meta.get("hook_name") or cfg_json.get("hook_name") or "")
+        hook = hook_name(cfg_json)
         if hook not in reader.sites:
             raise ValueError(f"--config.saes: {folder}/cfg.json reads hook_name={hook!r}, which {opts.run_dir} does "
                              f"not store (it stores {list(reader.sites)}); capture that site, or give an SAE of one "

@@ -103,6 +103,13 @@ def export_sae(
     return str(folder) if is_url(folder) else Path(folder)
 
 
+def hook_name(cfg_json: dict[str, Any]) -> str:
+    """The site a SAELens cfg.json is for: `metadata.hook_name` (SAELens 6), else the top-level `hook_name`
+    (older SAELens layouts); "" when neither is there."""
+    meta = cfg_json.get("metadata") or {}
+    return str(meta.get("hook_name") or cfg_json.get("hook_name") or "")
+
+
 def load_sae(folder: str | Path) -> tuple[Params, SAEConfig, Buffers, dict[str, Any]]:
     """Read a SAELens folder (ours or SAELens's own `save_model` output; a local path or a kvstore
     URL) as arcstream params.

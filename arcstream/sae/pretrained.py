@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from arcstream.sae.architectures import SAEConfig, get_architecture, unit_norm_decoder
-from arcstream.sae.export import load_sae
+from arcstream.sae.export import hook_name, load_sae
 from arcstream.sae.train import SiteState, TrainState
 from arcstream.sae.transcoder import transcoder_key
 
@@ -102,8 +102,7 @@ def load_pretrained(folders: Sequence[str], specs: Mapping[str, list[SAEConfig]]
     out: dict[str, dict[str, jax.Array]] = {}
     for folder in folders:
         params, cfg, _, cfg_json = load_sae(folder)
-        meta = cfg_json.get("metadata") or {}
-        hook = str(meta.get("hook_name") or cfg_json.get("hook_name") or "")
+        hook = hook_name(cfg_json)
         key = transcoder_key(hook, cfg.target_site) if cfg.target_site else hook
         if key not in specs:
             raise ValueError(f"{flag}: {folder} is an SAE of {key!r} (its cfg.json's hook name), which this job "
