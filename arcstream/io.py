@@ -367,3 +367,24 @@ def truncate_metrics(path: str | os.PathLike, step: int, key: str = "step") -> N
 __all__ = ["CONTEXT", "EPATH_SCHEMES", "JsonlLog", "RunLocation", "StoreError", "StoreWriteError", "checkpoint_dir",
            "checkpoint_path", "explain_os_error", "file_location", "fsync_dir", "is_url", "join_location", "local_folder",
            "truncate_metrics"]
+
+
+def resume_fingerprint(resolved: Mapping[str, Any], progress_keys: Sequence[str]) -> dict[str, Any]:
+    """The part of a resolved config that a resumed run must repeat: all of it but `progress_keys`.
+
+    Every job ties its checkpoints or store to this, in the same direction: a key
+    is part of the fingerprint unless it is named here as progress-only (how
+    often to log or save, where checkpoints live, what to evaluate at the end),
+    so a key added later is protected by default. `progress_keys` are dotted
+    (`train.log_every`); an absent one is ignored. The result is a plain JSON
+    copy (no ConfigDict, no tuples), comparable with what a checkpoint stored.
+    """
+    out = json.loads(json.dumps(dict(resolved)))
+    for dotted in progress_keys:
+        *parents, leaf = dotted.split(".")
+        node: Any = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from arcstream.io import join_location
+from arcstream.data.tokenizer import load_tokenizer
+from arcstream.io import file_location, join_location
+from arcstream.lm.evaluate import GOAL_CONTEXT_GAIN, context_use_of_run, render_markdown
+from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
+from arcstream.model import Decoder, attention_option, load_model, save_hf_checkpoint
+from arcstream.models import write_prompt_format
+from arcstream.predict.job import default_predict_section, run_predictions
 
 
 def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Path, *, dtype: str,
@@ -22,8 +28,6 @@ def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Pa
 
     Every process calls it; process 0 writes, or every process (into its own local `path`) with
     `every_process` (an export staged locally on each host on its way to a kvstore URL)."""
-    from arcstream.model import Decoder, save_hf_checkpoint
-
     cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
     abstract = nnx.eval_shape(lambda: Decoder(mcfg, dtype=dtype, rngs=nnx.Rngs(0)))
     gdef, _ = nnx.split(abstract)
@@ -36,8 +40,6 @@ def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Pa
 
 def export_prompt_format(config: ml_collections.ConfigDict, path: Path) -> Path:
     """arcstream_prompt.json: the prompt format the model was trained on (read by `arcstream.models.prompt_format`)."""
-    from arcstream.models import write_prompt_format
-
     return write_prompt_format(path, config.data)
 
 
@@ -46,9 +48,6 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log
     """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export
     in the local folder `export_dir`; `name` is where the export lives for the record (default: the folder).
     The decoded answers go to `predictions_dir` (default `output_dir/eval_predictions`; a path or URL)."""
-    from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
-    from arcstream.model import attention_option, load_model
-
     e = config.eval
     if not e.source:
         return {}, None
@@ -62,16 +61,12 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log
         held["skipped"] = dict(pipe.skip_counts)
     log(f"held-out ({e.source}): answer-cell loss {held['answer_cell']:.4f} nats vs uniform {math.log(10):.4f}")
     if int(e.get("context_tasks", 0)):
-        from arcstream.lm.evaluate import context_use_of_run
-
         held["context_use"] = cu = context_use_of_run(config, model, tokenizer, max_tasks=int(e.context_tasks))
         log(f"context use on {cu['test_outputs']} held-out test outputs: answer-cell loss {cu['model']['own']['loss']:.4f} "
             f"with the task's examples vs {cu['model']['other']['loss']:.4f} with another task's "
             f"(gain {100 * cu['context_gain']:.1f}%)")
     accuracy = None
     if e.accuracy:
-        from arcstream.predict.job import default_predict_section, run_predictions
-
         c = ml_collections.ConfigDict()
         c.model = name or str(export_dir)
         c.dtype = "float32"
@@ -103,15 +98,11 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log
 
 
 def _tokenizer(path: Path) -> Any:
-    from arcstream.data.tokenizer import load_tokenizer
-
     return load_tokenizer(str(path))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl (a local path or a file in a kvstore URL); [] when it does not exist."""
-    from arcstream.io import file_location
-
     location, key = file_location(path)
     data = location.read_bytes(key)
     return [json.loads(line) for line in (data or b"").decode("utf-8").splitlines() if line.strip()]
@@ -234,8 +225,6 @@ def evaluation_lines(config: ml_collections.ConfigDict, h: dict[str, Any], a: di
             f"The answer-cell loss is {h['answer_cell_vs_uniform']:.2f}x the uniform baseline.", "",
         ]
     if h and h.get("context_use"):
-        from arcstream.lm.evaluate import render_markdown
-
         lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"])
     if a:
         constrained = ""
@@ -259,8 +248,6 @@ def goal_lines(h: dict[str, Any] | None, a: dict[str, Any] | None) -> list[str]:
     cu = (h or {}).get("context_use")
     rows = []
     if cu:
-        from arcstream.lm.evaluate import GOAL_CONTEXT_GAIN
-
         gain = cu.get("context_gain")
         rows.append(("answer-cell loss with its own examples at least 30% below another task's",
                      "—" if gain is None else f"{100 * gain:.1f}% below", gain is not None and gain >= GOAL_CONTEXT_GAIN))

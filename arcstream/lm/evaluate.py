@@ -67,10 +67,17 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
+from arcstream.data.packing import pack_first_fit, prompt_element, rows_to_batch
+from arcstream.data.pipeline import make_prompter
+from arcstream.data.prompts import build_prompt
 from arcstream.data.records import GRID_TEST_OUTPUT, EncodedPrompt
+from arcstream.data.sources import open_source
 from arcstream.data.task import NUM_COLOURS, InvalidTask, Task
+from arcstream.data.tokenizer import stop_token_ids
+from arcstream.model import forward_jit
 
 CONTEXTS = ("own", "none", "other")
 CONTEXT_LABELS = {
@@ -268,10 +275,6 @@ def _single_token(tokenizer: Any, text: str) -> int:
 
 def model_logits_fn(model: Any) -> LogitsFn:
     """The `LogitsFn` of a loaded arcstream `Decoder` (`forward_jit`: one compile per [B, T] shape)."""
-    import jax.numpy as jnp
-
-    from arcstream.model import forward_jit
-
     def logits(tokens_bt: np.ndarray, segment_ids_bt: np.ndarray, positions_bt: np.ndarray) -> np.ndarray:
         out = forward_jit(model, jnp.asarray(tokens_bt), jnp.asarray(segment_ids_bt), jnp.asarray(positions_bt),
                           sites=(), return_logits=True).logits
@@ -325,8 +328,6 @@ def _run_forwards(logits_fn: LogitsFn, prompts: Sequence[EncodedPrompt], layouts
     a 2-core CPU each new shape of arcstream-tiny compiles in 3-5 s, as long as
     several forwards, and 8 buckets of 256 cost more than the padding saved.
     """
-    from arcstream.data.packing import pack_first_fit, prompt_element, rows_to_batch
-
     t = _round_up(max(len(p) for p in prompts), PAD_MULTIPLE)
     b = max(1, int(batch_tokens) // t)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -360,9 +361,6 @@ def context_use_from_logits(logits_fn: LogitsFn, tokenizer: Any, tasks: Sequence
       `max_length` set to `max_len`, so its `drop_policy` decides which train pairs a long prompt drops.
     other_offset: task i's "other" context shows the train pairs of task (i + other_offset) mod n.
     """
-    from arcstream.data.prompts import build_prompt
-    from arcstream.data.tokenizer import stop_token_ids
-
     tasks = list(tasks)
     for t in tasks:
         if not isinstance(t, Task):
@@ -488,9 +486,6 @@ def context_use_of_run(config: Any, model: Any, tokenizer: Any, *, max_tasks: in
     """`context_use(...).as_dict()` for a train_lm run config: the first `max_tasks` tasks of `config.eval.source`,
     in the run's prompt format (`config.data`: encoder, template, chat template, drop policy), prompts up to
     `config.data.max_prompt_len` (or `seq_len`) tokens."""
-    from arcstream.data.pipeline import make_prompter
-    from arcstream.data.sources import open_source
-
     source = open_source(str(config.eval.source))
     tasks = [t for t in (source[i] for i in range(min(int(max_tasks), len(source)))) if isinstance(t, Task)]
     max_len = int(config.data.max_prompt_len) or int(config.data.seq_len)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,16 +43,30 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, checkpoint_path, is_url, join_location, local_folder
+from arcstream import cli
+from arcstream.data.pipeline import PipelineOptions, build_pipeline, make_prompter
+from arcstream.data.tokenizer import build_arc_tokenizer
+from arcstream.io import (
+    JsonlLog,
+    RunLocation,
+    checkpoint_dir,
+    checkpoint_path,
+    is_url,
+    join_location,
+    local_folder,
+    resume_fingerprint,
+)
+from arcstream.lm.card import export_model, export_prompt_format, final_evaluation, read_metrics, write_model_card
 from arcstream.lm.data import TaskMixture, targets
+from arcstream.lm.evaluate import context_use_of_run
 from arcstream.lm.heldout import UNIFORM_CELL_NATS, eval_pipeline, held_out_loss, make_nll_fn, token_nll
+from arcstream.model import ModelConfig, attention_option, init_random, make_mesh
+from arcstream.store.manifest import config_diff
 
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: Any):
     """The ModelConfig of the `model` section, with the tokenizer's vocabulary and stop token."""
-    from arcstream.model import ModelConfig
-
     m = config.model
     return ModelConfig(
         family=str(m.family), vocab_size=len(tokenizer), hidden_size=int(m.hidden_size), num_layers=int(m.num_layers),
@@ -104,26 +119,23 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation) -> C
 # --- the training pipeline (epochs) ----------------------------------------------------------------------
 
 
-class EpochStream:
+class EpochStream(grain.DatasetIterator):
     """Endless training batches: one Grain pipeline per epoch, epoch e shuffled and augmented with `seed + e`.
 
-    `state()` / `restore(state)` are JSON: the epoch and the pipeline's own state,
-    so a resumed run yields exactly the batches an uninterrupted run would have.
+    A Grain iterator: `get_state()` / `set_state(state)` are JSON (the epoch, the
+    pipeline's own state and the skip counts), so Grain's Orbax handler saves
+    one file per process next to the parameters, and a resumed run yields
+    exactly the batches an uninterrupted run would have.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, source: TaskMixture):
+        super().__init__()
         self._config, self._tokenizer, self._source = config, tokenizer, source
         self.epoch = 0
         self.skips: dict[str, int] = {}
         self._pipe = self._open(0)
 
     def _open(self, epoch: int):
-        from arcstream.data.pipeline import (
-            PipelineOptions,
-            build_pipeline,
-            make_prompter,
-        )
-
         data = self._config.data
         prompter = make_prompter(data, self._tokenizer)
         # Training never needs the unaugmented view first: every prompt is a fresh random view.
@@ -133,9 +145,6 @@ class EpochStream:
                                       n_augmentations=1, max_prompts=0)
         return build_pipeline(self._source, prompter, options, process_index=jax.process_index(),
                               process_count=jax.process_count())
-
-    def __iter__(self) -> EpochStream:
-        return self
 
     def __next__(self):
         for _ in range(2):
@@ -151,10 +160,10 @@ class EpochStream:
                            f"was skipped (skips so far: {dict(sorted(self.skips.items()))}); check data.seq_len / "
                            "data.max_prompt_len")
 
-    def state(self) -> dict[str, Any]:
+    def get_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pipeline": self._pipe.get_state(), "skips": dict(self.skips)}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         self._pipe.close()
         self.epoch = int(state["epoch"])
         self.skips = {k: int(v) for k, v in state.get("skips", {}).items()}
@@ -163,20 +172,6 @@ class EpochStream:
 
     def close(self) -> None:
         self._pipe.close()
-
-
-def _allgather_json(obj: Any) -> list[Any]:
-    """Every process's JSON-able `obj`, in process order (one collective)."""
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    n = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
-    padded = np.zeros(n, np.uint8)
-    padded[:raw.size] = raw
-    rows = np.asarray(multihost_utils.process_allgather(padded[None], tiled=True))
-    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
 
 
 # --- the job ---------------------------------------------------------------------------------------------
@@ -248,18 +243,35 @@ def _metrics_log(path: str | Path, resume_step: int | None) -> JsonlLog | None:
     return log
 
 
-def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> TrainLMResult:
-    """Trains (or resumes), exports, evaluates and writes the model card; see the module docstring."""
-    from arcstream import cli
-    from arcstream.data.tokenizer import build_arc_tokenizer
-    from arcstream.model import attention_option, init_random, make_mesh
+# What a resumed run may change (every other key must repeat; io.resume_fingerprint): where things go, how
+# often to log, evaluate and save, how the mesh and attention kernel run, what the final evaluation does.
+PROGRESS_KEYS = ("name", "output_dir", "export_dtype", "model_options", "mesh", "eval", "train.log_every",
+                 "train.eval_every", "train.checkpoint_every", "train.stop_after", "train.checkpoint_dir",
+                 "data.read_threads", "data.prefetch", "data.worker_count")
 
-    start = time.perf_counter()
-    out = output_location(config)
-    t = config.train
-    flag = "--config.train.checkpoint_dir"  # a memory:// output_dir needs it: Orbax writes files and gs://
-    ckpt_dir = checkpoint_path(checkpoint_dir(str(t.get("checkpoint_dir", "") or ""), out, "checkpoints", flag=flag,
-                                              output_flag="--config.output_dir"), flag)
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a resumed run must repeat: the config without `PROGRESS_KEYS`."""
+    return resume_fingerprint(json.loads(config.to_json_best_effort()), PROGRESS_KEYS)
+
+
+@dataclasses.dataclass
+class _Trainee:
+    """The model, its optimizer and the jitted steps, laid out on the mesh."""
+
+    tokenizer: Any
+    mcfg: Any
+    graphdef: Any
+    params: Any
+    opt_state: Any
+    schedule: optax.Schedule
+    step_fn: Callable
+    nll_fn: Callable
+    put: Callable  # process-local numpy arrays -> global arrays sharded over 'data'
+    n_params: int
+
+
+def _build(config: ml_collections.ConfigDict) -> _Trainee:
     tokenizer = build_arc_tokenizer(str(config.tokenizer))
     mcfg = model_config(config, tokenizer)
     mesh = make_mesh(data=int(config.mesh.data), model=int(config.mesh.model))
@@ -270,141 +282,187 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     with jax.set_mesh(mesh):
         model = init_random(mcfg, seed=int(config.seed), mesh=mesh, attention=attention_option(config))
     graphdef, params = nnx.split(model)
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-    optimizer, schedule = make_optimizer(t)
+    optimizer, schedule = make_optimizer(config.train)
     replicated = NamedSharding(mesh, P())
     opt_state = jax.tree.map(  # optax's step counters are born on one device; the mesh needs them replicated
         lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
         jax.jit(optimizer.init)(params))
-    step_fn = make_train_step(graphdef, optimizer)
-    nll_fn = make_nll_fn(graphdef)
     batch_sharding = NamedSharding(mesh, P("data", None))
 
     def put(*arrays):
         return tuple(jax.make_array_from_process_local_data(batch_sharding, np.asarray(a)) for a in arrays)
 
+    return _Trainee(tokenizer=tokenizer, mcfg=mcfg, graphdef=graphdef, params=params, opt_state=opt_state,
+                    schedule=schedule, step_fn=make_train_step(graphdef, optimizer), nll_fn=make_nll_fn(graphdef),
+                    put=put, n_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))))
+
+
+class _Checkpoints:
+    """The run's Orbax checkpoints: parameters + optax state, the data stream (Grain's handler: one JSON file
+    per process, no collective) and the meta (the config fingerprint and the token/time counters)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, out: str):
+        flag = "--config.train.checkpoint_dir"  # a memory:// output_dir needs it: Orbax writes files and gs://
+        self.directory = checkpoint_path(checkpoint_dir(str(config.train.get("checkpoint_dir", "") or ""), out,
+                                                        "checkpoints", flag=flag, output_flag="--config.output_dir"),
+                                         flag)
+        self.fingerprint = fingerprint(config)
+        self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True))
+        self.saved = self.latest = self._manager.latest_step()
+
+    def restore(self, trainee: _Trainee, stream: EpochStream) -> dict[str, Any]:
+        """Loads the latest checkpoint into `trainee` and `stream`; returns the counters."""
+        step = self.latest
+        state = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": trainee.params,
+                                                               "opt_state": trainee.opt_state})
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta["fingerprint"] != self.fingerprint:
+            diff = "\n".join(config_diff(meta["fingerprint"], self.fingerprint))
+            raise ValueError(f"{self.directory} (step {step}) was written by another configuration; use a new "
+                             f"--config.output_dir or the saved settings. Differences:\n{diff}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state), stream=grain.checkpoint.CheckpointRestore(stream)))
+        trainee.params, trainee.opt_state = restored["state"]["params"], restored["state"]["opt_state"]
+        return meta["counters"]
+
+    def save(self, step: int, trainee: _Trainee, stream: EpochStream, counters: dict[str, Any]) -> None:
+        if self.saved == step:
+            return
+        self.saved = step
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": trainee.params, "opt_state": trainee.opt_state}),
+            stream=grain.checkpoint.CheckpointSave(stream),
+            meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "counters": counters})), force=True)
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> TrainLMResult:
+    """Trains (or resumes), exports, evaluates and writes the model card; see the module docstring."""
+    start = time.perf_counter()
+    out = output_location(config)
+    ckpt = _Checkpoints(config, out)
+    trainee = _build(config)
     source = training_source(config)
     log(f"training tasks: {len(source)} from {source.per_source}; {source.stats}")
-    stream = EpochStream(config, tokenizer, source)
+    stream = EpochStream(config, trainee.tokenizer, source)
 
     # --- resume
-    ckpt = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True))
     step, resumed_from = 0, None
     counters = {"tokens": 0, "targets": 0, "seconds": 0.0}  # over all sessions of the run
-    latest = ckpt.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-        restored = ckpt.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
-        meta = restored["meta"]
-        if meta["fingerprint"] != _fingerprint(config):
-            raise ValueError(f"{ckpt_dir} was written by another configuration; use a new "
-                             f"--config.output_dir or the same config (saved: {meta['fingerprint']})")
-        stream.restore(meta["streams"][jax.process_index()])
-        counters = meta["counters"]
-        step = resumed_from = int(latest)
+    if ckpt.latest is not None:
+        counters = ckpt.restore(trainee, stream)
+        step = resumed_from = int(ckpt.latest)
         log(f"resumed from step {step} (epoch {stream.epoch})")
     metrics_path = join_location(out, "metrics.jsonl")
     metrics = _metrics_log(metrics_path, resumed_from)
 
-    saved = {"step": latest}
-
-    def save(at: int) -> None:
-        if saved["step"] == at:
-            return
-        saved["step"] = at
-        meta = {"fingerprint": _fingerprint(config), "streams": _allgather_json(stream.state()),
-                "counters": counters}
-        ckpt.save(at, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                                              meta=ocp.args.JsonSave(meta)), force=True)
-        ckpt.wait_until_finished()
-
-    eval_batches = None
-    if t.eval_every and config.eval.source:
-        with eval_pipeline(config, tokenizer, str(config.eval.source), int(config.eval.prompts)) as pipe:
-            eval_batches = list(pipe)
-
-    total = int(t.steps)
-    window: list[float] = []
-    last_loss = float("nan")
-    t_window, tok_window = time.perf_counter(), 0
+    # --- train
+    loop = _Loop(config, trainee, stream, metrics, counters, log)
+    total = int(config.train.steps)
     bar = cli.progress(range(step, total), total=total - step, desc="train_lm", unit="step")
     for step_i in bar:
-        batch = next(stream)
-        tgt, w = targets(batch)
-        params, opt_state, m = step_fn(params, opt_state, *put(batch.tokens, batch.segment_ids, batch.positions,
-                                                               tgt, w))
         step = step_i + 1
-        n_tok = int(batch.valid.sum()) * jax.process_count()
-        counters["tokens"] += n_tok
-        counters["targets"] += int(w.sum()) * jax.process_count()
-        tok_window += n_tok
-        evaluate = eval_batches is not None and (step % int(t.eval_every) == 0 or step == total)
-        if step % int(t.log_every) == 0 or step == total or evaluate:
-            loss = float(m["loss"])
-            window.append(loss)
-            dt = time.perf_counter() - t_window
-            counters["seconds"] += dt
-            rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
-                   "epoch": stream.epoch, "tokens": counters["tokens"], "tokens_per_s": tok_window / max(dt, 1e-9)}
-            if evaluate:
-                rec["held_out"] = held_out_loss(nll_fn, params, eval_batches, put).as_dict()
-                log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
-                if int(config.eval.get("context_tasks_during", 0)):
-                    rec["held_out"]["context"] = _context_gain(config, nnx.merge(graphdef, params), tokenizer)
-                    log(f"step {step}: context gain {rec['held_out']['context']['gain']:.1%} on "
-                        f"{rec['held_out']['context']['test_outputs']} held-out test outputs")
-            if metrics is not None:
-                metrics.append(rec)
-                metrics.flush()
-            last_loss = float(np.mean(window[-5:]))
-            log(f"step {step}/{total} loss {loss:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
-                f"epoch {stream.epoch}")
-            t_window, tok_window = time.perf_counter(), 0
-        if step % int(t.checkpoint_every) == 0 and step != total:
-            save(step)
-        if int(t.stop_after) and step >= int(t.stop_after) and step != total:
+        loop.step(step)
+        if step % int(config.train.checkpoint_every) == 0 and step != total:
+            ckpt.save(step, trainee, stream, counters)
+        if int(config.train.stop_after) and step >= int(config.train.stop_after) and step != total:
             break
     bar.close()  # a broken-off progress generator prints its final line now, not when collected
-    save(step)
+    ckpt.save(step, trainee, stream, counters)
     stream.close()
     ckpt.close()
-    if not window:  # resumed at the end: the last records of metrics.jsonl hold the final losses
-        from arcstream.lm.card import read_metrics
-
-        window = [r["loss"] for r in read_metrics(metrics_path)]
-        last_loss = float(np.mean(window[-5:])) if window else float("nan")
-    stats = {**source.stats, "per_source": source.per_source, "skips": stream.skips}
+    if not loop.window:  # resumed at the end: the last records of metrics.jsonl hold the final losses
+        loop.window = [r["loss"] for r in read_metrics(metrics_path)]
+    result = TrainLMResult(
+        output_dir=out, export_dir="", steps=step, resumed_from=resumed_from, params=trainee.n_params,
+        tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]), epochs=float(stream.epoch),
+        final_loss=float(np.mean(loop.window[-5:])) if loop.window else float("nan"), held_out={}, accuracy=None,
+        train_tasks=len(source), source_stats={**source.stats, "per_source": source.per_source,
+                                               "skips": stream.skips},
+        seconds=0.0, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9), total_steps=total)
     if step < total:  # stopped early on purpose (train.stop_after): the checkpoint is saved, rerun to go on
-        return TrainLMResult(
-            output_dir=out, export_dir="", steps=step, resumed_from=resumed_from, params=n_params,
-            tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]), epochs=float(stream.epoch),
-            final_loss=last_loss, held_out={}, accuracy=None, train_tasks=len(source), source_stats=stats,
-            seconds=time.perf_counter() - start, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9),
-            stopped_at=step, total_steps=total)
+        return dataclasses.replace(result, stopped_at=step, seconds=time.perf_counter() - start)
+    return _export_and_evaluate(config, trainee, result, metrics_path, start, log)
 
-    # --- export, evaluate, card
-    from arcstream.lm.card import export_model, export_prompt_format, final_evaluation, write_model_card
 
-    # A kvstore URL output_dir: each process stages the export in a local folder (transformers, safetensors and
-    # matplotlib write files), process 0 uploads it at the end, README.md last.
+class _Loop:
+    """One training step at a time, with the metrics record (and held-out figures) every few steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict, trainee: _Trainee, stream: EpochStream,
+                 metrics: JsonlLog | None, counters: dict[str, Any], log: Callable[[str], None]):
+        self.config, self.trainee, self.stream, self.metrics, self.counters, self.log = (
+            config, trainee, stream, metrics, counters, log)
+        self.window: list[float] = []  # the logged losses of this session
+        self.eval_batches = None
+        if config.train.eval_every and config.eval.source:
+            with eval_pipeline(config, trainee.tokenizer, str(config.eval.source), int(config.eval.prompts)) as p:
+                self.eval_batches = list(p)
+        self._t_window, self._tok_window = time.perf_counter(), 0
+
+    def step(self, step: int) -> None:
+        """Trains step `step` (1-based) and logs when it falls on `train.log_every` / `eval_every` / the end."""
+        tr, t = self.trainee, self.config.train
+        batch = next(self.stream)
+        tgt, w = targets(batch)
+        tr.params, tr.opt_state, m = tr.step_fn(tr.params, tr.opt_state, *tr.put(
+            batch.tokens, batch.segment_ids, batch.positions, tgt, w))
+        n_tok = int(batch.valid.sum()) * jax.process_count()
+        self.counters["tokens"] += n_tok
+        self.counters["targets"] += int(w.sum()) * jax.process_count()
+        self._tok_window += n_tok
+        last = step == int(t.steps)
+        evaluate = self.eval_batches is not None and (step % int(t.eval_every) == 0 or last)
+        if step % int(t.log_every) == 0 or last or evaluate:
+            self._record(step, m, evaluate)
+
+    def _record(self, step: int, m: dict[str, Any], evaluate: bool) -> None:
+        tr = self.trainee
+        loss = float(m["loss"])
+        self.window.append(loss)
+        dt = time.perf_counter() - self._t_window
+        self.counters["seconds"] += dt
+        rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]), "lr": float(tr.schedule(step - 1)),
+               "epoch": self.stream.epoch, "tokens": self.counters["tokens"],
+               "tokens_per_s": self._tok_window / max(dt, 1e-9)}
+        if evaluate:
+            rec["held_out"] = held_out_loss(tr.nll_fn, tr.params, self.eval_batches, tr.put).as_dict()
+            self.log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
+            if int(self.config.eval.get("context_tasks_during", 0)):
+                ctx = _context_gain(self.config, nnx.merge(tr.graphdef, tr.params), tr.tokenizer)
+                rec["held_out"]["context"] = ctx
+                self.log(f"step {step}: context gain {ctx['gain']:.1%} on {ctx['test_outputs']} held-out test "
+                         "outputs")
+        if self.metrics is not None:
+            self.metrics.append(rec)
+            self.metrics.flush()
+        self.log(f"step {step}/{int(self.config.train.steps)} loss {loss:.4f} lr {rec['lr']:.2e} "
+                 f"{rec['tokens_per_s']:.0f} tok/s epoch {self.stream.epoch}")
+        self._t_window, self._tok_window = time.perf_counter(), 0
+
+
+def _export_and_evaluate(config: ml_collections.ConfigDict, trainee: _Trainee, result: TrainLMResult,
+                         metrics_path: str | Path, start: float, log: Callable[[str], None]) -> TrainLMResult:
+    """The HF export, the held-out evaluation and the model card of a finished run.
+
+    A kvstore URL output_dir: each process stages the export in a local folder (transformers, safetensors and
+    matplotlib write files), process 0 uploads it at the end, README.md last.
+    """
+    out = result.output_dir
     export_at = join_location(out, "export")
     staged = RunLocation(out).local is None
     with local_folder(export_at, upload=jax.process_index() == 0, last=("README.md",)) as export_dir:
-        export_model(graphdef, params, mcfg, tokenizer, export_dir, dtype=str(config.export_dtype),
-                     every_process=staged)
+        export_model(trainee.graphdef, trainee.params, trainee.mcfg, trainee.tokenizer, export_dir,
+                     dtype=str(config.export_dtype), every_process=staged)
         if staged or jax.process_index() == 0:
             export_prompt_format(config, export_dir)
         held, accuracy = final_evaluation(config, export_dir, log=log, name=str(export_at),
                                           predictions_dir=join_location(out, "eval_predictions"))
-        result = TrainLMResult(
-            output_dir=out, export_dir=str(export_at), steps=step, resumed_from=resumed_from, params=n_params,
-            tokens_trained=int(counters["tokens"]), target_tokens=int(counters["targets"]),
-            epochs=float(stream.epoch), final_loss=last_loss, held_out=held, accuracy=accuracy,
-            train_tasks=len(source), source_stats=stats, total_steps=total, seconds=time.perf_counter() - start,
-            tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9))
+        result = dataclasses.replace(result, export_dir=str(export_at), held_out=held, accuracy=accuracy,
+                                     seconds=time.perf_counter() - start)
         if jax.process_index() == 0:
             write_model_card(config, result, export_dir, metrics_path)
     return result
@@ -413,21 +471,7 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
 def _context_gain(config: ml_collections.ConfigDict, model: Any, tokenizer: Any) -> dict[str, Any]:
     """The context-use figure of the model card on the first `eval.context_tasks_during` held-out tasks: answer-
     cell loss with the task's own train pairs, none and another task's, and the gain 1 - own / another."""
-    from arcstream.lm.evaluate import context_use_of_run
-
     cu = context_use_of_run(config, model, tokenizer, max_tasks=int(config.eval.context_tasks_during))
     own, other = cu["model"]["own"]["loss"], cu["model"]["other"]["loss"]
     return {"own": own, "none": cu["model"]["none"]["loss"], "other": other, "gain": 1.0 - own / other,
             "test_outputs": cu["test_outputs"]}
-
-
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What must not change across a resume (the rest, e.g. eval and export keys, may)."""
-    d = json.loads(config.to_json_best_effort())
-    keep = {k: d[k] for k in ("model", "tokenizer", "seed", "data") if k in d}
-    keep["train"] = {k: v for k, v in d.get("train", {}).items() if k not in ("log_every", "eval_every",
-                                                                            "checkpoint_every", "stop_after",
-                                                                            "checkpoint_dir")}
-    keep["data"] = {k: v for k, v in keep.get("data", {}).items() if k not in ("read_threads", "prefetch",
-                                                                             "worker_count")}
-    return keep

@@ -95,8 +95,12 @@ def test_a_changed_config_is_refused_on_resume(straight, tmp_path):
     train(_config(tmp_path, steps=4, stop_after=2, warmup_steps=1), log=_log)
     changed = _config(tmp_path, steps=4, warmup_steps=1)
     changed.train.lr = 1e-2
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"another configuration(.|\n)*train\.lr: stored=0\.\d+, requested=0\.01"):
         train(changed, log=_log)
+    # Progress-only keys (how often to log, the card's name, the final evaluation) may change on a resume.
+    progress = _config(tmp_path, steps=4, warmup_steps=1)
+    progress.name, progress.train.log_every, progress.eval.accuracy_tasks = "renamed", 1, 1
+    assert train(progress, log=_log).resumed_from == 2
 
 
 def test_bad_schedule_names_the_flags(tmp_path):
