@@ -28,9 +28,16 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from arcstream.data.records import EncodedPrompt
+from arcstream.data.task import NUM_COLOURS
+from arcstream.data.tokenizer import stop_token_ids
+from arcstream.model import forward, generate
+from arcstream.predict import shape as sh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +73,6 @@ class ModelGenerator:
 
     def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int, batch_size: int = 8,
                  pad_to_multiple: int = 64):
-        from arcstream.data.tokenizer import stop_token_ids
-
         if max_new_tokens < 1 or batch_size < 1 or pad_to_multiple < 1:
             raise ValueError(f"ModelGenerator: max_new_tokens={max_new_tokens}, batch_size={batch_size}, "
                              f"pad_to_multiple={pad_to_multiple}; expected each >= 1")
@@ -86,8 +91,6 @@ class ModelGenerator:
     def generate(self, prompts: Sequence[EncodedPrompt], shapes: Sequence[Any] | None = None) -> list[Generation]:
         if shapes is None:
             return self._greedy(prompts, [None] * len(prompts), self.max_new_tokens)
-        from arcstream.predict import shape as sh
-
         if len(shapes) != len(prompts):
             raise ValueError(f"generate: {len(shapes)} shapes for {len(prompts)} prompts")
         out: list[Generation | None] = [None] * len(prompts)
@@ -118,9 +121,6 @@ class ModelGenerator:
     def _greedy(self, prompts: Sequence[EncodedPrompt], templates: Sequence[np.ndarray | None],
                 max_new: int) -> list[Generation]:
         """Greedy answers in batches of similar lengths; row i follows templates[i] (None = free)."""
-        from arcstream.data.task import NUM_COLOURS
-        from arcstream.model import generate
-
         out: list[Generation | None] = [None] * len(prompts)
         stop = set(self.stop_ids)
         # Batches of similar lengths waste less on left padding; the order is a pure function of the
@@ -159,8 +159,6 @@ class ModelGenerator:
         a 150k vocabulary and 4k-token prompts is the difference between a few
         hundred MB and tens of GB.
         """
-        import jax.numpy as jnp
-
         out = [0.0] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         b = self.batch_size
@@ -204,10 +202,7 @@ class ModelGenerator:
 def _answer_logprobs_impl(model: Any, tokens_bt: Any, seg_bt: Any, pos_bt: Any, gather_ba: Any, target_ba: Any,
                           *, site: str) -> Any:
     """log p(target_ba | prefix) at positions gather_ba: [B, A] float32."""
-    import jax
     import jax.numpy as jnp
-
-    from arcstream.model import forward
 
     h_btd = forward(model, tokens_bt, seg_bt, pos_bt, sites=(site,), return_logits=False).captures[site]
     h_bad = jnp.take_along_axis(h_btd, gather_ba[:, :, None], axis=1)
@@ -215,13 +210,4 @@ def _answer_logprobs_impl(model: Any, tokens_bt: Any, seg_bt: Any, pos_bt: Any, 
     return jnp.take_along_axis(logp_bav, target_ba[:, :, None], axis=-1)[..., 0]
 
 
-def _answer_logprobs(model: Any, *args: Any, site: str) -> Any:
-    global _ANSWER_JIT
-    if _ANSWER_JIT is None:
-        from flax import nnx
-
-        _ANSWER_JIT = nnx.jit(_answer_logprobs_impl, static_argnames=("site",))
-    return _ANSWER_JIT(model, *args, site=site)
-
-
-_ANSWER_JIT: Any = None
+_answer_logprobs = nnx.jit(_answer_logprobs_impl, static_argnames=("site",))

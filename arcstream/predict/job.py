@@ -49,17 +49,26 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
+from arcstream import cli
 from arcstream.data.augment import Augmentation
 from arcstream.data.encoders import DecodeError
+from arcstream.data.pipeline import make_prompter
 from arcstream.data.prompts import PromptConfig, build_prompt, decode_answer
 from arcstream.data.records import EncodedPrompt
+from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Pair, Skipped, Task
-from arcstream.predict.generator import Generation, Generator
-from arcstream.predict.score import Score, score_predictions
-from arcstream.predict.vote import Answer, Candidate, attempts, rank_by_product, vote
+from arcstream.data.tokenizer import load_tokenizer
 from arcstream.io import RunLocation, join_location
+from arcstream.model import attention_option, load_model
+from arcstream.predict.generator import Generation, Generator, ModelGenerator
+from arcstream.predict.score import Score, score_predictions
+from arcstream.predict.shape import has_shape_header, predict_shape
+from arcstream.predict.vote import Answer, Candidate, attempts, rank_by_product, vote
+from arcstream.store.manifest import config_diff
+from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
 
 SELECTIONS = ("vote", "product")
 FALLBACKS = ("blank", "input")  # blank = [[0]]; input = the test input grid
@@ -200,74 +209,99 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
     augmented task (counted per task in `shape_sources`). Returns one record
     per task, in order.
     """
-    from arcstream.predict.shape import has_shape_header, predict_shape
-
     if selection not in SELECTIONS:
         raise ValueError(f"predict.selection is {selection!r}; expected one of {SELECTIONS}")
     if fallback not in FALLBACKS:
         raise ValueError(f"predict.fallback is {fallback!r}; expected one of {FALLBACKS}")
     prompt_config: PromptConfig = dataclasses.replace(prompter.prompt_config, include_answer=False)
-    works: list[_TestWork] = []
-    for row, task in tasks:
-        augs = list(prompter.augmentations(task, n_augmentations, seed))
-        for t in range(len(task.test)):
-            prompts: list[EncodedPrompt | None] = []
-            errors: list[str] = []
-            for aug in augs:
-                try:
-                    prompts.append(build_prompt(task, t, aug, tokenizer, prompt_config))
-                    errors.append("")
-                except InvalidTask as e:
-                    prompts.append(None)
-                    errors.append(str(e))
-            works.append(_TestWork(task, row, t, augs, prompts, errors))
-    flat = [(w, a, p) for w in works for a, p in enumerate(w.prompts) if p is not None]
+    works = [w for row, task in tasks
+             for w in _test_work(row, task, list(prompter.augmentations(task, n_augmentations, seed)), tokenizer,
+                                 prompt_config)]
+    gens_w = _generate(works, generator, prompt_config, constrain_shape)
+    answers_w = [_answers(w, g, prompt_config) for w, g in zip(works, gens_w)]
+    ranked_w = [vote(a) for a in answers_w]
+    usable_w: list[list[int] | None] = [None] * len(works)
+    if selection == "product":
+        ranked_w, usable_w = _rank_by_product(works, ranked_w, generator, tokenizer, prompt_config)
+    return _task_records(works, gens_w, answers_w, ranked_w, usable_w, selection=selection, fallback=fallback,
+                         constrain_shape=constrain_shape)
+
+
+def _test_work(row: int, task: Task, augs: list[Augmentation], tokenizer: Any,
+               prompt_config: PromptConfig) -> list[_TestWork]:
+    """One `_TestWork` per test input of `task`: its prompt under each augmentation (None where too long)."""
+    works = []
+    for t in range(len(task.test)):
+        prompts: list[EncodedPrompt | None] = []
+        errors: list[str] = []
+        for aug in augs:
+            try:
+                prompts.append(build_prompt(task, t, aug, tokenizer, prompt_config))
+                errors.append("")
+            except InvalidTask as e:
+                prompts.append(None)
+                errors.append(str(e))
+        works.append(_TestWork(task, row, t, augs, prompts, errors))
+    return works
+
+
+def _generate(works: Sequence[_TestWork], generator: Generator, prompt_config: PromptConfig,
+              constrain_shape: bool) -> list[dict[int, Generation]]:
+    """Every built prompt of every test input in one generate call; per work, {augmentation: generation}."""
+    flat = [(k, a, p) for k, w in enumerate(works) for a, p in enumerate(w.prompts) if p is not None]
     gens: list[Generation] = []
     if flat and constrain_shape:
         header = has_shape_header(prompt_config.encoder)
-        shapes = [predict_shape(w.augmentations[a].apply_task(w.task), w.test_index, has_header=header)
-                  for w, a, _ in flat]
+        shapes = [predict_shape(works[k].augmentations[a].apply_task(works[k].task), works[k].test_index,
+                                has_header=header) for k, a, _ in flat]
         gens = generator.generate([p for _, _, p in flat], shapes=shapes)
     elif flat:  # without the option, generators that predate `shapes` keep working
         gens = generator.generate([p for _, _, p in flat])
     if len(gens) != len(flat):
         raise RuntimeError(f"generator returned {len(gens)} generations for {len(flat)} prompts")
-    by_work: dict[int, dict[int, Generation]] = {}
-    for (w, a, _), g in zip(flat, gens):
-        by_work.setdefault(id(w), {})[a] = g
+    out: list[dict[int, Generation]] = [{} for _ in works]
+    for (k, a, _), g in zip(flat, gens):
+        out[k][a] = g
+    return out
 
-    # Vote; with the product selection, re-score every candidate of every test input in one batched call.
-    answers_w = [_answers(w, by_work.get(id(w), {}), prompt_config) for w in works]
-    ranked_w = [vote(a) for a in answers_w]
+
+def _rank_by_product(works: Sequence[_TestWork], ranked_w: list[list[Candidate]], generator: Generator,
+                     tokenizer: Any, prompt_config: PromptConfig) -> tuple[list[list[Candidate]],
+                                                                            list[list[int] | None]]:
+    """The product selection: every candidate of every test input re-scored under every usable augmentation,
+    in one batched score call; returns the re-ranked candidates and, per work, the augmentations used."""
+    keys: list[tuple[int, int, int]] = []
+    prompts: list[EncodedPrompt] = []
     usable_w: list[list[int] | None] = [None] * len(works)
-    if selection == "product":
-        keys: list[tuple[int, int, int]] = []
-        prompts: list[EncodedPrompt] = []
-        for k, (w, ranked) in enumerate(zip(works, ranked_w)):
-            if len(ranked) > 1:
-                built, usable_w[k] = _scoring_prompts(w, ranked, tokenizer, prompt_config)
-                keys += [(k, i, a) for i, a in built]
-                prompts += list(built.values())
-        values = generator.score(prompts) if prompts else []
-        if len(values) != len(prompts):
-            raise RuntimeError(f"generator returned {len(values)} scores for {len(prompts)} prompts")
-        scores_w: dict[int, dict[int, list[float]]] = {}
-        for (k, i, _a), v in zip(keys, values):
-            scores_w.setdefault(k, {}).setdefault(i, []).append(float(v))
-        for k, usable in enumerate(usable_w):
-            if usable is not None:
-                per = scores_w.get(k, {})
-                ranked_w[k] = rank_by_product(ranked_w[k], {i: per.get(i, []) for i in range(len(ranked_w[k]))})
+    for k, (w, ranked) in enumerate(zip(works, ranked_w)):
+        if len(ranked) > 1:
+            built, usable_w[k] = _scoring_prompts(w, ranked, tokenizer, prompt_config)
+            keys += [(k, i, a) for i, a in built]
+            prompts += list(built.values())
+    values = generator.score(prompts) if prompts else []
+    if len(values) != len(prompts):
+        raise RuntimeError(f"generator returned {len(values)} scores for {len(prompts)} prompts")
+    scores_w: dict[int, dict[int, list[float]]] = {}
+    for (k, i, _a), v in zip(keys, values):
+        scores_w.setdefault(k, {}).setdefault(i, []).append(float(v))
+    out = list(ranked_w)
+    for k, usable in enumerate(usable_w):
+        if usable is not None:
+            per = scores_w.get(k, {})
+            out[k] = rank_by_product(ranked_w[k], {i: per.get(i, []) for i in range(len(ranked_w[k]))})
+    return out, usable_w
 
+
+def _task_records(works, gens_w, answers_w, ranked_w, usable_w, *, selection: str, fallback: str,
+                  constrain_shape: bool) -> list[dict[str, Any]]:
+    """The per-task detail records (tests in order, failures and shape sources counted), in task order."""
     records: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
-    for w, answers, ranked, usable in zip(works, answers_w, ranked_w, usable_w):
+    for w, gens, answers, ranked, usable in zip(works, gens_w, answers_w, ranked_w, usable_w):
         rec = records.get(w.task.id)
         if rec is None:
             rec = records[w.task.id] = {"task_id": w.task.id, "row": w.row, "tests": [], "failures": {}}
             if constrain_shape:
                 rec["shape_sources"] = {}
-            order.append(w.task.id)
         rec["tests"].append(_test_record(w, answers, ranked, selection, usable,
                                          _fallback_grid(w.task.test[w.test_index], fallback)))
         fails = Counter(rec["failures"])
@@ -275,28 +309,49 @@ def predict_tasks(tasks: Sequence[tuple[int, Task]], generator: Generator, token
         rec["failures"] = dict(sorted(fails.items()))
         if constrain_shape:
             src = Counter(rec["shape_sources"])
-            src.update(g.shape_source for g in by_work.get(id(w), {}).values())
+            src.update(g.shape_source for g in gens.values())
             rec["shape_sources"] = dict(sorted(src.items()))
-    return [records[t] for t in order]
+    return list(records.values())  # dicts keep insertion order: the order of `tasks`
 
 
 # --- configuration ------------------------------------------------------------------------------------
 
 
-def default_predict_section() -> Any:
-    """The `predict` section of a predictions config (configs/predict.py uses it; so can the run job)."""
-    import ml_collections
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """The `predict` section of a predictions config, checked once: the only source of its keys and defaults."""
 
-    p = ml_collections.ConfigDict()
-    p.selection = "vote"  # vote | product (see arcstream/predict/vote.py)
-    p.max_new_tokens = 1024  # answer token budget; an answer without a stop token counts as no_stop
-    p.batch_size = 8  # prompts per generate / scoring call
-    p.tasks_per_chunk = 8  # tasks whose prompts are generated together (the resume unit)
-    p.fallback = "blank"  # attempt grid where fewer than two candidates decoded: blank ([[0]]) | input
+    selection: str = "vote"  # vote | product (see arcstream/predict/vote.py)
+    max_new_tokens: int = 1024  # answer token budget; an answer without a stop token counts as no_stop
+    batch_size: int = 8  # prompts per generate / scoring call
+    tasks_per_chunk: int = 8  # tasks whose prompts are generated together (the resume unit)
+    fallback: str = "blank"  # attempt grid where fewer than two candidates decoded: blank ([[0]]) | input
     # Decode every answer as a grid of a predicted shape (rules from the train pairs, else the model's own
     # shape header; arcstream/predict/shape.py): never a runaway row; off = the model's unconstrained output.
-    p.constrain_shape = False
-    return p
+    constrain_shape: bool = False
+
+    @classmethod
+    def from_config(cls, section: Any, flag: str = "--config.predict") -> PredictOptions:
+        """The options of a `predict` ConfigDict (or mapping); unknown keys and bad values are named."""
+        given = dict(section.items()) if hasattr(section, "items") else dict(section)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise ValueError(f"{flag}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        opts = cls(**{k: type(getattr(cls(), k))(v) for k, v in given.items()})
+        if opts.selection not in SELECTIONS:
+            raise ValueError(f"{flag}.selection is {opts.selection!r}; expected one of {SELECTIONS}")
+        if opts.fallback not in FALLBACKS:
+            raise ValueError(f"{flag}.fallback is {opts.fallback!r}; expected one of {FALLBACKS}")
+        if opts.tasks_per_chunk < 1:
+            raise ValueError(f"{flag}.tasks_per_chunk is {opts.tasks_per_chunk}; expected >= 1")
+        return opts
+
+
+def default_predict_section() -> ml_collections.ConfigDict:
+    """The `predict` section of a predictions config (configs/predict.py uses it; so can the run job): the
+    defaults of `PredictOptions`, whose field comments document every key."""
+    return ml_collections.ConfigDict(dataclasses.asdict(PredictOptions()))
 
 
 def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predictions") -> Any:
@@ -309,8 +364,6 @@ def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predi
     defaults. `model` is the checkpoint the run loaded (the run may have built
     a random one).
     """
-    import ml_collections
-
     c = ml_collections.ConfigDict()
     c.model = str(model)
     c.dtype = str(run_config.get("dtype", "float32"))
@@ -402,22 +455,13 @@ def _check_config(location: RunLocation, resolved: dict[str, Any]) -> None:
     """
     old = location.read_json("config.json")
     if old is not None:
-        diff = _diff({k: v for k, v in old.items() if k != "output_dir"},
-                     {k: v for k, v in resolved.items() if k != "output_dir"})
+        diff = config_diff({k: v for k, v in old.items() if k != "output_dir"},
+                           {k: v for k, v in resolved.items() if k != "output_dir"})
         if diff:
-            raise ValueError(f"{location.url} holds a run with another config; differing keys: " + "; ".join(diff)
-                             + ". Use a fresh --config.output_dir, or the stored config")
+            raise ValueError(f"{location.url} holds a run with another config; differing keys:\n" + "\n".join(diff)
+                             + "\nUse a fresh --config.output_dir, or the stored config")
         return
     _write_json(location, "config.json", resolved)
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: stored {a!r}, now {b!r}"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,52 +527,62 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
     `load_model` and its checkpoint's tokenizer, wrapped in a `ModelGenerator`
     sized by `config.predict`.
     """
-    from arcstream import cli
-    from arcstream.data.pipeline import make_prompter
-    from arcstream.data.sources import open_source
-    from arcstream.predict.generator import ModelGenerator
-
     start = time.perf_counter()
-    p = config.predict
+    opts = PredictOptions.from_config(config.predict)
     if not config.output_dir:
         raise ValueError("--config.output_dir is empty: give a directory for predictions.json and details.jsonl")
-    if str(p.selection) not in SELECTIONS:
-        raise ValueError(f"--config.predict.selection is {p.selection!r}; expected one of {SELECTIONS}")
-    if str(p.fallback) not in FALLBACKS:
-        raise ValueError(f"--config.predict.fallback is {p.fallback!r}; expected one of {FALLBACKS}")
-    if int(p.tasks_per_chunk) < 1:
-        raise ValueError(f"--config.predict.tasks_per_chunk is {p.tasks_per_chunk}; expected >= 1")
     out = RunLocation(str(config.output_dir))
     out.ensure_writable()
     _check_config(out, json.loads(config.to_json()))
-
     model_name = str(config.model) if generator is None else type(generator).__name__
+    generator, tokenizer = _generator(config, opts, generator, tokenizer, model)
+    data = config.data
+    if source is None:
+        source = open_source(str(data.source), **({"split": data.split} if data.get("split") else {}))
+    details = _DetailsLog(out)
+    done = {r["task_id"]: r for r in details.read()}
+    resumed = len(done)
+    seen = _predict_source(source, int(data.max_tasks), opts, done, details, generator=generator,
+                           tokenizer=tokenizer, prompter=make_prompter(data, tokenizer),
+                           n_augmentations=int(data.n_augmentations), seed=int(data.seed))
+    result = _write_submission(out, seen, done)
+    return dataclasses.replace(
+        result, source=getattr(source, "spec", str(data.source)), model=model_name, resumed_tasks=resumed,
+        selection=opts.selection, seconds=time.perf_counter() - start)
+
+
+def _generator(config: Any, opts: PredictOptions, generator: Generator | None, tokenizer: Any,
+               model: Any) -> tuple[Generator, Any]:
+    """The generator and tokenizer of a run: as given, or over `model`, or over `config.model` loaded."""
     if generator is None:
         if model is None:
             if not config.model:
                 raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
-            from arcstream.data.tokenizer import load_tokenizer
-            from arcstream.model import attention_option, load_model
-
             model, _ = load_model(str(config.model), dtype=str(config.dtype), attention=attention_option(config))
             tokenizer = tokenizer or load_tokenizer(str(config.model))
         elif tokenizer is None:
             raise ValueError("run_predictions: a loaded `model` needs its `tokenizer` too")
-        generator = ModelGenerator(model, tokenizer, max_new_tokens=int(p.max_new_tokens),
-                                   batch_size=int(p.batch_size))
+        generator = ModelGenerator(model, tokenizer, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size)
     if tokenizer is None:
         raise ValueError("run_predictions: a tokenizer is needed to build prompts when a generator is given")
-    data = config.data
-    if source is None:
-        options = {"split": data.split} if data.get("split") else {}
-        source = open_source(str(data.source), **options)
-    prompter = make_prompter(data, tokenizer)
-    n_aug, seed = int(data.n_augmentations), int(data.seed)
-    max_tasks = int(data.max_tasks)
+    return generator, tokenizer
 
-    details = _DetailsLog(out)
-    done = {r["task_id"]: r for r in details.read()}
-    resumed = len(done)
+
+@dataclasses.dataclass
+class _Seen:
+    """What the pass over the source saw, in source order (whether computed now or read from details.jsonl)."""
+
+    order: list[str] = dataclasses.field(default_factory=list)  # task ids
+    test_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    solutions: dict[str, list] = dataclasses.field(default_factory=dict)
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
+
+
+def _predict_source(source: Any, max_tasks: int, opts: PredictOptions, done: dict[str, dict[str, Any]],
+                    details: _DetailsLog, **predict_kw: Any) -> _Seen:
+    """Predicts every chunk of the source with an unfinished task, appending its new records to `details`
+    (and `done`)."""
+    seen = _Seen()
 
     def rows() -> Iterable[tuple[int, Task | Skipped]]:
         for row, item in enumerate(source):
@@ -536,40 +590,40 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
                 return
             yield row, item
 
-    order: list[str] = []
-    test_counts: dict[str, int] = {}
-    solutions: dict[str, list] = {}
-    skipped: list[Skipped] = []
     total = min(max_tasks or 1 << 62, len(source)) if getattr(source, "supports_random_access", False) else None
-    for chunk in cli.progress(_chunks(rows(), int(p.tasks_per_chunk)),
-                              total=None if total is None else -(-total // int(p.tasks_per_chunk)),
+    for chunk in cli.progress(_chunks(rows(), opts.tasks_per_chunk),
+                              total=None if total is None else -(-total // opts.tasks_per_chunk),
                               desc="predict", unit="chunk"):
         tasks = [(r, t) for r, t in chunk if isinstance(t, Task)]
-        skipped += [t for _, t in chunk if isinstance(t, Skipped)]
+        seen.skipped += [t for _, t in chunk if isinstance(t, Skipped)]
         for _, t in tasks:
-            order.append(t.id)
-            test_counts[t.id] = len(t.test)
+            seen.order.append(t.id)
+            seen.test_counts[t.id] = len(t.test)
             if t.has_solutions:
-                solutions[t.id] = t.to_solutions_json()
+                seen.solutions[t.id] = t.to_solutions_json()
         if all(t.id in done for _, t in tasks):
             continue
-        records = predict_tasks(tasks, generator, tokenizer, prompter=prompter, n_augmentations=n_aug, seed=seed,
-                                selection=str(p.selection), fallback=str(p.fallback),
-                                constrain_shape=bool(p.constrain_shape))
+        records = predict_tasks(tasks, selection=opts.selection, fallback=opts.fallback,
+                                constrain_shape=opts.constrain_shape, **predict_kw)
         new = [rec for rec in records if rec["task_id"] not in done]
         details.append(new)
         done.update((rec["task_id"], rec) for rec in new)
+    return seen
 
-    # --- the submission, in source order
+
+def _write_submission(out: RunLocation, seen: _Seen, done: dict[str, dict[str, Any]]) -> PredictResult:
+    """predictions.json in source order, skipped.jsonl and score.json; the counts of the result (the caller
+    fills in the run's names and time)."""
     predictions = {}
     failures: Counter = Counter()
     shape_sources: Counter = Counter()
     generations = decoded = shape_right = 0
-    for tid in order:
+    for tid in seen.order:
         rec = done[tid]
         predictions[tid] = [{"attempt_1": t["attempt_1"], "attempt_2": t["attempt_2"]} for t in rec["tests"]]
-        if len(predictions[tid]) != test_counts[tid]:
-            raise RuntimeError(f"task {tid}: {len(predictions[tid])} predictions for {test_counts[tid]} test inputs")
+        if len(predictions[tid]) != seen.test_counts[tid]:
+            raise RuntimeError(f"task {tid}: {len(predictions[tid])} predictions for {seen.test_counts[tid]} test "
+                               "inputs")
         failures.update(rec["failures"])
         shape_sources.update(rec.get("shape_sources", {}))
         for t in rec["tests"]:
@@ -578,19 +632,17 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
             decoded += sum(g["ok"] for g in t["generations"])
     files = {k: str(join_location(out.url, k)) for k in ("config.json", DETAILS, "predictions.json")}
     _write_json(out, "predictions.json", predictions)
-    if skipped:
-        from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
-
-        SkippedLog(out).replace(skipped)  # the writer every job shares (atomic, fsynced)
+    if seen.skipped:
+        SkippedLog(out).replace(seen.skipped)  # the writer every job shares (atomic, fsynced)
         files[SKIPPED_FILE] = str(join_location(out.url, SKIPPED_FILE))
     score = None
-    if solutions:
-        score = score_predictions(predictions, solutions)
+    if seen.solutions:
+        score = score_predictions(predictions, seen.solutions)
         _write_json(out, "score.json", score.to_json())
         files["score.json"] = str(join_location(out.url, "score.json"))
     return PredictResult(
-        output_dir=out.url, source=getattr(source, "spec", str(data.source)), model=model_name, tasks=len(order),
-        test_inputs=sum(test_counts.values()), generations=generations, decoded=decoded,
-        failures=dict(sorted(failures.items())), skipped=dict(sorted(Counter(s.reason for s in skipped).items())),
-        resumed_tasks=resumed, selection=str(p.selection), score=score, seconds=time.perf_counter() - start,
-        files=files, shape_sources=dict(sorted(shape_sources.items())), shape_right=shape_right)
+        output_dir=out.url, source="", model="", tasks=len(seen.order), test_inputs=sum(seen.test_counts.values()),
+        generations=generations, decoded=decoded, failures=dict(sorted(failures.items())),
+        skipped=dict(sorted(Counter(s.reason for s in seen.skipped).items())), resumed_tasks=0, selection="",
+        score=score, seconds=0.0, files=files, shape_sources=dict(sorted(shape_sources.items())),
+        shape_right=shape_right)

@@ -169,7 +169,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, tokenizer, arc_tasks)
 
 def test_rerun_with_another_config_is_refused(tmp_path, tokenizer, arc_tasks):
     run_predictions(_config(tmp_path, max_tasks=1), generator=OracleGenerator(arc_tasks), tokenizer=tokenizer)
-    with pytest.raises(ValueError, match=r"data\.n_augmentations: stored 4, now 3"):
+    with pytest.raises(ValueError, match=r"data\.n_augmentations: stored=4, requested=3"):
         run_predictions(_config(tmp_path, max_tasks=1, n_augmentations=3), generator=OracleGenerator(arc_tasks),
                         tokenizer=tokenizer)
 
