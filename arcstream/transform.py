@@ -38,6 +38,7 @@ from arcstream import cli
 from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Skipped, SkipLog, Task
 from arcstream.io import RunLocation, fsync_dir, join_location
+from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
 
 # Grid-size histogram buckets over max(height, width).
 SIDE_BUCKETS = ((1, 5), (6, 10), (11, 15), (16, 20), (21, 25), (26, 30))
@@ -203,8 +204,6 @@ def transform(config: Any) -> TransformResult:
         w.commit()
         files[f"{name}.json"] = str(w.path)
     staging.cleanup()
-    from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
-
     SkippedLog(out).replace(skips.items)  # the writer every job shares (atomic, fsynced)
     files["skipped.jsonl"] = str(join_location(out.url, SKIPPED_FILE))
 

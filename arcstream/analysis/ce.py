@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from arcstream.model import Decoder, forward, parse_sites
+from arcstream.sae import reconstruct
 
 MODES = ("clean", "sae", "zero")
 
@@ -43,8 +44,6 @@ def spliced_logits(model: Decoder, tokens_bt: jax.Array, segment_ids_bt: jax.Arr
 @nnx.jit(static_argnames=("site", "mode", "cfg"))
 def _losses(model, sae_params, buffers, tokens_bt, segment_ids_bt, positions_bt, *, site, mode, cfg):
     """(sum of next-token CE over real targets, number of targets)."""
-    from arcstream.sae import reconstruct
-
     if mode == "clean":
         replace = None
     elif mode == "zero":

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from arcstream.analysis.stats import ACT_LOG10_EDGES
+from arcstream.analysis.stats import ACT_LOG10_EDGES, ATTRIBUTES
+from arcstream.data.records import GRID_KIND_NAMES
+from arcstream.io import file_location, is_url
 
 # The ten ARC colours (the palette of the ARC testing interface).
 ARC_COLOURS = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00", "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF",
@@ -122,8 +124,6 @@ def _example_html(ex: dict[str, Any], prompt: dict[str, Any]) -> str:
 
 
 def _kind_name(code: int) -> str:
-    from arcstream.data.records import GRID_KIND_NAMES
-
     return GRID_KIND_NAMES.get(code, "?")
 
 
@@ -167,8 +167,6 @@ def _invariance_html(inv: dict[str, Any], groups: int) -> str:
 
 
 def _top_attributes(s, i: int, phi_sv: np.ndarray, n: int = 6) -> list[tuple[str, float, float, float]]:
-    from arcstream.analysis.stats import ATTRIBUTES
-
     names = [f"{a}={v}" for a, values in ATTRIBUTES.items() for v in values]
     order = np.argsort(-phi_sv[i])[:n]
     f = max(int(s.stats.fire_count_s[i]), 1)
@@ -215,8 +213,6 @@ def render_dashboard(sites: list, title: str = "") -> str:
 def write_dashboard(sites: list, path: str | Path, title: str = "") -> str | Path:
     """Writes `render_dashboard(...)` to `path` atomically: a local file (returned as a `Path`) or a file
     in a kvstore URL (`RunLocation`; returned as the URL string)."""
-    from arcstream.io import file_location, is_url
-
     location, key = file_location(path)
     location.write_bytes_atomic(key, render_dashboard(sites, title).encode("utf-8"))
     return str(path) if is_url(path) else Path(path)

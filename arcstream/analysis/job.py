@@ -25,18 +25,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from arcstream import cli
+from arcstream.analysis.ce import ce_loss_recovered
+from arcstream.analysis.dashboard import write_dashboard
+from arcstream.analysis.invariance import InvarianceAccumulator, cell_keys
+from arcstream.analysis.report import write_report
 from arcstream.analysis.stats import (ACT_LOG10_EDGES, ATTRIBUTES, EvalAccumulator, FeatureAccumulator, FeatureStats,
                                       Label, label_features)
+from arcstream.data import Augmentation, open_source
 from arcstream.data.records import GRID_KIND_NAMES
-from arcstream.model import attention_option
-from arcstream.store import open_run
+from arcstream.io import RunLocation, file_location, join_location
+from arcstream.model import attention_option, load_model
+from arcstream.sae import load_sae, reconstruct
+from arcstream.sae.export import hook_name
+from arcstream.sae.pretrained import resolve_folder
+from arcstream.store import TOKEN_FIELDS, open_run
 
 FEATURES_FORMAT = "arcstream-features"
 FEATURES_VERSION = 1
-_TOKEN_FIELDS = ("prompt", "position", "token_id", "grid_kind", "pair_index", "row", "col", "colour")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +167,6 @@ def _encoder(params, cfg, buffers, chunk_rows: int):
     4,096 rows (measured: the default run's 248 per-prompt encodes took 67 s of its 184 s analysis
     padded to chunk_rows).
     """
-    import jax
-
-    from arcstream.sae import reconstruct
-
     # Weights are arguments, not closed-over constants: a 16k-latent SAE would otherwise be baked into the HLO.
     @jax.jit
     def fn(params, buffers, x_nd):
@@ -179,7 +184,7 @@ def _encoder(params, cfg, buffers, chunk_rows: int):
 
 
 def _read_tokens(reader, start: int, stop: int) -> dict[str, np.ndarray]:
-    futures = {f: reader.token_array(f)[start:stop].read() for f in _TOKEN_FIELDS}
+    futures = {f: reader.token_array(f)[start:stop].read() for f in TOKEN_FIELDS}
     return {f: np.asarray(fu.result()) for f, fu in futures.items()}
 
 
@@ -219,8 +224,6 @@ class _SourceGrids:
         if self._index is None:
             self._index = {}
             try:
-                from arcstream.data import open_source
-
                 src = open_source(self.spec)
                 if src.supports_random_access:
                     self._source = src
@@ -237,8 +240,6 @@ class _SourceGrids:
         task = self.task(info.task_id)
         if task is None:
             return
-        from arcstream.data import Augmentation
-
         try:
             aug = Augmentation.from_json(info.augmentation) if info.augmentation else Augmentation.identity()
             task = aug.apply_task(task)
@@ -272,13 +273,9 @@ def _pick_dashboard(stats: FeatureStats, labels: list[Label], limit: int) -> lis
 
 def analyze_site(reader, site: str, sae_folder: str | Path, opts: AnalyzeOptions, model=None) -> SiteAnalysis:
     """The passes for one SAE (see the module docstring); with `model`, also CE loss recovered."""
-    from arcstream.sae import load_sae
-
     params, cfg, buffers, cfg_json = load_sae(sae_folder)
     d_in = reader.sites[site]
-    if cfg.d_in != d_in:
-        raise ValueError(f"{sae_folder}/cfg.json: d_in={cfg.d_in}, but site {site!r} of {opts.run_dir} stores "
-                         f"width {d_in}; this SAE was trained on another site or model")
+    _check_width(sae_folder, cfg.d_in, site, reader, opts)
     rows = reader.rows if opts.max_rows <= 0 else min(opts.max_rows, reader.rows)
     if opts.eval_rows is None:
         ev = (rows - int(round(rows * opts.eval_fraction)), rows)
@@ -312,8 +309,6 @@ def analyze_site(reader, site: str, sae_folder: str | Path, opts: AnalyzeOptions
     invariance = _invariance(reader, site, run, cfg.d_sae, spans, opts, table)
     ce: dict[str, float] = {}
     if model is not None:
-        from arcstream.analysis.ce import ce_loss_recovered
-
         held_out = [p for p in table if p in spans and spans[p][0] >= ev[0]][: opts.ce_prompts]
         ce = ce_loss_recovered(model, [table[p].token_ids for p in held_out], site, params, cfg, buffers,
                                pad_to=opts.ce_pad_to)
@@ -336,8 +331,6 @@ def _prompt_rows(reader, site, run, p: int, spans, chunk_rows: int) -> tuple[dic
 
 def _invariance(reader, site, run, d_sae: int, spans, opts: AnalyzeOptions, table):
     """Pass 3: the first `invariance_groups` tasks stored under >= 2 augmentations (see invariance.py)."""
-    from arcstream.analysis.invariance import InvarianceAccumulator, cell_keys
-
     acc = InvarianceAccumulator(d_sae, opts.invariance_threshold)
     groups: dict[tuple[str, int], list[int]] = {}
     for p, info in table.items():
@@ -453,24 +446,24 @@ def features_json(result_sites: list[SiteAnalysis], run_dir: str, rows: int, den
 
 def _write_text(path: str | Path, text: str) -> None:
     """Replaces a file atomically, in a local folder or a kvstore URL (`RunLocation`)."""
-    from arcstream.io import file_location
-
     location, key = file_location(path)
     location.write_bytes_atomic(key, text.encode("utf-8"))
 
 
-def _has_sae(folder: str | Path) -> bool:
-    from arcstream.io import RunLocation
+def _check_width(folder: str | Path, sae_d_in: Any, site: str, reader, opts: AnalyzeOptions, flag: str = "") -> None:
+    """An SAE's d_in must be the stored width of its site (checked early for --config.saes, and per site)."""
+    width = reader.sites[site]
+    if sae_d_in is None or int(sae_d_in) != width:
+        raise ValueError(f"{flag}{folder}/cfg.json has d_in={sae_d_in}, but site {site!r} of {opts.run_dir} stores "
+                         f"width {width}; the SAE was trained on another site or model")
 
+
+def _has_sae(folder: str | Path) -> bool:
     return RunLocation(folder).exists("cfg.json")
 
 
 def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
     """(site, folder) of each `config.saes` folder: the stored site its cfg.json's hook name names, checked."""
-    from arcstream.io import RunLocation
-    from arcstream.sae.export import hook_name
-    from arcstream.sae.pretrained import resolve_folder
-
     out: list[tuple[str, str | Path]] = []
     for spec in opts.saes:
         folder = resolve_folder(spec, flag="--config.saes")  # a folder, or sae_lens:RELEASE@SAE_ID
@@ -483,9 +476,7 @@ def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]
             raise ValueError(f"--config.saes: {folder}/cfg.json reads hook_name={hook!r}, which {opts.run_dir} does "
                              f"not store (it stores {list(reader.sites)}); capture that site, or give an SAE of one "
                              "of these")
-        if int(cfg_json.get("d_in", -1)) != reader.sites[hook]:
-            raise ValueError(f"--config.saes: {folder}/cfg.json has d_in={cfg_json.get('d_in')}, but site {hook!r} "
-                             f"of {opts.run_dir} stores width {reader.sites[hook]}; the SAE is for another model")
+        _check_width(folder, cfg_json.get("d_in"), hook, reader, opts, flag="--config.saes: ")
         if opts.sites and hook not in opts.sites:
             continue
         if any(site == hook for site, _ in out):
@@ -498,8 +489,6 @@ def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]
 
 
 def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
-    from arcstream.io import join_location
-
     if opts.saes:
         return _external_saes(reader, opts)
     sae_root = opts.sae_dir or join_location(opts.run_dir, "saes")
@@ -523,20 +512,13 @@ def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
 
 def analyze(config: Any) -> AnalyzeResult:
     """Runs the job on `config` (configs/analyze.py) and writes features.json, the dashboard and report.md."""
-    from arcstream.analysis.dashboard import write_dashboard
-    from arcstream.analysis.report import write_report
-
     opts = config if isinstance(config, AnalyzeOptions) else AnalyzeOptions.from_config(config)
     start = time.perf_counter()
-    from arcstream.io import join_location
-
     out = opts.output_dir or opts.run_dir  # a local folder or a kvstore URL: every write goes through RunLocation
     reader = open_run(opts.run_dir)
     saes = _find_saes(reader, opts)
     model = None
     if opts.ce_prompts > 0:
-        from arcstream.model import load_model
-
         spec = opts.model or str(reader.config.get("model", ""))
         try:
             model, _ = load_model(spec, attention=opts.attention)

@@ -8,23 +8,24 @@ and are linked by relative paths, so the folder can be copied as a whole.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from arcstream.io import RunLocation, is_url, join_location
+
 
 def _save(fig, folder: Any, name: str) -> None:
     """A PNG into `folder` (a RunLocation: local or kvstore URL), atomically."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     folder.write_bytes_atomic(name, buf.getvalue())
 
 
 def _plots(s, folder: Any) -> dict[str, str]:
-    import matplotlib
+    import matplotlib  # here, not at import: matplotlib is slow to import and only the report draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -60,8 +61,6 @@ def _plots(s, folder: Any) -> dict[str, str]:
 def write_report(sites: list, out_dir: str | Path, opts: Any) -> str | Path:
     """Writes `out_dir/report.md` and its PNGs under `out_dir/analysis/` (a local folder or a kvstore URL);
     returns the report's path (a `Path`, or the URL string)."""
-    from arcstream.io import RunLocation, is_url, join_location
-
     out = RunLocation(out_dir)
     folder = RunLocation(join_location(out_dir, "analysis"))
     lines = ["# arcstream analysis report", "", f"Run: `{opts.run_dir}`", "",

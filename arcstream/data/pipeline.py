@@ -59,8 +59,13 @@ import grain
 import ml_collections
 import numpy as np
 
+from absl import flags
+
 from arcstream.data import packing
+from arcstream.data.augment import TRANSFORMS, AugmentConfig, sample_augmentations
+from arcstream.data.prompts import PromptConfig, build_prompt
 from arcstream.data.records import EncodedPrompt, PackedBatch
+from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Skipped, Task
 
 _INT32_MAX = 2**31 - 1
@@ -596,13 +601,9 @@ class ArcPrompter:
     augment_config: Any  # augment.AugmentConfig
 
     def augmentations(self, task: Task, n: int, seed: int) -> Sequence[Any]:
-        from arcstream.data.augment import sample_augmentations
-
         return sample_augmentations(task, n, seed, self.augment_config)
 
     def encode(self, task: Task, test_index: int, augmentation: Any) -> EncodedPrompt:
-        from arcstream.data.prompts import build_prompt
-
         return build_prompt(task, test_index, augmentation, self.tokenizer, self.prompt_config)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -616,9 +617,6 @@ class ArcPrompter:
 
 def make_prompter(data: ml_collections.ConfigDict, tokenizer: Any) -> ArcPrompter:
     """The `ArcPrompter` a `data` config section describes (see `default_data_config`)."""
-    from arcstream.data.augment import TRANSFORMS, AugmentConfig
-    from arcstream.data.prompts import PromptConfig
-
     families = [f.strip() for f in str(data.augmentations).split(",") if f.strip()]
     bad = [f for f in families if f not in AUGMENTATION_FAMILIES]
     if bad:
@@ -656,8 +654,6 @@ def make_pipeline(config: ml_collections.ConfigDict, tokenizer: Any, *, process_
     """
     data = config.data if "data" in config else config
     if source is None:
-        from arcstream.data.sources import open_source
-
         options = {"split": data.split} if data.get("split") else {}
         source = open_source(data.source, **options)
     return build_pipeline(source, make_prompter(data, tokenizer), PipelineOptions.from_config(data),
@@ -671,8 +667,6 @@ def _ensure_absl_flags_parsed() -> None:
     notebook, a test or a plain script they are not, and Grain fails with
     `UnparsedFlagAccessError`. Marking them parsed keeps every flag at its default.
     """
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
