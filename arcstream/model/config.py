@@ -33,7 +33,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 import numpy as np
 
@@ -471,186 +471,15 @@ class ModelConfig:
         `layer_types`).  A key the file leaves out takes transformers' default
         for that model type (e.g. Gemma 2's soft-caps 50 and 30, Mistral's
         4096-token window), because that is what HF would run.  `source`
-        names the file in error messages.
+        names the file in error messages.  Each concern has its `_read_*`
+        helper below; they run in this order, so a file with several
+        unsupported options names the same one first every time.
         """
-        model_type = hf.get("model_type")
-        if model_type not in _SUPPORTED:
-            hint = ""
-            if model_type == "gemma3":
-                hint = (" 'gemma3' is the multimodal Gemma3ForConditionalGeneration (gemma-3-4b and larger); "
-                        "arcstream runs text-only 'gemma3_text' checkpoints (Gemma3ForCausalLM, e.g. "
-                        "google/gemma-3-1b-pt).")
-            raise ValueError(
-                f"{source}: model_type={model_type!r} is not supported; arcstream implements "
-                f"{sorted(_SUPPORTED)} (architectures {sorted(_SUPPORTED.values())}).{hint}"
-            )
-        archs = hf.get("architectures") or [_SUPPORTED[model_type]]
-        bad = [a for a in archs if a != _SUPPORTED[model_type]]
-        if bad:
-            raise ValueError(
-                f"{source}: architectures={archs!r} is not supported for model_type "
-                f"{model_type!r}; expected [{_SUPPORTED[model_type]!r}] (a causal LM)."
-            )
-
-        def refuse(field: str, value: Any, expected: str) -> None:
-            raise ValueError(
-                f"{source}: {field}={value!r} is not supported by arcstream's {model_type} "
-                f"decoder (expected {expected}); running it would give a different model."
-            )
-
-        gemma = model_type in _GEMMA
+        src = _HFFile(hf, source, _supported_model_type(hf, source))
         num_layers = int(hf["num_hidden_layers"])
-        # MLP activation: HF's Gemma modules read `hidden_activation` (and ignore `hidden_act`, which
-        # old Gemma 2 files also carry); the others read `hidden_act`.
-        act_key, act_default = ("hidden_activation", "gelu_pytorch_tanh") if gemma else ("hidden_act", "silu")
-        act = hf.get(act_key, act_default)
-        if act != act_default:
-            refuse(act_key, act, repr(act_default))
-
-        # Attention pattern.
-        window: int | None = None
-        layer_types: tuple[str, ...] | None = None
-        hf_types = hf.get("layer_types")
-        if model_type in ("qwen2", "qwen3", "llama"):
-            if hf.get("use_sliding_window", False):
-                refuse("use_sliding_window", True, "false")
-            if hf_types and any(t != FULL for t in hf_types):
-                refuse("layer_types", sorted(set(hf_types)), f"only {FULL!r}")
-        elif model_type == "mistral":
-            # HF's MistralModel puts `sliding_window` (when not null) on every layer and ignores
-            # `layer_types` (it warns: such files are meant for Ministral), so only a uniform list agrees.
-            window = hf.get("sliding_window", 4096)
-            if hf_types and set(hf_types) != {SLIDING if window is not None else FULL}:
-                refuse("layer_types", sorted(set(hf_types)),
-                       f"absent (MistralForCausalLM ignores it; sliding_window={window!r} applies to every layer)")
-        else:
-            if hf.get("use_bidirectional_attention"):
-                refuse("use_bidirectional_attention", True, "false or absent (causal attention)")
-            window = hf.get("sliding_window", 4096)
-            if hf_types is None:
-                # transformers' defaults: Gemma 2 alternates (layer 0 local); Gemma 3 makes every
-                # `sliding_window_pattern`-th layer global (default 6).
-                every = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
-                hf_types = _every(num_layers, every)
-            layer_types = tuple(hf_types)
-            if set(layer_types) - {FULL, SLIDING}:
-                refuse("layer_types", sorted(set(layer_types)), f"{FULL!r} and {SLIDING!r} entries")
-            if len(layer_types) != num_layers:
-                refuse("layer_types", f"{len(layer_types)} entries", f"{num_layers}, one per layer")
-            if SLIDING in layer_types and window is None:
-                refuse("sliding_window", None, f"an int: layer_types has {SLIDING!r} layers")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            refuse("sliding_window", window, "null or an int >= 1")
-
-        # RoPE: transformers 5 nests theta and scaling in `rope_parameters` (Gemma 3: one dict per
-        # layer type); transformers 4 has flat `rope_theta` + `rope_scaling`.
-        def scaling_of(params: Mapping[str, Any], where: str) -> Scaling:
-            rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-            partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-            if partial not in (1, 1.0, None):
-                refuse(f"{where}.partial_rotary_factor", partial, "1.0")
-            try:
-                if rope_type == "default":
-                    return None
-                if rope_type == "linear":
-                    return LinearRopeScaling(factor=float(params["factor"]))
-                if rope_type == "llama3":
-                    return RopeScaling(
-                        factor=float(params["factor"]),
-                        low_freq_factor=float(params["low_freq_factor"]),
-                        high_freq_factor=float(params["high_freq_factor"]),
-                        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-                    )
-            except KeyError as e:
-                raise ValueError(f"{source}: rope_type {rope_type!r} needs {e.args[0]!r} in {where}; "
-                                 f"got {sorted(params)}.") from None
-            refuse(f"{where}.rope_type", rope_type, "'default', 'linear' or 'llama3'")
-            return None
-
-        local_theta: float | None = None
-        local_scaling: Scaling = None
-        rope_params = hf.get("rope_parameters") or {}
-        if model_type == "gemma3_text":
-            if rope_params and not ({FULL, SLIDING} & set(rope_params)):
-                refuse("rope_parameters", rope_params, f"one dict per layer type ({FULL!r}, {SLIDING!r})")
-            if rope_params:
-                glob = dict(rope_params.get(FULL) or {})
-                loc = dict(rope_params.get(SLIDING) or {})
-            else:  # transformers 4: `rope_scaling` applies to the global layers only
-                glob = dict(hf.get("rope_scaling") or {})
-                glob.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
-                loc = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
-            glob.setdefault("rope_theta", 1_000_000.0)
-            loc.setdefault("rope_theta", 10_000.0)
-            theta = glob["rope_theta"]
-            scaling = scaling_of(glob, f"rope_parameters[{FULL!r}]")
-            local_theta = float(loc["rope_theta"])
-            local_scaling = scaling_of(loc, f"rope_parameters[{SLIDING!r}]")
-        else:
-            rope = dict(rope_params)
-            legacy = hf.get("rope_scaling") or {}
-            if legacy and not rope.get("rope_type"):
-                rope.update(legacy)
-            theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-            scaling = scaling_of(rope, "rope_scaling/rope_parameters")
-
-        # Gemma specifics.
-        qpas = attn_cap = final_cap = None
-        if gemma:
-            qpas = hf.get("query_pre_attn_scalar", 256)
-            caps = (50.0, 30.0) if model_type == "gemma2" else (None, None)
-            attn_cap = hf.get("attn_logit_softcapping", caps[0])
-            final_cap = hf.get("final_logit_softcapping", caps[1])
-            if model_type == "gemma3_text" and attn_cap is not None:
-                # HF's Gemma3Attention stores it but never passes it to the attention function.
-                refuse("attn_logit_softcapping", attn_cap,
-                       "null: transformers' Gemma 3 ignores it, so what it means for this checkpoint is unclear")
-
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim", 256) if gemma else (hf.get("head_dim") or hidden // heads)
-        attention_bias = bool(hf.get("attention_bias", False))
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
-        elif model_type == "mistral":  # MistralAttention has no biases whatever the file says
-            qkv_bias = o_bias = False
-        else:
-            qkv_bias = o_bias = attention_bias
-        mlp_bias = bool(hf.get("mlp_bias", False)) if model_type == "llama" else False
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        return cls(
-            family=model_type,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=num_layers,
-            num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            intermediate_size=int(hf["intermediate_size"]),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=mlp_bias,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32_768)),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
-            bos_token_id=hf.get("bos_token_id"),
-            sliding_window=window,
-            layer_types=layer_types,
-            rope_local_theta=local_theta,
-            rope_local_scaling=local_scaling,
-            hidden_act=act,
-            norm_plus_one=gemma,
-            sandwich_norms=gemma,
-            scale_embeddings=gemma,
-            query_pre_attn_scalar=None if qpas is None else float(qpas),
-            attn_logit_softcap=None if attn_cap is None else float(attn_cap),
-            final_logit_softcap=None if final_cap is None else float(final_cap),
-        )
+        return cls(family=src.model_type, hidden_act=_read_activation(src),
+                   **_read_attention_pattern(src, num_layers), **_read_rope(src), **_read_gemma(src),
+                   **_read_sizes(src), **_read_switches(src))
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
@@ -664,6 +493,48 @@ class ModelConfig:
         Raises if the switches cannot be expressed by the family's HF config
         (e.g. Qwen2 without qkv bias, a Gemma without its (1 + weight) norms).
         """
+        self._refuse_inexpressible()
+        f = self.family
+        gemma = f in _GEMMA
+        eos: Any = (None if not self.eos_token_ids else
+                    self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids))
+        if f == "gemma3_text":
+            rope: dict[str, Any] = {FULL: _rope_dict(self.rope_theta, self.rope_scaling),
+                                    SLIDING: _rope_dict(self.rope_local_theta, self.rope_local_scaling)}
+        else:
+            rope = _rope_dict(self.rope_theta, self.rope_scaling)
+        out: dict[str, Any] = {
+            "architectures": [_SUPPORTED[f]],
+            "model_type": f,
+            **{key: getattr(self, field) for key, field, _, _ in _PLAIN_KEYS},
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            _ACTIVATION[gemma][0]: self.hidden_act,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "eos_token_id": eos,
+        }
+        if f not in ("qwen2", "mistral"):
+            out["attention_bias"] = self.qkv_bias
+        if f == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        elif f in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = False
+        if f == "mistral" or gemma:
+            out["sliding_window"] = self.sliding_window
+        if gemma:
+            out.update(layer_types=[self.layer_type(i) for i in range(self.num_layers)],
+                       # transformers types it int and refuses 24.0 on load: an integral value goes back as int
+                       query_pre_attn_scalar=(int(self.query_pre_attn_scalar)
+                                              if float(self.query_pre_attn_scalar).is_integer()
+                                              else self.query_pre_attn_scalar),
+                       attn_logit_softcapping=self.attn_logit_softcap,
+                       final_logit_softcapping=self.final_logit_softcap,
+                       use_bidirectional_attention=False)
+        return out
+
+    def _refuse_inexpressible(self) -> None:
+        """Raise if a switch has a value the family's config.json cannot say (`to_hf_config`'s refusals)."""
         f = self.family
         gemma = f in _GEMMA
         if f == "qwen2" and (not self.qkv_bias or self.o_bias):
@@ -679,18 +550,7 @@ class ModelConfig:
             raise ValueError(f"qk_norm={self.qk_norm} is not expressible for family {f!r}.")
         if self.mlp_bias and f != "llama":
             raise ValueError(f"mlp_bias=True is not expressible for family {f!r}.")
-        implied: dict[str, Any] = dict(hidden_act="gelu_pytorch_tanh" if gemma else "silu", norm_plus_one=gemma,
-                                       sandwich_norms=gemma, scale_embeddings=gemma)
-        if not gemma:
-            implied.update(query_pre_attn_scalar=None, attn_logit_softcap=None, final_logit_softcap=None)
-        if f == "gemma3_text":
-            implied.update(attn_logit_softcap=None)
-        if f in ("qwen2", "qwen3", "llama"):
-            implied.update(sliding_window=None, layer_types=None)
-        if f == "mistral":
-            implied.update(layer_types=None)
-        if f != "gemma3_text":
-            implied.update(rope_local_theta=None)
+        implied = _implied_by_family(f)
         wrong = {k: getattr(self, k) for k, v in implied.items() if getattr(self, k) != v}
         if wrong:
             raise ValueError(f"{wrong} is not expressible in a {f} config.json (it implies "
@@ -700,46 +560,6 @@ class ModelConfig:
         if f == "gemma3_text" and self.rope_local_theta is None:
             raise ValueError("a gemma3_text config.json always has RoPE parameters of its own for the "
                              "sliding layers; got rope_local_theta=None.")
-        eos: Any = (None if not self.eos_token_ids else
-                    self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids))
-        if f == "gemma3_text":
-            rope: dict[str, Any] = {FULL: _rope_dict(self.rope_theta, self.rope_scaling),
-                                    SLIDING: _rope_dict(self.rope_local_theta, self.rope_local_scaling)}
-        else:
-            rope = _rope_dict(self.rope_theta, self.rope_scaling)
-        out: dict[str, Any] = {
-            "architectures": [_SUPPORTED[f]],
-            "model_type": f,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size,
-            ("hidden_activation" if gemma else "hidden_act"): self.hidden_act,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": rope,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "eos_token_id": eos,
-            "bos_token_id": self.bos_token_id,
-        }
-        if f not in ("qwen2", "mistral"):
-            out["attention_bias"] = self.qkv_bias
-        if f == "llama":
-            out["mlp_bias"] = self.mlp_bias
-        elif f in ("qwen2", "qwen3"):
-            out["use_sliding_window"] = False
-        if f == "mistral" or gemma:
-            out["sliding_window"] = self.sliding_window
-        if gemma:
-            out.update(layer_types=[self.layer_type(i) for i in range(self.num_layers)],
-                       query_pre_attn_scalar=self.query_pre_attn_scalar,
-                       attn_logit_softcapping=self.attn_logit_softcap,
-                       final_logit_softcapping=self.final_logit_softcap,
-                       use_bidirectional_attention=False)
-        return out
 
 
 def _every(num_layers: int, every: int) -> tuple[str, ...]:
@@ -754,6 +574,239 @@ def _rope_dict(theta: float, scaling: Scaling) -> dict[str, Any]:
     elif isinstance(scaling, LinearRopeScaling):
         out.update(rope_type="linear", factor=scaling.factor)
     return out
+
+
+def _implied_by_family(family: str) -> dict[str, Any]:
+    """The ModelConfig fields a `family` config.json fixes (it has no key for them): field -> value."""
+    gemma = family in _GEMMA
+    implied: dict[str, Any] = dict(hidden_act=_ACTIVATION[gemma][1], norm_plus_one=gemma,
+                                   sandwich_norms=gemma, scale_embeddings=gemma)
+    if not gemma:
+        implied.update(query_pre_attn_scalar=None, attn_logit_softcap=None, final_logit_softcap=None)
+    if family == "gemma3_text":
+        implied.update(attn_logit_softcap=None)
+    if family in ("qwen2", "qwen3", "llama"):
+        implied.update(sliding_window=None, layer_types=None)
+    if family == "mistral":
+        implied.update(layer_types=None)
+    if family != "gemma3_text":
+        implied.update(rope_local_theta=None)
+    return implied
+
+
+# ---------------------------------------------------------------------------- reading an HF config.json
+# Each `_read_*` helper reads one concern of a config.json and returns the ModelConfig fields it decides.
+_REQUIRED = object()  # no default: a file without the key raises KeyError naming it
+# config.json keys that are one ModelConfig field in every family: (HF key, field, type, default).
+# `from_hf_config` reads them (`_read_sizes`), `to_hf_config` writes them.
+_PLAIN_KEYS: tuple[tuple[str, str, Callable[[Any], Any], Any], ...] = (
+    ("num_hidden_layers", "num_layers", int, _REQUIRED),
+    ("num_attention_heads", "num_heads", int, _REQUIRED),
+    ("hidden_size", "hidden_size", int, _REQUIRED),
+    ("vocab_size", "vocab_size", int, _REQUIRED),
+    ("intermediate_size", "intermediate_size", int, _REQUIRED),
+    ("rms_norm_eps", "rms_norm_eps", float, 1e-6),
+    ("max_position_embeddings", "max_position_embeddings", int, 32_768),
+    ("bos_token_id", "bos_token_id", lambda token: token, None),
+)
+# The MLP activation's key and the one value arcstream runs, by "is Gemma": HF's Gemma modules read
+# `hidden_activation` (and ignore `hidden_act`, which old Gemma 2 files also carry); the others `hidden_act`.
+_ACTIVATION = {False: ("hidden_act", "silu"), True: ("hidden_activation", "gelu_pytorch_tanh")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _HFFile:
+    """A config.json being read: its dict, its name in messages, and its (supported) model_type."""
+
+    hf: Mapping[str, Any]
+    source: str
+    model_type: str
+
+    @property
+    def gemma(self) -> bool:
+        return self.model_type in _GEMMA
+
+    def refuse(self, field: str, value: Any, expected: str) -> NoReturn:
+        raise ValueError(
+            f"{self.source}: {field}={value!r} is not supported by arcstream's {self.model_type} "
+            f"decoder (expected {expected}); running it would give a different model."
+        )
+
+
+def _supported_model_type(hf: Mapping[str, Any], source: str) -> str:
+    """The file's model_type; refuses other model types and architectures that are not the causal LM."""
+    model_type = hf.get("model_type")
+    if model_type not in _SUPPORTED:
+        hint = ""
+        if model_type == "gemma3":
+            hint = (" 'gemma3' is the multimodal Gemma3ForConditionalGeneration (gemma-3-4b and larger); "
+                    "arcstream runs text-only 'gemma3_text' checkpoints (Gemma3ForCausalLM, e.g. "
+                    "google/gemma-3-1b-pt).")
+        raise ValueError(
+            f"{source}: model_type={model_type!r} is not supported; arcstream implements "
+            f"{sorted(_SUPPORTED)} (architectures {sorted(_SUPPORTED.values())}).{hint}"
+        )
+    archs = hf.get("architectures") or [_SUPPORTED[model_type]]
+    bad = [a for a in archs if a != _SUPPORTED[model_type]]
+    if bad:
+        raise ValueError(
+            f"{source}: architectures={archs!r} is not supported for model_type "
+            f"{model_type!r}; expected [{_SUPPORTED[model_type]!r}] (a causal LM)."
+        )
+    return model_type
+
+
+def _read_activation(src: _HFFile) -> str:
+    key, only = _ACTIVATION[src.gemma]
+    act = src.hf.get(key, only)
+    if act != only:
+        src.refuse(key, act, repr(only))
+    return act
+
+
+def _read_attention_pattern(src: _HFFile, num_layers: int) -> dict[str, Any]:
+    """`sliding_window` and `layer_types`: none (Qwen, Llama), one window on every layer (Mistral), or per layer
+    (Gemma)."""
+    hf, refuse, model_type = src.hf, src.refuse, src.model_type
+    window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    hf_types = hf.get("layer_types")
+    if model_type in ("qwen2", "qwen3", "llama"):
+        if hf.get("use_sliding_window", False):
+            refuse("use_sliding_window", True, "false")
+        if hf_types and any(t != FULL for t in hf_types):
+            refuse("layer_types", sorted(set(hf_types)), f"only {FULL!r}")
+    elif model_type == "mistral":
+        # HF's MistralModel puts `sliding_window` (when not null) on every layer and ignores
+        # `layer_types` (it warns: such files are meant for Ministral), so only a uniform list agrees.
+        window = hf.get("sliding_window", 4096)
+        if hf_types and set(hf_types) != {SLIDING if window is not None else FULL}:
+            refuse("layer_types", sorted(set(hf_types)),
+                   f"absent (MistralForCausalLM ignores it; sliding_window={window!r} applies to every layer)")
+    else:
+        if hf.get("use_bidirectional_attention"):
+            refuse("use_bidirectional_attention", True, "false or absent (causal attention)")
+        window = hf.get("sliding_window", 4096)
+        if hf_types is None:
+            # transformers' defaults: Gemma 2 alternates (layer 0 local); Gemma 3 makes every
+            # `sliding_window_pattern`-th layer global (default 6).
+            every = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+            hf_types = _every(num_layers, every)
+        layer_types = tuple(hf_types)
+        if set(layer_types) - {FULL, SLIDING}:
+            refuse("layer_types", sorted(set(layer_types)), f"{FULL!r} and {SLIDING!r} entries")
+        if len(layer_types) != num_layers:
+            refuse("layer_types", f"{len(layer_types)} entries", f"{num_layers}, one per layer")
+        if SLIDING in layer_types and window is None:
+            refuse("sliding_window", None, f"an int: layer_types has {SLIDING!r} layers")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        refuse("sliding_window", window, "null or an int >= 1")
+    return dict(sliding_window=window, layer_types=layer_types)
+
+
+def _read_rope(src: _HFFile) -> dict[str, Any]:
+    """RoPE bases and scalings: transformers 5 nests theta and scaling in `rope_parameters` (Gemma 3: one
+    dict per layer type); transformers 4 has flat `rope_theta` + `rope_scaling`."""
+    hf = src.hf
+    rope_params = hf.get("rope_parameters") or {}
+    if src.model_type != "gemma3_text":
+        rope = dict(rope_params)
+        legacy = hf.get("rope_scaling") or {}
+        if legacy and not rope.get("rope_type"):
+            rope.update(legacy)
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+        scaling = _read_scaling(src, rope, "rope_scaling/rope_parameters")
+        return dict(rope_theta=float(theta), rope_scaling=scaling, rope_local_theta=None, rope_local_scaling=None)
+    if rope_params and not ({FULL, SLIDING} & set(rope_params)):
+        src.refuse("rope_parameters", rope_params, f"one dict per layer type ({FULL!r}, {SLIDING!r})")
+    if rope_params:
+        glob = dict(rope_params.get(FULL) or {})
+        loc = dict(rope_params.get(SLIDING) or {})
+    else:  # transformers 4: `rope_scaling` applies to the global layers only
+        glob = dict(hf.get("rope_scaling") or {})
+        glob.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+        loc = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    glob.setdefault("rope_theta", 1_000_000.0)
+    loc.setdefault("rope_theta", 10_000.0)
+    scaling = _read_scaling(src, glob, f"rope_parameters[{FULL!r}]")
+    local_theta = float(loc["rope_theta"])
+    local_scaling = _read_scaling(src, loc, f"rope_parameters[{SLIDING!r}]")
+    return dict(rope_theta=float(glob["rope_theta"]), rope_scaling=scaling, rope_local_theta=local_theta,
+                rope_local_scaling=local_scaling)
+
+
+def _read_scaling(src: _HFFile, params: Mapping[str, Any], where: str) -> Scaling:
+    """The RoPE scaling of one `rope_parameters` dict (`where` names it in messages)."""
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    partial = params.get("partial_rotary_factor", src.hf.get("partial_rotary_factor", 1.0))
+    if partial not in (1, 1.0, None):
+        src.refuse(f"{where}.partial_rotary_factor", partial, "1.0")
+    try:
+        if rope_type == "default":
+            return None
+        if rope_type == "linear":
+            return LinearRopeScaling(factor=float(params["factor"]))
+        if rope_type == "llama3":
+            return RopeScaling(
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            )
+    except KeyError as e:
+        raise ValueError(f"{src.source}: rope_type {rope_type!r} needs {e.args[0]!r} in {where}; "
+                         f"got {sorted(params)}.") from None
+    src.refuse(f"{where}.rope_type", rope_type, "'default', 'linear' or 'llama3'")
+
+
+def _read_gemma(src: _HFFile) -> dict[str, Any]:
+    """Gemma's block switches and its attention scale and soft-caps, at transformers' per-family defaults."""
+    gemma = src.gemma
+    out: dict[str, Any] = dict(norm_plus_one=gemma, sandwich_norms=gemma, scale_embeddings=gemma,
+                               query_pre_attn_scalar=None, attn_logit_softcap=None, final_logit_softcap=None)
+    if not gemma:
+        return out
+    caps = (50.0, 30.0) if src.model_type == "gemma2" else (None, None)
+    qpas = src.hf.get("query_pre_attn_scalar", 256)
+    attn_cap = src.hf.get("attn_logit_softcapping", caps[0])
+    final_cap = src.hf.get("final_logit_softcapping", caps[1])
+    if src.model_type == "gemma3_text" and attn_cap is not None:
+        # HF's Gemma3Attention stores it but never passes it to the attention function.
+        src.refuse("attn_logit_softcapping", attn_cap,
+                   "null: transformers' Gemma 3 ignores it, so what it means for this checkpoint is unclear")
+    out.update(query_pre_attn_scalar=None if qpas is None else float(qpas),
+               attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+               final_logit_softcap=None if final_cap is None else float(final_cap))
+    return out
+
+
+def _read_sizes(src: _HFFile) -> dict[str, Any]:
+    """The shapes, the tied LM head and the special tokens (`_PLAIN_KEYS` and the keys with family defaults)."""
+    hf = src.hf
+    out = {field: cast(hf[key] if default is _REQUIRED else hf.get(key, default))
+           for key, field, cast, default in _PLAIN_KEYS}
+    heads, hidden = out["num_heads"], out["hidden_size"]
+    head_dim = hf.get("head_dim", 256) if src.gemma else (hf.get("head_dim") or hidden // heads)
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+    out.update(num_kv_heads=int(hf.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+               tie_word_embeddings=bool(hf.get("tie_word_embeddings", src.gemma)),
+               eos_token_ids=tuple(int(e) for e in eos_ids))
+    return out
+
+
+def _read_switches(src: _HFFile) -> dict[str, Any]:
+    """Which projections carry biases, and q/k norm (fixed per family where HF fixes them)."""
+    model_type = src.model_type
+    attention_bias = bool(src.hf.get("attention_bias", False))
+    if model_type == "qwen2":
+        qkv_bias, o_bias = True, False
+    elif model_type == "mistral":  # MistralAttention has no biases whatever the file says
+        qkv_bias = o_bias = False
+    else:
+        qkv_bias = o_bias = attention_bias
+    mlp_bias = bool(src.hf.get("mlp_bias", False)) if model_type == "llama" else False
+    return dict(qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=model_type in ("qwen3", "gemma3_text"))
 
 
 # Preset name -> the ModelConfig classmethod of that name (the checkpoint each reproduces is in its docstring).

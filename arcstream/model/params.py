@@ -1,8 +1,9 @@
 """HF checkpoints <-> NNX parameters: the name table, sharded loading, and saving.
 
-`PARAM_TABLE` is the whole mapping between HF safetensors keys and NNX paths:
-a regex on the HF key, the NNX path template, and whether the tensor is
-transposed (HF `nn.Linear` stores `[out, in]`, our kernels `[in, out]`).
+`PARAM_TABLE` is the whole mapping between HF safetensors keys and NNX paths,
+in both directions (NNX -> HF is derived from its rows at import): a regex on
+the HF key, the NNX path template, and whether the tensor is transposed (HF
+`nn.Linear` stores `[out, in]`, our kernels `[in, out]`).
 
 Loading never builds the model on one host: `nnx.eval_shape` gives the
 abstract parameters, then each tensor is read from safetensors *slice by
@@ -24,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import snapshot_download
+from jax.experimental import multihost_utils
 from safetensors import safe_open
+from safetensors.flax import save_file
 
 from arcstream.model.config import ModelConfig
 from arcstream.model.model import Decoder, Rules
@@ -32,7 +36,9 @@ from arcstream.model.sharding import logical_sharding
 
 log = logging.getLogger(__name__)
 
-# (HF key regex, NNX path template, transpose)
+# (HF key regex, NNX path template, transpose).  The inverse direction (NNX path -> HF key) is derived from
+# these rows at import (`_inverse`), so a new parameter needs one row here and nothing else.  A row's regex is
+# literal text (escaped) plus capturing groups, and its template uses every group once.
 PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
     (r"model\.embed_tokens\.weight", "embed_tokens.embedding", False),
     (r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight",
@@ -47,35 +53,102 @@ PARAM_TABLE: tuple[tuple[str, str, bool], ...] = (
 )
 # Keys some checkpoints carry that are not parameters of the model we build.
 _IGNORED = (re.compile(r".*\.rotary_emb\.inv_freq"),)
-_COMPILED = tuple((re.compile(rx), tpl, tr) for rx, tpl, tr in PARAM_TABLE)
+_Rows = tuple[tuple[re.Pattern, str, bool], ...]
+# Regex text that matches only itself: ordinary characters and escaped punctuation (`\.`), no `\d` or `.`.
+_LITERAL = re.compile(r"(?:\\[^A-Za-z0-9]|[^.^$*+?{}\[\]|()\\])*")
+
+
+def _split_regex(regex: str) -> tuple[list[str | int], list[str]]:
+    """A table regex as pieces (literal text, or the 0-based index of a capturing group) and the group bodies.
+
+    Only literal text and top-level capturing groups (which may nest `(?:...)`) can be read backwards;
+    anything else raises, naming the row, at import.
+    """
+    pieces: list[str | int] = []
+    bodies: list[str] = []
+    literal, i = "", 0
+    while i < len(regex):
+        if regex[i] == "(":
+            depth, j = 1, i + 1
+            while depth:
+                if j >= len(regex):
+                    raise ValueError(f"PARAM_TABLE regex {regex!r}: unbalanced '('.")
+                depth += {"(": 1, ")": -1}.get(regex[j], 0)
+                j += 2 if regex[j] == "\\" else 1
+            body = regex[i + 1:j - 1]
+            if body.startswith("?") or re.compile(body).groups:
+                raise ValueError(f"PARAM_TABLE regex {regex!r}: group ({body}) is not a plain capturing group "
+                                 "with only (?:...) inside; the NNX -> HF direction cannot be derived.")
+            pieces += [literal, len(bodies)]
+            bodies.append(body)
+            literal, i = "", j
+        else:
+            step = 2 if regex[i] == "\\" else 1
+            literal += regex[i:i + step]
+            i += step
+    pieces.append(literal)
+    for piece in pieces:
+        if isinstance(piece, str) and not _LITERAL.fullmatch(piece):
+            raise ValueError(f"PARAM_TABLE regex {regex!r}: {piece!r} outside the groups is not literal text; "
+                             "the NNX -> HF direction cannot be derived.")
+    return pieces, bodies
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _inverse(regex: str, template: str) -> tuple[str, str]:
+    r"""(NNX path regex, HF key template) of one table row: the row read backwards.
+
+    Group N of the HF regex becomes the named group `gN` of the NNX regex, with the same body, where
+    the template has `\N`; the HF template is the regex's literal text with `\g<gN>` for group N.
+    """
+    pieces, bodies = _split_regex(regex)
+    refs = re.split(r"\\(\d+)", template)  # literal, group number, literal, ...
+    numbers = [int(n) for n in refs[1::2]]
+    if sorted(numbers) != list(range(1, len(bodies) + 1)):
+        raise ValueError(f"PARAM_TABLE row ({regex!r}, {template!r}): the template must use each of the "
+                         f"{len(bodies)} groups exactly once; it uses {numbers}.")
+    nnx_regex = "".join(re.escape(part) if k % 2 == 0 else f"(?P<g{part}>{bodies[int(part) - 1]})"
+                        for k, part in enumerate(refs))
+    hf_template = "".join(_unescape(p) if isinstance(p, str) else f"\\g<g{p + 1}>" for p in pieces)
+    return nnx_regex, hf_template
+
+
+_FORWARD: _Rows = tuple((re.compile(rx), tpl, tr) for rx, tpl, tr in PARAM_TABLE)
+_BACKWARD: _Rows = tuple((re.compile(nnx_rx), hf_tpl, tr)
+                         for rx, tpl, tr in PARAM_TABLE for nnx_rx, hf_tpl in [_inverse(rx, tpl)])
+
+
+def _lookup(rows: _Rows, name: str) -> tuple[str, bool] | None:
+    for rx, tpl, transpose in rows:
+        match = rx.fullmatch(name)
+        if match:
+            return match.expand(tpl), transpose
+    return None
 
 
 def hf_to_nnx(key: str) -> tuple[str, bool] | None:
     """(NNX path, transpose) for an HF key, or None if the key is not in the table."""
-    for rx, tpl, transpose in _COMPILED:
-        if rx.fullmatch(key):
-            return rx.sub(tpl, key), transpose
-    return None
+    return _lookup(_FORWARD, key)
 
 
 def nnx_to_hf(path: str) -> tuple[str, bool]:
-    """(HF key, transpose) for an NNX path (the inverse of `hf_to_nnx`)."""
-    rules = (
-        (r"embed_tokens\.embedding", "model.embed_tokens.weight", False),
-        (r"layers\.(\d+)\.(.*)\.kernel", r"model.layers.\1.\2.weight", True),
-        (r"layers\.(\d+)\.(.*)\.(bias|weight)", r"model.layers.\1.\2.\3", False),
-        (r"norm\.weight", "model.norm.weight", False),
-        (r"lm_head\.kernel", "lm_head.weight", True),
-    )
-    for rx, tpl, transpose in rules:
-        if re.fullmatch(rx, path):
-            return re.sub(rx, tpl, path), transpose
-    raise KeyError(f"NNX parameter {path!r} has no HF name.")
+    """(HF key, transpose) for an NNX path (the inverse of `hf_to_nnx`, derived from `PARAM_TABLE`)."""
+    found = _lookup(_BACKWARD, path)
+    if found is None:
+        raise KeyError(f"NNX parameter {path!r} has no HF name.")
+    return found
+
+
+def _dotted(path_parts: tuple) -> str:
+    return ".".join(str(p) for p in path_parts)
 
 
 def _flat_params(state: nnx.State) -> Iterator[tuple[str, Any]]:
     for path, var in nnx.to_flat_state(state):
-        yield ".".join(str(p) for p in path), var
+        yield _dotted(path), var
 
 
 # ---------------------------------------------------------------------------- locating
@@ -96,8 +169,6 @@ def resolve_checkpoint(path_or_hub_name: str | os.PathLike) -> Path:
     if looks_local:
         raise FileNotFoundError(f"model={name!r}: no such directory, and not a hub name "
                                 "('org/name'); expected a checkpoint directory or a hub name.")
-    from huggingface_hub import snapshot_download
-
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
@@ -153,12 +224,23 @@ def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
     config = ModelConfig.from_json_file(cfg_path)
     check_head_sharding(config, mesh)
     files = _tensor_files(ckpt)
+    graphdef, abs_state = _abstract_model(config, dtype, rules, attention)
+    sources = _match_tensors(ckpt, files, config, wanted=dict(_flat_params(abs_state)))
+    model = nnx.merge(graphdef, _read_params(abs_state, sources, files, mesh, rules))
+    _log_params(model)
+    return model, config
 
+
+def _abstract_model(config: ModelConfig, dtype: str, rules: Rules, attention: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and abstract parameters (shapes, dtypes, logical axes; nothing allocated)."""
     abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules,
                                               attention=attention))
-    graphdef, abs_state = nnx.split(abstract)
-    wanted = dict(_flat_params(abs_state))
+    return nnx.split(abstract)
 
+
+def _match_tensors(ckpt: Path, files: dict[str, Path], config: ModelConfig,
+                   wanted: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """NNX path -> (HF key, transpose) for every wanted parameter; raises on unexpected or missing tensors."""
     sources: dict[str, tuple[str, bool]] = {}
     for key in files:
         if any(rx.fullmatch(key) for rx in _IGNORED):
@@ -178,13 +260,18 @@ def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
         names = [nnx_to_hf(m)[0] for m in missing]
         raise ValueError(f"{ckpt}: missing tensors {names[:8]}{' ...' if len(names) > 8 else ''} "
                          f"for a {config.family} model with this config.json.")
+    return sources
 
+
+def _read_params(abs_state: nnx.State, sources: dict[str, tuple[str, bool]], files: dict[str, Path],
+                 mesh: jax.sharding.Mesh | None, rules: Rules) -> nnx.State:
+    """Every parameter read from its safetensors file (shape-checked) and placed; each file is opened once."""
     cpu = jax.local_devices(backend="cpu")[0]
     handles: dict[Path, Any] = {}
     new_flat = []
     try:
         for path_parts, var in nnx.to_flat_state(abs_state):
-            path = ".".join(str(p) for p in path_parts)
+            path = _dotted(path_parts)
             key, transpose = sources[path]
             fp = files[key]
             if fp not in handles:
@@ -197,21 +284,21 @@ def load_model(path_or_hub_name: str | os.PathLike, *, dtype: str = "float32",
             if hf_shape != expect_hf:
                 raise ValueError(f"{fp}: tensor {key!r} has shape {hf_shape}; the config.json implies "
                                  f"{expect_hf} (NNX {path} {want}).")
-            read = _slice_reader(sl, transpose, np.dtype(var.dtype), cpu)
-            if mesh is None:
-                value = jnp.asarray(read(tuple(slice(None) for _ in want)))
-            else:
-                axes = var.get_metadata()["logical_axes"]
-                sharding = logical_sharding(axes, want, mesh, rules)
-                value = jax.make_array_from_callback(want, sharding, _memo(read))
-            new_flat.append((path_parts, var.replace(value)))
+            read = _memo(_slice_reader(sl, transpose, np.dtype(var.dtype), cpu))
+            new_flat.append((path_parts, var.replace(_place(var, read, mesh, rules))))
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
-    state = nnx.from_flat_state(new_flat)
-    model = nnx.merge(graphdef, state)
-    _log_params(model)
-    return model, config
+    return nnx.from_flat_state(new_flat)
+
+
+def _place(var: Any, read: Callable[[tuple], np.ndarray], mesh: jax.sharding.Mesh | None, rules: Rules) -> jax.Array:
+    """One parameter's value: `read` whole onto the default device, or shard by shard onto `mesh`."""
+    shape = tuple(var.shape)
+    if mesh is None:
+        return jnp.asarray(read(tuple(slice(None) for _ in shape)))
+    sharding = logical_sharding(var.get_metadata()["logical_axes"], shape, mesh, rules)
+    return jax.make_array_from_callback(shape, sharding, read)
 
 
 def _slice_reader(sl: Any, transpose: bool, dtype: np.dtype, cpu: jax.Device) -> Callable[[tuple], np.ndarray]:
@@ -291,13 +378,11 @@ def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
     `load_model`, so the host holds at most one full tensor.
     """
     check_head_sharding(config, mesh)
-    abstract = nnx.eval_shape(lambda: Decoder(config, dtype=dtype, rngs=nnx.Rngs(0), rules=rules,
-                                              attention=attention))
-    graphdef, abs_state = nnx.split(abstract)
+    graphdef, abs_state = _abstract_model(config, dtype, rules, attention)
     new_flat = []
     for i, (path_parts, var) in enumerate(nnx.to_flat_state(abs_state)):
         shape, np_dtype = tuple(var.shape), np.dtype(var.dtype)
-        leaf, owner = str(path_parts[-1]), ".".join(str(p) for p in path_parts[:-1])
+        leaf, owner = str(path_parts[-1]), _dotted(path_parts[:-1])
 
         def full(i=i, shape=shape, np_dtype=np_dtype, leaf=leaf, owner=owner) -> np.ndarray:
             if leaf == "bias":
@@ -307,19 +392,14 @@ def init_random(config: ModelConfig, seed: int = 0, *, dtype: str = "float32",
             rng = np.random.default_rng([seed, i])
             return (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np_dtype)
 
-        if mesh is None:
-            value = jnp.asarray(full())
-        else:
-            sharding = logical_sharding(var.get_metadata()["logical_axes"], shape, mesh, rules)
-            whole: list[np.ndarray] = []
+        whole: list[np.ndarray] = []
 
-            def cb(index: tuple, full=full, whole=whole) -> np.ndarray:
-                if not whole:
-                    whole.append(full())
-                return whole[0][index]
+        def read(index: tuple, full=full, whole=whole) -> np.ndarray:
+            if not whole:  # generated once, on the first shard asked for
+                whole.append(full())
+            return whole[0][index]
 
-            value = jax.make_array_from_callback(shape, sharding, cb)
-        new_flat.append((path_parts, var.replace(value)))
+        new_flat.append((path_parts, var.replace(_place(var, read, mesh, rules))))
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
@@ -334,9 +414,6 @@ def save_hf_checkpoint(model: Decoder, config: ModelConfig, path: str | os.PathL
     Multi-process: every process must call this (arrays are gathered); only
     process 0 writes, or each process to its own `path` with `every_process`.
     """
-    from jax.experimental import multihost_utils
-    from safetensors.flax import save_file
-
     out = Path(path)
     cpu = jax.local_devices(backend="cpu")[0]
     tensors: dict[str, jax.Array] = {}
