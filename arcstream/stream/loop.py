@@ -7,17 +7,22 @@ last commit rewrites exactly what an uninterrupted run would have written
 
 Commit protocol (every `commit_every` steps and at the end), in this order:
   1. the drain is joined: every captured row of steps < s is in the writer;
-  2. the skips the committed pipeline state has passed are appended to
-     skipped.jsonl (so a commit never counts a line that is not on disk);
+  2. the skips the committed pipeline state has passed are appended to this
+     process's skipped log (skipped.jsonl; with several processes its own part,
+     merged in step 5), so a commit never counts a line that is not on disk;
   3. online SAEs: the ring's owed draws are trained, then their state is
-     checkpointed for step s (Orbax), and the commit records that SAE step;
+     checkpointed (Orbax, under its SAE step, waited for) before the ledger is
+     written, and the commit records that SAE step;
   4. `writer.commit(s, extra={pipeline state, skipped lines, SAE step, ...})`:
-     data durable, then this process's ledger (atomic);
-  5. barrier; process 0 replaces `manifest.json` (atomic): from now on the rows
-     count, and a resume starts at step s.
-A kill between 2 and 5 leaves the previous manifest in force; the resumed run
-truncates skipped.jsonl to its commit's line count, drops SAE checkpoint steps
-newer than its commit, redoes those steps and overwrites the same rows.
+     data durable, then this process's ledger (atomic); with one process the
+     writer then replaces `manifest.json` itself (atomic), and the rows count;
+  5. barrier; with several processes, process 0 replaces `manifest.json`
+     (atomic): from now on the rows count, and a resume starts at step s; it
+     then merges the processes' skipped logs into skipped.jsonl; barrier.
+A kill before the manifest is replaced leaves the previous one in force; the
+resumed run truncates its skipped log to its commit's line count, drops SAE
+checkpoint steps newer than its commit's SAE step, redoes those steps and
+overwrites the same rows.
 
 Hosts must agree on the number of steps although their shards may yield
 different numbers of batches: with several processes, every `sync_every` steps
@@ -27,12 +32,16 @@ a host that has run out feeds empty (all-padding) batches until they agree.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +51,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
+import arcstream
+from arcstream import cli
+from arcstream.analysis import analyze
+from arcstream.analysis.config import default_analyze_config
+from arcstream.data.pipeline import Pipeline, make_pipeline
 from arcstream.data.records import CELL_FIELDS, PackedBatch
+from arcstream.data.tokenizer import build_arc_tokenizer, load_tokenizer
+from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, join_location
+from arcstream.model import (ModelConfig, attention_option, forward, init_random, load_model, make_mesh, parse_sites,
+                             save_hf_checkpoint)
+from arcstream.predict import predict_config_from_run, run_predictions
+from arcstream.sae import SAECheckpointer, SAEOptions, export_all, init_train_state, make_train_step
+from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
+from arcstream.store import StoreWriter, open_run, write_manifest
+from arcstream.store.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
 from arcstream.stream.ring import DrainQueue, RingSpec, RingState, due_uses, init_ring, make_sampler, ring_put
 
 TOKEN_POLICIES = ("all", "grid", "answer")
@@ -154,15 +179,11 @@ def all_hosts(flag: bool) -> np.ndarray:
     """bool per process: every host's `flag` (a no-op on one process)."""
     if jax.process_count() == 1:
         return np.array([flag])
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(np.array([flag], np.int32))).reshape(-1).astype(bool)
 
 
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -183,6 +204,13 @@ class Timings:
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    @contextlib.contextmanager
+    def timing(self, field: str) -> Iterator[None]:
+        """Adds the wall time of the `with` body to `field` (nothing when the body raises: no summary follows)."""
+        t0 = time.perf_counter()
+        yield
+        setattr(self, field, getattr(self, field) + (time.perf_counter() - t0))
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -284,8 +312,6 @@ def _resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
     # directory: output_dir/random_model when output_dir is local, else a local
     # cache folder named after the model's settings, built by every process that
     # lacks it (hosts of a pod do not share a disk).
-    from arcstream.io import RunLocation
-
     local = RunLocation(str(config.output_dir)).local
     note = "random weights (no --config.model given)"
     if local is not None:
@@ -308,10 +334,6 @@ def _random_model_cache_dir(config: ml_collections.ConfigDict) -> Path:
     The settings are everything `_build_random_model` reads plus arcstream's
     version, so equal settings share one folder and any change gets a new one.
     """
-    import hashlib
-
-    import arcstream
-
     settings = {"family": "qwen2", "tokenizer": "digits", "hidden_size": int(config.random_model.hidden_size),
                 "num_layers": int(config.random_model.num_layers), "seed": int(config.seed),
                 "arcstream": arcstream.__version__}
@@ -323,12 +345,6 @@ def _random_model_cache_dir(config: ml_collections.ConfigDict) -> Path:
 def _build_random_model(config: ml_collections.ConfigDict, path: Path) -> None:
     """Writes the random model to `path`: built in a temporary sibling, then renamed into place, so
     processes that share the disk never load (or collide on) a half-written folder."""
-    import shutil
-    import uuid
-
-    from arcstream.data.tokenizer import build_arc_tokenizer
-    from arcstream.model import ModelConfig, init_random, save_hf_checkpoint
-
     tok = build_arc_tokenizer("digits")
     mcfg = ModelConfig.tiny("qwen2", vocab_size=len(tok), hidden_size=int(config.random_model.hidden_size),
                             num_layers=int(config.random_model.num_layers), intermediate_size=
@@ -352,17 +368,63 @@ def _site_list(spec: str) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict) -> RunResult:
-    """The run job: capture `config.sites` over `config.data.source` into `config.output_dir`."""
-    from arcstream import cli
-    from arcstream.data.tokenizer import load_tokenizer
-    from arcstream.data.pipeline import make_pipeline
-    from arcstream.model import attention_option, forward, load_model, make_mesh, parse_sites
-    from arcstream.data.pipeline import Pipeline
-    from arcstream.store import StoreWriter, write_manifest
-    from arcstream.store.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
+    """The run job: capture `config.sites` over `config.data.source` into `config.output_dir`.
 
+    One function in sections (mesh and model, data, store, online SAEs, the loop, after the loop), each
+    a helper below; the commit protocol and the resume are the module docstring's.
+    """
     start = time.perf_counter()
     pidx, pcount = jax.process_index(), jax.process_count()
+    predict_skipped = _check_before_loading(config, pcount)
+
+    # --- mesh and model
+    mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
+    lm = _load_model(config, mesh)
+
+    # --- data
+    pipeline = _make_pipeline(config, mesh, lm.tokenizer, pidx, pcount)
+
+    # --- store (resume from its manifest)
+    store = _open_store(config, lm, pipeline, pidx, pcount)
+
+    # --- online SAEs
+    sae = None
+    if config.sae.enabled:
+        sae = _OnlineSAE(config, mesh, {s: lm.cfg.hidden_size for s in lm.sites},
+                         resume_sae_step=store.writer.last_commit.extra.get("sae_step") if store.step0 else None)
+
+    # --- the step and the loop
+    loop = _StepLoop(config, mesh, lm, pipeline, store, sae, start)
+    loop.run()
+
+    # --- after the loop: SAE exports, predictions, analysis (each timed for the summary)
+    tm = loop.tm
+    exports, sae_final = [], {}
+    with tm.timing("finish"):
+        if sae is not None:
+            exports, sae_final = sae.finish(str(config.output_dir), lm.path)
+    predictions = None
+    with tm.timing("predict"):
+        if config.predict and not predict_skipped:
+            predictions = _predict(config, lm.path, lm.model, lm.tokenizer, mesh)
+    with tm.timing("analysis"):
+        analysis, analysis_skipped = _maybe_analyze(config, lm.path, pcount, exports)
+    rows_durable = open_run(str(config.output_dir)).rows if lm.stored else 0
+    store.writer.close()
+    drain = loop.drain
+    tm.d2h, tm.disk = drain.stats.d2h_seconds, drain.stats.sink_seconds
+    return RunResult(
+        output_dir=str(config.output_dir), model=str(config.model or lm.path), model_note=lm.note,
+        sites=tuple(lm.sites), stored_sites=tuple(lm.stored), steps=loop.step, resumed_from=store.step0,
+        prompts=loop.prompts, tokens=loop.tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts),
+        seconds=time.perf_counter() - start, timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
+        sae_steps=sae.steps if sae else 0, sae_tokens=sae.token_counts(loop.ring) if sae else {},
+        sae_final=sae_final, exports=exports, predictions=predictions, predict_skipped=predict_skipped,
+        analysis=analysis, analysis_skipped=analysis_skipped, skipped_file=store.skiplog.key)
+
+
+def _check_before_loading(config: ml_collections.ConfigDict, pcount: int) -> str:
+    """What can be refused before the model loads; returns why `predict=True` is skipped here ("" if not)."""
     if not config.output_dir:
         raise ValueError("--config.output_dir is empty: give a local path or a TensorStore URL (gs://...)")
     predict_skipped = _why_no_predictions(config, pcount)
@@ -370,9 +432,24 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         logging.warning("--config.predict=True: predictions skipped: %s", predict_skipped)
     if config.sae.enabled:
         _sae_checkpoint_dir(config)  # a bad checkpoint location fails now, not after the model has loaded
+    return predict_skipped
 
-    # --- mesh and model
-    mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """The mesh-and-model section's result: the loaded model and the sites it captures and stores."""
+
+    path: str  # the checkpoint folder loaded: config.model, or the random model built for the run
+    note: str  # for the summary: "" for a given model, else why its weights are random
+    model: Any  # the NNX decoder, sharded on the mesh
+    cfg: Any  # its arcstream.model.ModelConfig
+    tokenizer: Any
+    sites: Sequence[str]  # captured (config.sites), canonical order
+    stored: Sequence[str]  # written to the store (config.store.sites): a subset of `sites`, or none
+
+
+def _load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> _Model:
+    """Loads the model on the mesh and resolves the captured and stored sites (stored must be captured)."""
     model_path, model_note = _resolve_model(config)
     with jax.set_mesh(mesh):
         model, mcfg = load_model(model_path, dtype=str(config.dtype), mesh=mesh,
@@ -385,188 +462,210 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     missing = sorted(set(stored) - set(sites))
     if missing:
         raise ValueError(f"--config.store.sites names {missing}, which --config.sites does not capture ({list(sites)})")
+    return _Model(model_path, model_note, model, mcfg, tokenizer, sites, stored)
 
-    # --- data
-    data_cfg = config.data
-    B, T = int(data_cfg.batch_size), int(data_cfg.seq_len)
-    pipeline = make_pipeline(data_cfg, tokenizer, process_index=pidx, process_count=pcount)
-    batch_sharding = NamedSharding(mesh, P("data", None))
+
+def _make_pipeline(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tokenizer: Any, pidx: int,
+                   pcount: int) -> Pipeline:
+    """This host's Grain pipeline; refuses a global batch that the mesh's 'data' axis does not divide."""
+    B = int(config.data.batch_size)
+    pipeline = make_pipeline(config.data, tokenizer, process_index=pidx, process_count=pcount)
     if (B * pcount) % mesh.shape["data"]:
         raise ValueError(f"data.batch_size={B} x {pcount} processes is not divisible by the mesh's data axis "
                          f"({mesh.shape['data']}): set --config.data.batch_size to a multiple of "
                          f"{mesh.shape['data'] // pcount or 1}")
+    return pipeline
 
-    # --- store (resume from its manifest)
+
+@dataclasses.dataclass(frozen=True)
+class _Store:
+    """The store section's result: the writer (new, or resumed from its manifest) and the skipped-task log."""
+
+    writer: StoreWriter
+    skiplog: SkippedLog  # skipped.jsonl, or with several processes this process's part of it
+    step0: int  # the step the run starts at: its last commit's (0 = a fresh store)
+    skip_from: int  # the pipeline's skip number of the log's first line
+
+
+def _open_store(config: ml_collections.ConfigDict, lm: _Model, pipeline: Pipeline, pidx: int,
+                pcount: int) -> _Store:
+    """Creates the store, or reopens it at its last commit and puts the pipeline and skipped log there."""
     resolved = json.loads(config.to_json_best_effort())
     writer = StoreWriter.create_or_resume(
-        str(config.output_dir), sites={s: mcfg.hidden_size for s in stored}, config=_fingerprinted(resolved),
+        str(config.output_dir), sites={s: lm.cfg.hidden_size for s in lm.stored}, config=_fingerprinted(resolved),
         dtype=str(config.store.dtype), process_index=pidx, process_count=pcount,
         rows_per_shard=int(config.store.rows_per_shard))
     step0 = writer.resume_step
     skiplog = SkippedLog(str(config.output_dir), SKIPPED_FILE if pcount == 1 else process_skipped_key(pidx))
     if step0:
-        state = writer.last_commit.extra.get("pipeline")
-        if state is None:
-            raise RuntimeError(f"{config.output_dir}: the commit at step {step0} has no pipeline state; cannot resume")
-        pipeline.set_state(state)
-        # Lines a killed attempt wrote after its last commit are met again: drop them (no duplicates).
-        extra = writer.last_commit.extra
-        if "skipped_lines" in extra:
-            skiplog.truncate(int(extra["skipped_lines"]))
-            skip_from = int(extra.get("skipped_from", 0))
-        else:  # a store written before the run named its skips: name those from here on
-            skip_from = Pipeline.skips_in_state(state)
-            skiplog.replace([])
-            logging.warning("%s: this store predates %s; the %d skips before step %d are counted in the summary "
-                            "but not named", config.output_dir, skiplog.key, skip_from, step0)
-        logging.info("resuming at step %d (%d durable rows on this process)", step0, writer.durable_rows)
+        skip_from = _resume(config, writer, step0, pipeline, skiplog)
     else:
         skiplog.replace([])  # a fresh store: no lines of an earlier run in this directory
         skip_from = 0  # the pipeline's skip number of the file's first line
+    return _Store(writer, skiplog, step0, skip_from)
 
-    # --- online SAEs
-    sae = None
-    if config.sae.enabled:
-        sae = _OnlineSAE(config, mesh, {s: mcfg.hidden_size for s in sites},
-                         resume_sae_step=writer.last_commit.extra.get("sae_step") if step0 else None)
 
-    # --- the step
-    n_slots = int(config.ring.n_slots)
-    ring = init_ring(RingSpec({s: mcfg.hidden_size for s in sites}, n_slots, B * pcount, T,
-                              str(config.ring.dtype), seed=int(config.seed)), mesh, puts=step0) if sae else None
-    step_fn, mstate = make_step(model, forward, mesh, sites, stored, with_ring=sae is not None,
-                                store_dtype=str(config.store.dtype), passes=sae.passes if sae else 1)
-    sink = StoreSink(writer, stored, str(config.store.tokens), float(config.store.token_fraction), int(config.seed))
-    drain = DrainQueue(sink, max_in_flight=max(1, n_slots - 1))
-    tm = Timings()
-    commit_every = int(config.commit_every)
-    step, prompts, tokens = step0, 0, 0
-    from tqdm import tqdm
+def _resume(config: ml_collections.ConfigDict, writer: StoreWriter, step0: int, pipeline: Pipeline,
+            skiplog: SkippedLog) -> int:
+    """Sets the pipeline to the state of the commit at `step0`, cuts the skipped log to that commit's lines,
+    and returns the pipeline's skip number of the log's first line."""
+    state = writer.last_commit.extra.get("pipeline")
+    if state is None:
+        raise RuntimeError(f"{config.output_dir}: the commit at step {step0} has no pipeline state; cannot resume")
+    pipeline.set_state(state)
+    # Lines a killed attempt wrote after its last commit are met again: drop them (no duplicates).
+    extra = writer.last_commit.extra
+    if "skipped_lines" in extra:
+        skiplog.truncate(int(extra["skipped_lines"]))
+        skip_from = int(extra.get("skipped_from", 0))
+    else:  # a store written before the run named its skips: name those from here on
+        skip_from = Pipeline.skips_in_state(state)
+        skiplog.replace([])
+        logging.warning("%s: this store predates %s; the %d skips before step %d are counted in the summary "
+                        "but not named", config.output_dir, skiplog.key, skip_from, step0)
+    logging.info("resuming at step %d (%d durable rows on this process)", step0, writer.durable_rows)
+    return skip_from
 
-    bar = tqdm(desc="run", unit="step", initial=step0, disable=pidx != 0 or not cli.progress_enabled(),
-               dynamic_ncols=True)
-    last_line = time.perf_counter()
 
-    def commit(step: int) -> None:
-        t0 = time.perf_counter()
-        drain.join()
-        extra = {"pipeline": pipeline.get_state()}
-        # skipped.jsonl names every skip the committed pipeline state has passed (written first, so the
-        # commit never counts a line that is not on disk).
-        done = Pipeline.skips_in_state(extra["pipeline"])
-        extra["skipped_lines"] = skiplog.append(pipeline.skipped_between(skip_from + skiplog.lines, done))
-        extra["skipped_from"] = skip_from
-        if sae is not None:
-            # Every use the ring still owes is drawn before the SAEs are saved: the commit's SAE state is then
-            # a function of the committed batches alone, so a run resumed from it (with an empty ring) trains
-            # exactly as an uninterrupted one (tests/stream/test_run.py compares their weights).
-            nonlocal ring
-            t1 = time.perf_counter()
-            ring = sae.train(ring, step, drain=True)
-            tm.sae += time.perf_counter() - t1
-            extra["sae_step"] = sae.save()
-        writer.commit(step, extra=extra)
-        barrier(f"commit_{step}")
-        if pidx == 0 and pcount > 1:
-            manifest = write_manifest(str(config.output_dir), pcount)
-            merge_skipped(str(config.output_dir), [int(p.extra.get("skipped_lines", 0))
-                                                   for p in manifest.processes])
-        barrier(f"manifest_{step}")
-        tm.commit += time.perf_counter() - t0
+class _StepLoop:
+    """The step loop and its state: the ring, the step and token counters, the previous step's outputs.
 
-    kill_at = int(os.environ.get("ARCSTREAM_FAULT_KILL_AT_STEP", "0") or 0)
-    # Hosts agree on the end of the data every `sync_every` steps, not every step (a per-step all-gather is a
-    # cross-host round trip that stalls dispatch); a host that runs dry feeds empty batches until then.
-    sync_every = 1 if pcount == 1 else max(1, commit_every or 16)
-    host_done = False
-    prev = None  # the previous step's outputs: dispatch runs one step ahead of the device
-    try:
-        with jax.set_mesh(mesh):
-            while True:
-                t0 = time.perf_counter()
-                batch = None if host_done else next(pipeline, None)
-                host_done = batch is None
-                tm.input += time.perf_counter() - t0
-                if step % sync_every == 0:
-                    if not all_hosts(batch is not None).any():
-                        break
-                if batch is None:
-                    batch = empty_batch_like(B, T)
-                sae_mask = batch.valid & (batch.positions > 0) if config.sae.exclude_first_token else batch.valid
-                t0 = time.perf_counter()
-                args = [global_batch(a, batch_sharding) for a in (batch.tokens, batch.segment_ids, batch.positions,
-                                                                   sae_mask)]
-                slot = jnp.int32(step % n_slots)
-                if prev is not None:
-                    jax.block_until_ready(prev)  # step s-1 done: its time counts as forward, as before
-                ring, captured = step_fn(mstate, ring, slot, *args)
-                prev = captured if captured else (ring.valid if ring is not None else None)
-                tm.forward += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                if stored:
-                    drain.put(captured, batch)
-                tm.backpressure += time.perf_counter() - t0
-                step += 1
-                prompts += len(batch.prompts)
-                tokens += int(batch.valid.sum())
-                if sae is not None:
-                    t0 = time.perf_counter()
-                    ring = sae.train(ring, step)
-                    tm.sae += time.perf_counter() - t0
-                if kill_at == step:
-                    _die_for_test(step)
-                if commit_every and step % commit_every == 0:
-                    commit(step)
-                status = (f"prompts {prompts}, {tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s, "
-                          f"durable rows {writer.durable_rows}, drain {drain.in_flight}/{max(1, n_slots - 1)}")
-                bar.set_postfix_str(status, refresh=False)
-                bar.update(1)
-                if bar.disable and pidx == 0 and time.perf_counter() - last_line > 30:
-                    logging.info("step %d: %s", step, status)  # a heartbeat in logs, where no bar is drawn
-                    last_line = time.perf_counter()
-            commit(step)
-    except BaseException as exc:
-        # Shutting the drain down must not replace the error in flight (a drain failure is that error, or is
-        # added to it as a note); the rows after the last commit are dropped, a resumed run rewrites them.
-        drain.close(exc)
-        raise
-    else:
-        drain.close()  # raises the drain's first failure, or a drain thread that does not stop
-    finally:
-        bar.close()
-    exports, sae_final = [], {}
-    t0 = time.perf_counter()
-    if sae is not None:
-        exports, sae_final = sae.finish(str(config.output_dir), model_path)
-    tm.finish = time.perf_counter() - t0
-    predictions = None
-    t0 = time.perf_counter()
-    if config.predict and not predict_skipped:
-        predictions = _predict(config, model_path, model, tokenizer, mesh)
-    tm.predict = time.perf_counter() - t0
-    analysis, analysis_skipped = None, ""
-    t0 = time.perf_counter()
-    if config.get("analyze"):
-        analysis_skipped = _why_no_analysis(config, pcount, exports)
-        if analysis_skipped:
-            logging.warning("--config.analyze=True: analysis skipped: %s", analysis_skipped)
+    Builds the ring (online SAEs only), the jitted step, the store sink and its drain; `run()` steps until
+    no host has data left, commits every `commit_every` steps and at the end (`commit`: the module
+    docstring's protocol), and closes the drain however the loop ends.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lm: _Model,
+                 pipeline: Pipeline, store: _Store, sae: _OnlineSAE | None, start: float):
+        self.config, self.mesh, self.pipeline, self.store, self.sae = config, mesh, pipeline, store, sae
+        self.start = start  # the run's start (perf_counter), for the tokens/s of the status line
+        self.pidx, self.pcount = jax.process_index(), jax.process_count()
+        self.B, self.T = int(config.data.batch_size), int(config.data.seq_len)
+        self.n_slots = int(config.ring.n_slots)
+        self.ring = init_ring(RingSpec({s: lm.cfg.hidden_size for s in lm.sites}, self.n_slots, self.B * self.pcount,
+                                       self.T, str(config.ring.dtype), seed=int(config.seed)), mesh,
+                              puts=store.step0) if sae else None
+        self.step_fn, self.mstate = make_step(lm.model, forward, mesh, lm.sites, lm.stored, with_ring=sae is not None,
+                                              store_dtype=str(config.store.dtype), passes=sae.passes if sae else 1)
+        self.stored = lm.stored
+        sink = StoreSink(store.writer, lm.stored, str(config.store.tokens), float(config.store.token_fraction),
+                         int(config.seed))
+        self.drain = DrainQueue(sink, max_in_flight=max(1, self.n_slots - 1))
+        self.tm = Timings()
+        self.batch_sharding = NamedSharding(mesh, P("data", None))
+        self.commit_every = int(config.commit_every)
+        self.step, self.prompts, self.tokens = store.step0, 0, 0
+        self.bar = tqdm(desc="run", unit="step", initial=store.step0,
+                        disable=self.pidx != 0 or not cli.progress_enabled(), dynamic_ncols=True)
+        self.last_line = time.perf_counter()  # the last heartbeat line (logs without a bar)
+        self.kill_at = int(os.environ.get("ARCSTREAM_FAULT_KILL_AT_STEP", "0") or 0)
+        # Hosts agree on the end of the data every `sync_every` steps, not every step (a per-step all-gather is a
+        # cross-host round trip that stalls dispatch); a host that runs dry feeds empty batches until then.
+        self.sync_every = 1 if self.pcount == 1 else max(1, self.commit_every or 16)
+        self.host_done = False
+        self.prev = None  # the previous step's outputs: dispatch runs one step ahead of the device
+
+    def run(self) -> None:
+        """Every step, then the final commit; the drain is closed on every way out."""
+        try:
+            with jax.set_mesh(self.mesh):
+                while (batch := self._next_batch()) is not None:
+                    self._step(batch)
+                self.commit()
+        except BaseException as exc:
+            # Shutting the drain down must not replace the error in flight (a drain failure is that error, or is
+            # added to it as a note); the rows after the last commit are dropped, a resumed run rewrites them.
+            self.drain.close(exc)
+            raise
         else:
-            analysis = _analyze(config, model_path)
-    tm.analysis = time.perf_counter() - t0
-    from arcstream.store import open_run
+            self.drain.close()  # raises the drain's first failure, or a drain thread that does not stop
+        finally:
+            self.bar.close()
 
-    rows_durable = open_run(str(config.output_dir)).rows if stored else 0
-    writer.close()
-    tm.d2h, tm.disk = drain.stats.d2h_seconds, drain.stats.sink_seconds
-    return RunResult(
-        output_dir=str(config.output_dir), model=str(config.model or model_path), model_note=model_note,
-        sites=tuple(sites), stored_sites=tuple(stored), steps=step, resumed_from=step0, prompts=prompts,
-        tokens=tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts), seconds=time.perf_counter() - start,
-        timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
-        sae_steps=sae.steps if sae else 0, sae_tokens=sae.token_counts(ring) if sae else {}, sae_final=sae_final,
-        exports=exports, predictions=predictions,
-        predict_skipped=predict_skipped, analysis=analysis, analysis_skipped=analysis_skipped,
-        skipped_file=skiplog.key)
+    def _next_batch(self) -> PackedBatch | None:
+        """This host's next batch (all padding once it has run dry), or None when no host has data left."""
+        with self.tm.timing("input"):
+            batch = None if self.host_done else next(self.pipeline, None)
+            self.host_done = batch is None
+        if self.step % self.sync_every == 0:
+            if not all_hosts(batch is not None).any():
+                return None
+        if batch is None:
+            batch = empty_batch_like(self.B, self.T)
+        return batch
+
+    def _step(self, batch: PackedBatch) -> None:
+        """One step: the forward (into the ring), the drain hand-off, the SAE steps it made due, maybe a commit."""
+        captured = self._forward(batch)
+        with self.tm.timing("backpressure"):
+            if self.stored:
+                self.drain.put(captured, batch)
+        self.step += 1
+        self.prompts += len(batch.prompts)
+        self.tokens += int(batch.valid.sum())
+        if self.sae is not None:
+            with self.tm.timing("sae"):
+                self.ring = self.sae.train(self.ring, self.step)
+        if self.kill_at == self.step:
+            _die_for_test(self.step)
+        if self.commit_every and self.step % self.commit_every == 0:
+            self.commit()
+        self._report()
+
+    def _forward(self, batch: PackedBatch) -> dict[str, jax.Array]:
+        """Dispatches the jitted step on `batch` and returns the stored sites' arrays (for the drain).
+
+        Only the previous step is waited for, so the host assembles this batch while the device runs
+        that one; the wait counts as forward time.
+        """
+        sae_mask = batch.valid & (batch.positions > 0) if self.config.sae.exclude_first_token else batch.valid
+        with self.tm.timing("forward"):
+            args = [global_batch(a, self.batch_sharding) for a in (batch.tokens, batch.segment_ids, batch.positions,
+                                                                    sae_mask)]
+            slot = jnp.int32(self.step % self.n_slots)
+            if self.prev is not None:
+                jax.block_until_ready(self.prev)  # step s-1 done: its time counts as forward, as before
+            self.ring, captured = self.step_fn(self.mstate, self.ring, slot, *args)
+            self.prev = captured if captured else (self.ring.valid if self.ring is not None else None)
+        return captured
+
+    def _report(self) -> None:
+        """The progress bar's status; where no bar is drawn (logs), a heartbeat line every 30 s on process 0."""
+        status = (f"prompts {self.prompts}, {self.tokens / max(time.perf_counter() - self.start, 1e-9):,.0f} "
+                  f"tok/s, durable rows {self.store.writer.durable_rows}, drain {self.drain.in_flight}/"
+                  f"{max(1, self.n_slots - 1)}")
+        self.bar.set_postfix_str(status, refresh=False)
+        self.bar.update(1)
+        if self.bar.disable and self.pidx == 0 and time.perf_counter() - self.last_line > 30:
+            logging.info("step %d: %s", self.step, status)  # a heartbeat in logs, where no bar is drawn
+            self.last_line = time.perf_counter()
+
+    def commit(self) -> None:
+        """Commits step `self.step`: steps 1-5 of the module docstring, in that order."""
+        step, writer, skiplog, pipeline = self.step, self.store.writer, self.store.skiplog, self.pipeline
+        with self.tm.timing("commit"):
+            self.drain.join()
+            extra = {"pipeline": pipeline.get_state()}
+            # skipped.jsonl names every skip the committed pipeline state has passed (written first, so the
+            # commit never counts a line that is not on disk).
+            done = Pipeline.skips_in_state(extra["pipeline"])
+            extra["skipped_lines"] = skiplog.append(pipeline.skipped_between(self.store.skip_from + skiplog.lines,
+                                                                             done))
+            extra["skipped_from"] = self.store.skip_from
+            if self.sae is not None:
+                # Every use the ring still owes is drawn before the SAEs are saved: the commit's SAE state is then
+                # a function of the committed batches alone, so a run resumed from it (with an empty ring) trains
+                # exactly as an uninterrupted one (tests/stream/test_run.py compares their weights).
+                with self.tm.timing("sae"):
+                    self.ring = self.sae.train(self.ring, step, drain=True)
+                extra["sae_step"] = self.sae.save()
+            writer.commit(step, extra=extra)
+            barrier(f"commit_{step}")
+            if self.pidx == 0 and self.pcount > 1:
+                manifest = write_manifest(str(self.config.output_dir), self.pcount)
+                merge_skipped(str(self.config.output_dir), [int(p.extra.get("skipped_lines", 0))
+                                                            for p in manifest.processes])
+            barrier(f"manifest_{step}")
 
 
 def _why_no_predictions(config: ml_collections.ConfigDict, pcount: int) -> str:
@@ -587,8 +686,6 @@ def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tok
     Covers the first `predict_options.max_tasks` tasks (0 = no bound), and never more than about the
     ones the run captured (`max_prompts / n_augmentations`) when `max_prompts` bounds the run.
     """
-    from arcstream.predict import predict_config_from_run, run_predictions
-
     pc = predict_config_from_run(config, model_path)  # output_dir/predictions, a local path or a URL alike
     if int(config.max_prompts):  # about the tasks the run captured, and no more than predict_options.max_tasks
         captured = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
@@ -607,11 +704,20 @@ def _why_no_analysis(config: ml_collections.ConfigDict, pcount: int, exports: li
     return ""
 
 
+def _maybe_analyze(config: ml_collections.ConfigDict, model_path: str, pcount: int,
+                   exports: list[str]) -> tuple[Any, str]:
+    """`analyze=True`: (the analysis, "") when it can run here, else (None, why not); (None, "") when not asked."""
+    if not config.get("analyze"):
+        return None, ""
+    why = _why_no_analysis(config, pcount, exports)
+    if why:
+        logging.warning("--config.analyze=True: analysis skipped: %s", why)
+        return None, why
+    return _analyze(config, model_path), ""
+
+
 def _analyze(config: ml_collections.ConfigDict, model_path: str) -> Any:
     """`analyze=True`: arcstream.analyze on this run (dashboard/index.html, report.md), its SAEs, its model."""
-    from arcstream.analysis import analyze
-    from arcstream.analysis.config import default_analyze_config
-
     ac = default_analyze_config()
     ac.update(json.loads(config.analyze_options.to_json()))
     ac.run_dir = str(config.output_dir)
@@ -649,11 +755,6 @@ class _OnlineSAE:
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
                  resume_sae_step: int | None):
-        from arcstream.sae import SAECheckpointer, SAEOptions, make_train_step
-        from arcstream.sae.pretrained import load_pretrained, parse_init_from
-        from arcstream.io import JsonlLog
-        from arcstream.io import join_location
-
         self.config = config
         self.mesh = mesh
         self.opts = opts = SAEOptions.from_config(config.sae)
@@ -690,9 +791,6 @@ class _OnlineSAE:
         capture and see each token `sae.passes` times (arcstream/stream/ring.py). Training
         starts with the first batch.
         """
-        from arcstream.sae import init_train_state
-        from arcstream.sae.pretrained import apply_pretrained
-
         due, left, new = (int(v) for v in jax.device_get(due_uses(ring)))
         if not drain:
             self.captured += new
@@ -748,9 +846,6 @@ class _OnlineSAE:
         return self.steps
 
     def finish(self, output_dir: str, model_name: str) -> tuple[list[str], dict[str, dict[str, float]]]:
-        from arcstream.sae import export_all
-        from arcstream.io import join_location
-
         exports = []
         if self.state is not None and jax.process_index() == 0:
             self.metrics.flush()
@@ -765,8 +860,6 @@ def _sae_checkpoint_dir(config: ml_collections.ConfigDict) -> str:
 
     Raises when that is a URL Orbax cannot write (e.g. memory://), naming the flag to set.
     """
-    from arcstream.io import checkpoint_dir
-
     return checkpoint_dir(str(config.sae.get("checkpoint_dir", "") or ""), str(config.output_dir), "saes",
                           "checkpoints", flag="--config.sae.checkpoint_dir", output_flag="--config.output_dir",
                           hint=" (or --config.sae.enabled=False)")

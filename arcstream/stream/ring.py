@@ -28,7 +28,8 @@ committed batches alone, and a resumed run (whose ring starts empty) trains
 exactly as an uninterrupted one. A draw that finds fewer uses left than it needs (the last, partial
 batch; a data shard with fewer tokens than the others) takes the tokens
 still owed again, counted in `reused`; uses a slot still owed when it was overwritten are
-counted in `lost` (zero unless shards are unbalanced).
+counted in `lost` (zero unless shards are unbalanced, or the trainer stops drawing, as the
+online SAEs do at `sae.total_steps`).
 
 Why a ring rather than just the last batch: consecutive tokens of one prompt
 are strongly correlated; an SAE batch drawn from S batches of packed prompts
@@ -165,10 +166,13 @@ def make_sampler(mesh: jax.sharding.Mesh, n_rows: int, passes: int = 1
     Each data shard draws `n_rows / n_data` rows of its own slice of the ring:
     the uses with the smallest keys (module docstring), without replacement;
     every site at the same rows. The ring is donated and comes back with those
-    uses spent. A shard with fewer uses left than it draws takes tokens again
-    (counted in `ring.reused`), cyclically if it holds fewer valid tokens than
-    it draws; one with no valid row at all (only padding in every filled slot)
-    returns padding rows, counted there too.
+    uses spent. A shard with fewer uses left than it draws takes the tokens it
+    still owes again, cyclically; one that owes none takes its used tokens again
+    (cyclically if it holds fewer valid tokens than it draws). One with no valid
+    row at all (an empty ring, or only padding in every filled slot) still
+    returns its full `n_rows / n_data` rows, never fewer: one padding row (the
+    first token of its rows in slot 0: zeros if that slot was never written)
+    repeated. Every row drawn again or of padding is counted in `ring.reused`.
     """
     n_data = mesh.shape[DATA_AXIS]
     if n_rows % n_data:
@@ -185,7 +189,7 @@ def make_sampler(mesh: jax.sharding.Mesh, n_rows: int, passes: int = 1
         _, idx = jax.lax.top_k(-score, per_shard)  # ascending score: uses left, then used tokens, then padding
         # Fewer uses left than the draw: those tokens again, cyclically, so that a draw depends only on the
         # uses owed (a resumed run's ring, empty at the commit, draws the same); a shard that owes none takes
-        # used tokens again, and returns padding only if it has no valid row at all.
+        # used tokens again, and returns padding (one padding row, per_shard times) only if it has no valid row.
         n_owed, n_valid = jnp.sum(left > 0), jnp.sum(v)
         n_ok = jnp.minimum(jnp.where(n_owed > 0, n_owed, n_valid), per_shard)
         j = jnp.arange(per_shard)
@@ -262,6 +266,10 @@ class DrainQueue:
             raise ValueError(f"max_in_flight={max_in_flight}: must be >= 1")
         self._sink = sink
         self._q: queue.Queue = queue.Queue(maxsize=max_in_flight)
+        # Batches handed to `put` and not yet through the sink (or discarded), kept here rather than read from
+        # the queue's internals; `_done` is notified at each change and when the drain fails.
+        self._unwritten = 0
+        self._done = threading.Condition()
         self._error: BaseException | None = None
         self._abort = threading.Event()  # the producer failed: drop what is queued
         self._join_timeout_s = join_timeout_s
@@ -287,26 +295,31 @@ class DrainQueue:
         for a in arrays.values():
             a.copy_to_host_async()
         item = (dict(arrays), meta)
+        with self._done:
+            self._unwritten += 1  # counted before the drain thread can see it, so the count never goes below 0
         try:
             self._q.put_nowait(item)
         except queue.Full:
             t0 = time.perf_counter()
             self.stats.backpressure_waits += 1
-            while True:
-                self._raise_if_failed()
-                self._check_thread()
-                try:
-                    self._q.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+            try:
+                while True:
+                    self._raise_if_failed()
+                    self._check_thread()
+                    try:
+                        self._q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+            except BaseException:
+                self._mark_done()  # never queued
+                raise
             self.stats.backpressure_seconds += time.perf_counter() - t0
 
     def _run(self) -> None:
         while True:
             item = self._q.get()
             if item is None:
-                self._q.task_done()
                 return
             arrays, meta = item
             try:
@@ -327,11 +340,16 @@ class DrainQueue:
                            "after it was written)")
                 self._error = e
             finally:
-                self._q.task_done()
+                self._mark_done()
+
+    def _mark_done(self) -> None:
+        with self._done:
+            self._unwritten -= 1
+            self._done.notify_all()
 
     def _check_thread(self) -> None:
-        if not self._thread.is_alive() and self._q.unfinished_tasks:
-            raise RuntimeError(f"the drain thread is gone with {self._q.unfinished_tasks} batches unwritten")
+        if not self._thread.is_alive() and self._unwritten > 0:
+            raise RuntimeError(f"the drain thread is gone with {self._unwritten} batches unwritten")
 
     @property
     def in_flight(self) -> int:
@@ -339,10 +357,13 @@ class DrainQueue:
 
     def join(self) -> None:
         """Waits until every queued batch went through the sink; raises the drain's first failure."""
-        while self._q.unfinished_tasks:
-            self._raise_if_failed()
-            self._check_thread()
-            time.sleep(0.005)
+        with self._done:
+            while self._unwritten > 0:
+                self._raise_if_failed()
+                self._check_thread()
+                # Woken at each batch written and at a failure; the timeout only bounds how late a drain
+                # thread that died outside its try block is noticed.
+                self._done.wait(timeout=0.1)
         self._raise_if_failed()
 
     def close(self, exc: BaseException | None = None) -> None:
@@ -363,15 +384,14 @@ class DrainQueue:
         if exc is not None:
             self._abort.set()
         problem = None
-        sentinel = 1
         try:
             self._q.put(None, timeout=self._join_timeout_s)
         except queue.Full:
-            sentinel = 0
+            pass  # the thread is stuck: reported below
         self._thread.join(timeout=self._join_timeout_s)
         if self._thread.is_alive():
             problem = (f"did not stop within {self._join_timeout_s:g} s (stuck in the sink, e.g. a hung disk or "
-                       f"network write) with {self._q.unfinished_tasks - sentinel} batches unwritten")
+                       f"network write) with {self._unwritten} batches unwritten")
         if exc is not None:
             if self._error is not None and self._error is not exc:
                 exc.add_note(f"the activation drain had failed too: {type(self._error).__name__}: {self._error}")

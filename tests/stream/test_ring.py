@@ -118,6 +118,22 @@ def test_unbalanced_shards_reuse_rather_than_return_padding():
     assert int(ring.reused) == 3
 
 
+def test_a_shard_with_no_valid_row_returns_a_full_draw_of_one_padding_row():
+    """Not zero rows: the draw keeps its shape, every row of the empty shard counted in `reused`."""
+    mesh = _mesh(2, 1)
+    B, T, D, S = 4, 8, 2, 2
+    ring = init_ring(RingSpec({"a": D}, n_slots=S, batch_rows=B, seq_len=T, dtype="float32"), mesh)
+    x = _batch(0, B, T, D) + 1  # no activation is 0: a zero row is one of a slot never written
+    valid = np.zeros((B, T), bool)
+    valid[:2] = True  # shard 1 (rows 2-3) is all padding
+    ring = jax.jit(ring_put, donate_argnums=0)(ring, jnp.int32(1), {"a": jnp.asarray(x)}, jnp.asarray(valid))
+    out, ring = make_sampler(mesh, n_rows=8)(ring)
+    ids = np.asarray(out["a"])[:, 0]
+    assert ids.shape == (8,) and set(ids[:4].tolist()) <= set(x[..., 0][valid].tolist())
+    assert ids[4:].tolist() == [0.0] * 4  # slot 0 of shard 1, never written, four times
+    assert int(ring.reused) == 4
+
+
 def test_slot_write_overwrites_only_its_slot():
     mesh = _mesh(2, 1)
     spec = RingSpec({"a": 2}, n_slots=2, batch_rows=2, seq_len=3, dtype="bfloat16")
