@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from arcstream.data.records import GRID_KIND_NAMES
+from arcstream.sae.architectures import fvu_and_explained_variance
 
 # Fixed log10 bins of non-zero activations: 1e-4 .. 1e4, 4 bins per decade (values outside are clipped in).
 ACT_LOG10_EDGES = np.linspace(-4.0, 4.0, 33)
@@ -312,7 +313,8 @@ class EvalAccumulator:
     Definitions (all over the rows seen, in float64):
       L0 = mean over rows of the number of latents > 0;
       FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mean(x) the per-dimension mean over the rows;
-      explained variance = 1 - FVU.
+      explained variance = 1 - FVU (`arcstream.sae.architectures.fvu_and_explained_variance`, the one
+      definition: the trainer's batch metric and this held-out one are the same quantity).
     The denominator is accumulated as sum x^2 - (sum x)^2 / n per dimension, so one pass suffices.
     """
 
@@ -338,6 +340,6 @@ class EvalAccumulator:
             return {"rows": 0, "l0": float("nan"), "fvu": float("nan"), "explained_variance": float("nan"),
                     "mse": float("nan")}
         total = float((self.x_sq_d - self.x_sum_d ** 2 / self.rows).sum())
-        fvu = self.err_sq / total if total > 0 else float("nan")
-        return {"rows": self.rows, "l0": self.l0_sum / self.rows, "fvu": fvu, "explained_variance": 1.0 - fvu,
+        fvu, ev = fvu_and_explained_variance(self.err_sq, total) if total > 0 else (float("nan"), float("nan"))
+        return {"rows": self.rows, "l0": self.l0_sum / self.rows, "fvu": fvu, "explained_variance": ev,
                 "mse": self.err_sq / (self.rows * self.d_in)}

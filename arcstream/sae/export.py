@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from arcstream.sae.architectures import Buffers, Params, SAEConfig, get_architecture
+from arcstream.sae.architectures import decode as decode_scaled
 from arcstream.io import RunLocation, is_url
 
 CFG_FILE = "cfg.json"
@@ -215,12 +217,80 @@ def decode(params: Params, acts_bs, buffers: Buffers | None = None):
     normalisation needs the input to map back: use `reconstruct`."""
     buffers = buffers or {}
     scale = buffers.get("target_scale", buffers.get("scale", 1.0))
-    return (jnp.asarray(acts_bs) @ params["w_dec_sd"] + params["b_dec_d"]) / scale
+    return decode_scaled(params, jnp.asarray(acts_bs)) / scale
 
 
 _LOADABLE = ("standard", "topk", "jumprelu", "jumprelu_transcoder")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 CIRCUIT_TRACER_CONFIG = "config.yaml"
+
+
+@dataclass(frozen=True)
+class _TracerLayer:
+    """One transcoder folder read for circuit-tracer: its layer, hooks (without `blocks.L.`), width, weights."""
+
+    layer: int
+    hook_in: str
+    hook_out: str
+    d_sae: int
+    model_name: str | None
+    architecture: str
+    weights: dict[str, np.ndarray]  # SAELens's tensors as stored
+
+
+def _read_tracer_layer(folder: str | Path) -> _TracerLayer:
+    """A SAELens transcoder folder as circuit-tracer's layer tensors, refusing what circuit-tracer cannot load."""
+    location = RunLocation(folder)
+    raw_cfg, raw_w = location.read_bytes(CFG_FILE), location.read_bytes(WEIGHTS_FILE)
+    if raw_cfg is None or raw_w is None:
+        raise FileNotFoundError(f"export_circuit_tracer: {folder} lacks {CFG_FILE} or {WEIGHTS_FILE}")
+    cfg_json, w = json.loads(raw_cfg), load_safetensors(raw_w)
+    arch = cfg_json.get("architecture")
+    if arch not in ("jumprelu_transcoder", "transcoder"):
+        raise ValueError(f"export_circuit_tracer: {folder} has architecture={arch!r}; expected a transcoder "
+                         "(jumprelu_transcoder or transcoder: train sae.architecture=batchtopk_transcoder)")
+    meta = cfg_json.get("metadata") or {}
+    m_in, m_out = _HOOK_RE.match(str(meta.get("hook_name") or "")), _HOOK_RE.match(str(meta.get("hook_name_out")
+                                                                                         or ""))
+    if not m_in or not m_out or m_in.group(1) != m_out.group(1):
+        raise ValueError(f"export_circuit_tracer: {folder} has hook_name={meta.get('hook_name')!r}, "
+                         f"hook_name_out={meta.get('hook_name_out')!r}; circuit-tracer needs blocks.L.X -> "
+                         "blocks.L.Y of one layer L")
+    d_in, d_out = int(cfg_json["d_in"]), int(cfg_json.get("d_out", cfg_json["d_in"]))
+    if d_in != d_out:
+        raise ValueError(f"export_circuit_tracer: {folder} maps d_in={d_in} to d_out={d_out}; circuit-tracer's "
+                         "per-layer transcoders have one width d_model for both")
+    if cfg_json.get("normalize_activations", "none") not in ("none", None):
+        raise ValueError(f"export_circuit_tracer: {folder} has normalize_activations="
+                         f"{cfg_json['normalize_activations']!r}; circuit-tracer applies none")
+    return _TracerLayer(int(m_in.group(1)), m_in.group(2), m_out.group(2), int(cfg_json["d_sae"]),
+                        meta.get("model_name"), arch, w)
+
+
+def _tracer_tensors(t: _TracerLayer) -> dict[str, np.ndarray]:
+    """circuit-tracer's names and layout of one layer: W_enc transposed, JumpReLU's threshold renamed."""
+    w = t.weights
+    tensors = {"W_enc": np.ascontiguousarray(w["W_enc"].T), "W_dec": w["W_dec"], "b_enc": w["b_enc"],
+               "b_dec": w["b_dec"]}
+    if t.architecture == "jumprelu_transcoder":
+        tensors["activation_function.threshold"] = w["threshold"]
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _check_tracer_set(layers: dict[int, _TracerLayer]) -> None:
+    """circuit-tracer's replacement model swaps every MLP: a transcoder for every layer 0..max, one hook pair
+    and one d_sae."""
+    if not layers:
+        raise ValueError("export_circuit_tracer: no transcoder folders given")
+    if sorted(layers) != list(range(max(layers) + 1)):
+        missing = sorted(set(range(max(layers) + 1)) - set(layers))
+        raise ValueError(f"export_circuit_tracer: layers {sorted(layers)} leave out {missing}; circuit-tracer needs a "
+                         "transcoder for every layer from 0 to the last")
+    hooks_in, hooks_out = {t.hook_in for t in layers.values()}, {t.hook_out for t in layers.values()}
+    widths = {t.d_sae for t in layers.values()}
+    if len(hooks_in) > 1 or len(hooks_out) > 1 or len(widths) > 1:
+        raise ValueError(f"export_circuit_tracer: the layers differ in input hooks {sorted(hooks_in)}, output hooks "
+                         f"{sorted(hooks_out)} or d_sae {sorted(widths)}; circuit-tracer needs one of each")
 
 
 def export_circuit_tracer(
@@ -241,58 +311,21 @@ def export_circuit_tracer(
     Local folder: load with `circuit_tracer.transcoder.single_layer_transcoder.load_transcoder_set`
     ({L: path}); uploaded to the hub: `ReplacementModel.from_pretrained(model_name, "user/repo")`.
     """
-    layers: dict[int, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
-    hooks_in, hooks_out, widths = set(), set(), set()
+    layers: dict[int, _TracerLayer] = {}
+    tensors: dict[int, dict[str, np.ndarray]] = {}
     for folder in folders:
-        location = RunLocation(folder)
-        raw_cfg, raw_w = location.read_bytes(CFG_FILE), location.read_bytes(WEIGHTS_FILE)
-        if raw_cfg is None or raw_w is None:
-            raise FileNotFoundError(f"export_circuit_tracer: {folder} lacks {CFG_FILE} or {WEIGHTS_FILE}")
-        cfg_json, w = json.loads(raw_cfg), load_safetensors(raw_w)
-        arch = cfg_json.get("architecture")
-        if arch not in ("jumprelu_transcoder", "transcoder"):
-            raise ValueError(f"export_circuit_tracer: {folder} has architecture={arch!r}; expected a transcoder "
-                             "(jumprelu_transcoder or transcoder: train sae.architecture=batchtopk_transcoder)")
-        meta = cfg_json.get("metadata") or {}
-        m_in, m_out = _HOOK_RE.match(str(meta.get("hook_name") or "")), _HOOK_RE.match(str(meta.get("hook_name_out")
-                                                                                             or ""))
-        if not m_in or not m_out or m_in.group(1) != m_out.group(1):
-            raise ValueError(f"export_circuit_tracer: {folder} has hook_name={meta.get('hook_name')!r}, "
-                             f"hook_name_out={meta.get('hook_name_out')!r}; circuit-tracer needs blocks.L.X -> "
-                             "blocks.L.Y of one layer L")
-        d_in, d_out = int(cfg_json["d_in"]), int(cfg_json.get("d_out", cfg_json["d_in"]))
-        if d_in != d_out:
-            raise ValueError(f"export_circuit_tracer: {folder} maps d_in={d_in} to d_out={d_out}; circuit-tracer's "
-                             "per-layer transcoders have one width d_model for both")
-        if cfg_json.get("normalize_activations", "none") not in ("none", None):
-            raise ValueError(f"export_circuit_tracer: {folder} has normalize_activations="
-                             f"{cfg_json['normalize_activations']!r}; circuit-tracer applies none")
-        layer = int(m_in.group(1))
-        if layer in layers:
-            raise ValueError(f"export_circuit_tracer: two transcoders for layer {layer} ({folder})")
-        tensors = {"W_enc": np.ascontiguousarray(w["W_enc"].T), "W_dec": w["W_dec"], "b_enc": w["b_enc"],
-                   "b_dec": w["b_dec"]}
-        if arch == "jumprelu_transcoder":
-            tensors["activation_function.threshold"] = w["threshold"]
-        layers[layer] = (cfg_json, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()})
-        hooks_in.add(m_in.group(2))
-        hooks_out.add(m_out.group(2))
-        widths.add(int(cfg_json["d_sae"]))
-        model_name = model_name or meta.get("model_name")
-    if not layers:
-        raise ValueError("export_circuit_tracer: no transcoder folders given")
-    if sorted(layers) != list(range(max(layers) + 1)):
-        missing = sorted(set(range(max(layers) + 1)) - set(layers))
-        raise ValueError(f"export_circuit_tracer: layers {sorted(layers)} leave out {missing}; circuit-tracer needs a "
-                         "transcoder for every layer from 0 to the last")
-    if len(hooks_in) > 1 or len(hooks_out) > 1 or len(widths) > 1:
-        raise ValueError(f"export_circuit_tracer: the layers differ in input hooks {sorted(hooks_in)}, output hooks "
-                         f"{sorted(hooks_out)} or d_sae {sorted(widths)}; circuit-tracer needs one of each")
+        t = _read_tracer_layer(folder)
+        if t.layer in layers:
+            raise ValueError(f"export_circuit_tracer: two transcoders for layer {t.layer} ({folder})")
+        layers[t.layer], tensors[t.layer] = t, _tracer_tensors(t)
+        model_name = model_name or t.model_name
+    _check_tracer_set(layers)
     location = RunLocation(out_dir)
-    for layer, (_, tensors) in sorted(layers.items()):
-        location.write_bytes_atomic(f"layer_{layer}.safetensors", save_safetensors(tensors))
+    for layer in sorted(layers):
+        location.write_bytes_atomic(f"layer_{layer}.safetensors", save_safetensors(tensors[layer]))
+    first = layers[0]
     fields = {"model_kind": "transcoder_set", "model_name": model_name or "",
-              "feature_input_hook": hooks_in.pop(), "feature_output_hook": hooks_out.pop()}
+              "feature_input_hook": first.hook_in, "feature_output_hook": first.hook_out}
     if scan:
         fields["scan"] = scan
     # JSON-quoted scalars are valid YAML (no YAML library needed to write it).

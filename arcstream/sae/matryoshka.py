@@ -32,8 +32,11 @@ Difference from SAELens: its TopK-family configs default to
 `rescale_acts_by_decoder_norm=True`; arcstream keeps decoder rows at unit norm
 after every step (as for topk/batchtopk), where that rescaling is the identity.
 
-The same loss with a separate target (`target_bd`) and one level is the
-BatchTopK transcoder (transcoder.py).
+Here only the encoding (the activations as one dense block per level, so the base's
+decode reports every prefix's reconstruction) and the terms past `mse_loss`; the MSE,
+the sum, the metrics and the firing counts are the base's (architectures/base.py).
+The same architecture with a separate target and one level is the BatchTopK
+transcoder (transcoder.py).
 """
 
 from __future__ import annotations
@@ -41,44 +44,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from arcstream.sae.architectures import (
-    Architecture,
-    HParams,
-    Params,
-    SAEConfig,
-    StepOutput,
-    _init_common,
-    _mse,
-    preacts,
-    reconstruction_metrics,
-    register_architecture,
-    unit_norm_decoder,
-)
+from arcstream.sae.architectures.base import (Architecture, AuxTerms, Encoding, Latents, SAEConfig, check_k,
+                                              init_params, mse, preacts, register_architecture, unit_norm_decoder)
+from arcstream.sae.architectures.batchtopk import (batch_topk, ema_threshold, threshold_buffers, threshold_encode,
+                                                   threshold_export)
 
 
-def batch_topk(pre_bs: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
-    """ReLU, then keep the k*B largest activations of the whole batch (k per token on average).
-
-    `k_max` is static (the sweep's largest k); `k` may be traced (a sweep member's k <= k_max).
-    Exact: one top-k over the flattened batch, the same selection as SAELens's `BatchTopK`.
-    """
-    acts_bs = jax.nn.relu(pre_bs)
-    b = pre_bs.shape[0]
-    top_n = jax.lax.top_k(jax.lax.stop_gradient(acts_bs).reshape(-1), k_max * b)[0]
-    kth = top_n[k * b - 1]
-    return jnp.where((acts_bs >= kth) & (acts_bs > 0), acts_bs, 0.0)
-
-
-def prefix_decodes(params: Params, acts_bs: jax.Array, widths: tuple[int, ...]) -> list[jax.Array]:
-    """[b_dec + acts[:, :w] @ W_dec[:w] for w in widths]: each level adds its slice to the previous sum,
-    so all n reconstructions cost one dense decode."""
-    out, prev = [], 0
-    recon_bd = jnp.broadcast_to(params["b_dec_d"], (acts_bs.shape[0], params["b_dec_d"].shape[0]))
-    for w in widths:
-        recon_bd = recon_bd + acts_bs[:, prev:w] @ params["w_dec_sd"][prev:w]
-        out.append(recon_bd)
-        prev = w
-    return out
+def levels(cfg: SAEConfig) -> tuple[int, ...]:
+    """The nested prefix widths, ending at d_sae; `(d_sae,)` (plain BatchTopK) when none are set."""
+    return cfg.matryoshka_widths or (cfg.d_sae,)
 
 
 def level_auxk(
@@ -102,74 +76,43 @@ def level_auxk(
     acts_bl = jnp.zeros_like(pre_bl).at[rows_b1, idx_bk].set(vals_bk)
     recons_bd = acts_bl @ w_dec_sd[lo:hi]
     scale = jnp.minimum(dead_l.sum() / k_aux, 1.0)
-    return scale * _mse(residual_bd, recons_bd)
+    return scale * mse(residual_bd, recons_bd)
 
 
-def nested_batchtopk_loss(
-    params: Params,
-    buffers: dict[str, jax.Array],
-    x_bd: jax.Array,
-    y_bd: jax.Array,
-    cfg: SAEConfig,
-    hp: HParams,
-    dead_s: jax.Array | None,
-    widths: tuple[int, ...],
-    per_level_aux: bool,
-) -> tuple[jax.Array, StepOutput]:
-    """The Matryoshka BatchTopK loss (module docstring) of reconstructing `y_bd` from `x_bd`'s latents.
-
-    `y_bd is x_bd` for an SAE; a transcoder passes its target. `widths` ends at d_sae;
-    `(d_sae,)` is plain BatchTopK. `dead_s` None: nothing is dead, AuxK is skipped.
-    """
+def nested_encode(params, buffers, x_bd, cfg, hp) -> Encoding:
+    """BatchTopK over all d_sae latents (the prefixes do not re-select), one dense block per level:
+    the base then decodes the prefixes with one dense decode in all, x_hat_j = x_hat_{j-1} + level j."""
+    del buffers
     pre_bs = preacts(params, x_bd, cfg)
     acts_bs = batch_topk(pre_bs, cfg.k, hp["k"])
-    partials = prefix_decodes(params, acts_bs, widths)
-    y_hat_bd = partials[-1]
-    mse = _mse(y_bd, y_hat_bd)
-    losses = {"mse_loss": mse}
-    for w, part_bd in zip(widths[:-1], partials[:-1]):
-        losses[f"inner_mse_loss_{w}"] = _mse(y_bd, part_bd)
+    widths = levels(cfg)
+    blocks = tuple(Latents(acts_bs[:, lo:hi], start=lo) for lo, hi in zip((0,) + widths[:-1], widths))
+    return Encoding(blocks, pre_bs, acts_bs)
+
+
+def nested_aux_loss(params, buffers, enc, step, cfg) -> AuxTerms:
+    """The inner levels' MSEs, AuxK (per level or on the full residual) and the threshold's EMA
+    (module docstring). `step.partials` are the levels' reconstructions; `step.dead_s` None:
+    nothing is dead, AuxK is skipped."""
+    widths, y_bd, partials = levels(cfg), step.target_bd, step.partials
+    losses = {f"inner_mse_loss_{w}": mse(y_bd, part_bd) for w, part_bd in zip(widths[:-1], partials[:-1])}
     k_aux = max(1, cfg.d_target // 2)  # SAELens: sae_in.shape[-1] // 2 (the reconstructed width)
-    if dead_s is None:
+    if step.dead_s is None:
         aux = jnp.zeros((), y_bd.dtype)
-    elif per_level_aux:
+    elif cfg.use_matryoshka_aux_loss:
         aux, lo = jnp.zeros((), y_bd.dtype), 0
         for w, part_bd in zip(widths, partials):
-            aux = aux + level_auxk(params["w_dec_sd"], jax.lax.stop_gradient(y_bd - part_bd), pre_bs, dead_s, lo, w,
-                                   k_aux)
+            aux = aux + level_auxk(params["w_dec_sd"], jax.lax.stop_gradient(y_bd - part_bd), enc.pre_bs, step.dead_s,
+                                   lo, w, k_aux)
             lo = w
-        aux = hp["aux_coefficient"] * aux
+        aux = step.hp["aux_coefficient"] * aux
     else:
-        aux = hp["aux_coefficient"] * level_auxk(params["w_dec_sd"], jax.lax.stop_gradient(y_bd - y_hat_bd), pre_bs,
-                                                 dead_s, 0, cfg.d_sae, k_aux)
+        aux = step.hp["aux_coefficient"] * level_auxk(params["w_dec_sd"], jax.lax.stop_gradient(y_bd - step.recon_bd),
+                                                      enc.pre_bs, step.dead_s, 0, cfg.d_sae, k_aux)
     losses["auxiliary_reconstruction_loss"] = aux
-    fired_bs = acts_bs > 0
-    # SAELens: threshold <- (1 - lr) threshold + lr * (smallest positive kept activation), if any fired.
-    min_pos = jnp.min(jnp.where(fired_bs, jax.lax.stop_gradient(acts_bs), jnp.inf))
-    lr = hp["topk_threshold_lr"]
-    threshold = jnp.where(jnp.isfinite(min_pos), (1 - lr) * buffers["threshold"] + lr * min_pos,
-                          buffers["threshold"])
-    metrics = {**reconstruction_metrics(y_bd, y_hat_bd, fired_bs.sum(-1).mean()), "topk_threshold": threshold}
-    out = StepOutput(loss=sum(losses.values()), losses=losses, metrics=metrics, fired_s=fired_bs.sum(0),
-                     buffers={"threshold": threshold})
-    return out.loss, out
-
-
-def threshold_encode(params: Params, buffers, x_bd: jax.Array, cfg: SAEConfig, hp: HParams) -> jax.Array:
-    """Inference: JumpReLU with the learned global threshold (ReLU, then gate; SAELens's JumpReLU)."""
-    del hp
-    pre_bs = preacts(params, x_bd, cfg)
-    return jax.nn.relu(pre_bs) * (pre_bs > buffers["threshold"])
-
-
-def threshold_buffers(cfg: SAEConfig) -> dict[str, jax.Array]:
-    del cfg
-    return {"threshold": jnp.zeros((), jnp.float32)}
-
-
-def check_k(cfg: SAEConfig) -> None:
-    if not 0 < cfg.k <= cfg.d_sae:
-        raise ValueError(f"SAEConfig.k={cfg.k} must be in [1, d_sae={cfg.d_sae}] for {cfg.architecture}")
+    min_pos = jnp.min(jnp.where(enc.acts_bs > 0, jax.lax.stop_gradient(enc.acts_bs), jnp.inf))
+    threshold = ema_threshold(buffers["threshold"], min_pos, step.hp["topk_threshold_lr"])
+    return AuxTerms(losses, metrics={"topk_threshold": threshold}, buffers={"threshold": threshold})
 
 
 def _validate(cfg: SAEConfig) -> None:
@@ -185,28 +128,13 @@ def _validate(cfg: SAEConfig) -> None:
                          f"last level); {fix}")
 
 
-def _loss(params, buffers, x_bd, cfg, hp, dead_s):
-    return nested_batchtopk_loss(params, buffers, x_bd, x_bd, cfg, hp, dead_s, cfg.matryoshka_widths,
-                                 cfg.use_matryoshka_aux_loss)
-
-
-def threshold_weights(params: Params, buffers, cfg: SAEConfig) -> dict[str, jax.Array]:
-    """SAELens names, scaled space: the global threshold repeated per latent (JumpReLU)."""
-    return {
-        "W_enc": params["w_enc_sd"].T,
-        "b_enc": params["b_enc_s"],
-        "W_dec": params["w_dec_sd"],
-        "b_dec": params["b_dec_d"],
-        "threshold": jnp.full((cfg.d_sae,), buffers["threshold"], jnp.float32),
-    }
-
-
 def _export(params, buffers, cfg, hp):
     del hp
-    return "jumprelu", threshold_weights(params, buffers, cfg), {}
+    return "jumprelu", threshold_export(params, buffers, cfg), {}
 
 
 MATRYOSHKA_BATCHTOPK = register_architecture(
-    Architecture("matryoshka_batchtopk", lambda key, cfg: _init_common(key, cfg), threshold_buffers,
-                 threshold_encode, _loss, unit_norm_decoder, _export, validate=_validate)
+    Architecture(name="matryoshka_batchtopk", init=init_params, init_buffers=threshold_buffers,
+                 encode=threshold_encode, encode_with_hidden_pre=nested_encode, aux_loss=nested_aux_loss,
+                 constrain=unit_norm_decoder, export=_export, validate=_validate)
 )

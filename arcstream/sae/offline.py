@@ -71,6 +71,68 @@ def use_compilation_cache(directory: str) -> str | None:
     return path
 
 
+def _offline_specs(config: Any, opts: SAEOptions, source: ActivationSource) -> dict[str, list[SAEConfig]]:
+    """The specs to train: `config.sites` (default: every stored site), each site's width from the store."""
+    sites = [s.strip() for s in str(config.sites or "").split(",") if s.strip()] or list(source.sites)
+    unknown = [s for s in sites if s not in set(source.sites)]
+    if unknown:
+        raise ValueError(f"--config.sites: {unknown} not in the run's stored sites {list(source.sites)}")
+    d_in = {s: int(source.activations(s).shape[1]) for s in sites}
+    return opts.site_specs(d_in)
+
+
+def _start_state(state: TrainState, ckpt: SAECheckpointer, it, specs, pretrained, init_from: str,
+                 log: Callable[[str], None]) -> tuple[TrainState, int]:
+    """(state, first step): the latest checkpoint if there is one (the iterator restored with it), else the
+    pretrained SAEs of `sae.init_from` if any, else the fresh `state`."""
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state, it)
+        log(f"resumed SAE training from step {int(state.step)} ({ckpt.directory})")
+        return state, int(state.step)
+    if pretrained:
+        state = apply_pretrained(state, specs, pretrained)
+        log(f"SAEs start from {init_from} ({', '.join(pretrained)})")
+    return state, 0
+
+
+def _log_step(metrics_log: JsonlLog, metrics, names: Mapping[str, list[str]], done: int,
+              last: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """One metrics line per member (`last` keeps each member's latest line for the summary)."""
+    host = jax.device_get(metrics)
+    for site, m in host.items():
+        for i, name in enumerate(names[site]):
+            rec = {"job": "train_sae", "step": done, "site": site, "member": name,
+                   **{k: float(np.asarray(v)[i]) for k, v in m.items()}}
+            metrics_log.append(rec)
+            last[(site, name)] = rec
+    if metrics_log.appends:
+        metrics_log.flush()
+
+
+def _checkpointer(config: Any, run_dir: str) -> SAECheckpointer:
+    """Orbax checkpoints in `config.checkpoint_dir`, default `run_dir/saes/checkpoints`."""
+    return SAECheckpointer(checkpoint_dir(str(config.get("checkpoint_dir", "") or ""), run_dir, "saes", "checkpoints",
+                                          flag="--config.checkpoint_dir", output_flag="--config.run_dir"),
+                           flag="--config.checkpoint_dir")
+
+
+def _summary(state: TrainState, specs, names, last, exports, start: int, total_steps: int, batch_size: int,
+             elapsed: float) -> dict[str, Any]:
+    """train_offline's summary dict (`summary_rows` prints it)."""
+    tokens = (total_steps - start) * batch_size
+    return {
+        "total_steps": total_steps,
+        "resumed_from": start,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "exports": [str(p) for p in exports],
+        "final": {f"{k[0]}/{k[1]}": v for k, v in last.items()},
+        # "dead" in the summary: no fire on the window's tokens (the trainer's counter), said with its size
+        "dead": {f"{site}/{name}": {"d_sae": cfg.d_sae, "window_tokens": min(total_steps, cfg.dead_steps) * batch_size}
+                 for site, members in specs.items() for name, cfg in zip(names[site], members)},
+        "state": state,
+    }
+
+
 def train_offline(
     config: Any,
     source: ActivationSource,
@@ -80,12 +142,7 @@ def train_offline(
     """Train SAEs on `source` per `config` (see configs/train_sae.py); returns a summary dict."""
     run_dir = str(config.run_dir)
     opts = SAEOptions.from_config(config.sae)
-    sites = [s.strip() for s in str(config.sites or "").split(",") if s.strip()] or list(source.sites)
-    unknown = [s for s in sites if s not in set(source.sites)]
-    if unknown:
-        raise ValueError(f"--config.sites: {unknown} not in the run's stored sites {list(source.sites)}")
-    d_in = {s: int(source.activations(s).shape[1]) for s in sites}
-    specs = opts.site_specs(d_in)
+    specs = _offline_specs(config, opts, source)
     pretrained = load_pretrained(parse_init_from(opts.init_from), specs)  # checked before any data is read
     sites = batch_sites(specs)  # only what the specs read (a transcoder: its input and target sites)
     batch_size = opts.batch_size
@@ -97,23 +154,12 @@ def train_offline(
     # and read ahead of a short run on the very cores its steps need.
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
     saes_dir = join_location(run_dir, "saes")
-    ckpt = SAECheckpointer(checkpoint_dir(str(config.get("checkpoint_dir", "") or ""), run_dir, "saes", "checkpoints",
-                                           flag="--config.checkpoint_dir", output_flag="--config.run_dir"),
-                           flag="--config.checkpoint_dir")
+    ckpt = _checkpointer(config, run_dir)
     metrics_path = join_location(saes_dir, "metrics.jsonl")
 
     # The init batch is batch 0 read on its own (not from the training iterator), so the
     # training iterator's position depends only on the step (resume-safe).
-    first = ds[0]
-    state = init_train_state(specs, tc, first)
-    start = 0
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, it)
-        start = int(state.step)
-        log(f"resumed SAE training from step {start} ({ckpt.directory})")
-    elif pretrained:
-        state = apply_pretrained(state, specs, pretrained)
-        log(f"SAEs start from {opts.init_from} ({', '.join(pretrained)})")
+    state, start = _start_state(init_train_state(specs, tc, ds[0]), ckpt, it, specs, pretrained, opts.init_from, log)
     # Lines past the restart step were logged by a killed attempt (one killed before its first
     # checkpoint restarts at 0): they are logged again.
     truncate_metrics(metrics_path, start)
@@ -128,15 +174,7 @@ def train_offline(
         state, metrics = step(state, next(it))
         done = s + 1
         if done % log_every == 0 or done == total_steps:
-            host = jax.device_get(metrics)
-            for site, m in host.items():
-                for i, name in enumerate(names[site]):
-                    rec = {"job": "train_sae", "step": done, "site": site, "member": name,
-                           **{k: float(np.asarray(v)[i]) for k, v in m.items()}}
-                    metrics_log.append(rec)
-                    last[(site, name)] = rec
-            if metrics_log.appends:
-                metrics_log.flush()
+            _log_step(metrics_log, metrics, names, done, last)
         stopping = bool(stop_after) and done >= stop_after and done < total_steps
         if (every and done % every == 0) or done == total_steps or stopping:
             metrics_log.flush()
@@ -145,21 +183,10 @@ def train_offline(
             ckpt.close()
             return {"stopped_at": done, "total_steps": total_steps}
     metrics_log.flush()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0  # training only, not the exports
     exports = export_all(state, specs, saes_dir, model_name=config.get("model_name") or None)
     ckpt.close()
-    tokens = (total_steps - start) * batch_size
-    return {
-        "total_steps": total_steps,
-        "resumed_from": start,
-        "tokens_per_s": tokens / max(elapsed, 1e-9),
-        "exports": [str(p) for p in exports],
-        "final": {f"{k[0]}/{k[1]}": v for k, v in last.items()},
-        # "dead" in the summary: no fire on the window's tokens (the trainer's counter), said with its size
-        "dead": {f"{site}/{name}": {"d_sae": cfg.d_sae, "window_tokens": min(total_steps, cfg.dead_steps) * batch_size}
-                 for site, members in specs.items() for name, cfg in zip(names[site], members)},
-        "state": state,
-    }
+    return _summary(state, specs, names, last, exports, start, total_steps, batch_size, elapsed)
 
 
 def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -6,8 +6,8 @@ Two jobs train SAEs: the run job's online trainer (`configs/default.py`, keys of
 with `SAEOptions.from_config` (an unknown key is refused by name, a missing one takes its default).
 
 The per-SAE hyperparameters (k, coefficients, lr, dead_steps, b_dec_init, ...) take their defaults from
-`SAEConfig` (sae/architectures.py, where their meaning lives); the keys below add what a job needs around
-them (width, sweep, schedule, batch). Comments on each field are the documentation of the key.
+`SAEConfig` (sae/architectures/base.py, where their meaning lives); the keys below add what a job needs
+around them (width, sweep, schedule, batch). Comments on each field are the documentation of the key.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ updates the SAEs of every site in a single step:
   round trip, so the online trainer can feed it from the ring buffer.
 
 Optimiser: clip_by_global_norm -> Adam -> (linear warm-up, constant, linear decay
-to 0 over the last `decay_steps`) x the member's lr; then the architecture's
-constraint (unit-norm decoder rows). Dead latents: steps since a latent last
-fired, per member; dead = more than `cfg.dead_steps`.
+to 0 over the last `decay_steps`; optax schedules, `lr_shape`) x the member's lr;
+then the architecture's constraint (unit-norm decoder rows). Dead latents: steps
+since a latent last fired, per member; dead = more than `cfg.dead_steps`.
 """
 
 from __future__ import annotations
@@ -88,16 +88,31 @@ class TrainState:
 
 
 def lr_shape(train_cfg: TrainConfig) -> optax.Schedule:
-    """Multiplier in [0, 1]: warm-up, constant, linear decay to 0 at total_steps."""
+    """Multiplier in [0, 1] of the update count c (updates applied before this one), optax pieces joined:
+
+      c < w:            (c + 1) / w        linear warm-up (the first update already moves, at 1/w)
+      w <= c < t - d:   1
+      t - d <= c < t:   (t - c) / d        linear decay (SAELens's lr_decay_steps)
+      t <= c:           0                  (with a decay)
+
+    w = warmup_steps, d = decay_steps, t = total_steps (w + d <= t, so the pieces never overlap;
+    w <= 1 or d = 0 leave their piece out). Equal to that closed form within float32 rounding
+    (tests/sae/test_train.py checks every step).
+    """
     w, d, t = train_cfg.warmup_steps, train_cfg.decay_steps, train_cfg.total_steps
-
-    def shape(count):
-        c = jnp.asarray(count, jnp.float32)
-        up = jnp.minimum(1.0, (c + 1) / w) if w > 0 else 1.0
-        down = jnp.clip((t - c) / d, 0.0, 1.0) if d > 0 else 1.0
-        return up * down
-
-    return shape
+    pieces, boundaries = [], []
+    if w > 1:  # (c + 1) / w for c = 0 .. w - 1: from 1/w to 1 over w - 1 steps
+        pieces.append(optax.linear_schedule(1.0 / w, 1.0, w - 1))
+        boundaries.append(w)
+    pieces.append(optax.constant_schedule(1.0))
+    if d > 0:
+        pieces.append(optax.linear_schedule(1.0, 0.0, d))
+        boundaries.append(t - d)
+        # Exactly 0 from c = t on: jitted on XLA:CPU the decay's 1 - c / d came out at -1.5e-8 for c >= d
+        # (a reversed update), where the closed form clips to 0.
+        pieces.append(optax.constant_schedule(0.0))
+        boundaries.append(t)
+    return optax.join_schedules(pieces, boundaries) if boundaries else pieces[0]
 
 
 def _optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
@@ -284,6 +299,84 @@ def _over_members(update, args):
     return jax.vmap(update, in_axes=(0, 0, 0, 0, None, None, None))(params, opt_state, buffers, hp, x_nd, y_nd, step)
 
 
+@dataclass(frozen=True)
+class _SpecPlan:
+    """What the step needs of one spec: its static config, stacked hyperparameters, member update, sites."""
+
+    static: SAEConfig
+    hp: HParams
+    update: Callable
+    x_site: str
+    y_site: str | None
+
+
+def _plan(specs: Specs, train_cfg: TrainConfig) -> dict[str, _SpecPlan]:
+    """Each spec's plan, checked once when the step is made (sweep rules, sites)."""
+    tx = _optimizer(train_cfg)
+    plan = {}
+    for site, members in specs.items():
+        static, hp = sweep_config(members)
+        x_site, y_site = spec_sites(site, static)
+        update = _member_update(get_architecture(static.architecture), static, tx, train_cfg)
+        plan[site] = _SpecPlan(static, hp, update, x_site, y_site)
+    return plan
+
+
+def _site_step(p: _SpecPlan, s: SiteState, batches: Mapping[str, jax.Array], step: jax.Array,
+               dead_terms: bool) -> tuple[SiteState, dict[str, jax.Array]]:
+    """One spec's members updated on their batch rows (traced inside the jitted step)."""
+    x_nd = batches[p.x_site].astype(jnp.float32)
+    y_nd = None if p.y_site is None else batches[p.y_site].astype(jnp.float32)
+    # Dead-latent terms (AuxK) cost several times the main step; run them only when
+    # some member has a dead latent. The predicate is outside the vmap, so this is a
+    # real branch (a cond under vmap would compute both sides).
+    any_dead = jnp.any(s.buffers["steps_since_fired_s"] > p.static.dead_steps)
+    branches = [lambda args, flag=flag: _over_members(partial(p.update, any_dead=flag), args) for flag in (False, True)]
+    args = (s.params, s.opt_state, s.buffers, p.hp, x_nd, y_nd, step)
+    if dead_terms:
+        params, opt_state, buffers, m = jax.lax.cond(any_dead, branches[1], branches[0], args)
+    else:  # no latent can be dead yet (see _DeadBound): the dead-latent branch is not compiled
+        params, opt_state, buffers, m = branches[0](args)
+    return SiteState(params=params, opt_state=opt_state, buffers=buffers), m
+
+
+def _check_step_batches(plan: Mapping[str, _SpecPlan], needed: Sequence[str], batches: Mapping[str, jax.Array]):
+    """Clear errors on the host before the jitted step: every site there, widths right, target rows aligned."""
+    missing = set(needed) - set(batches)
+    if missing:
+        raise ValueError(f"train step: no batch for sites {sorted(missing)}; got {sorted(batches)}")
+    for site, p in plan.items():
+        _check_batch(p.x_site, batches[p.x_site], p.static.d_in)
+        if p.y_site is not None:
+            _check_batch(p.y_site, batches[p.y_site], p.static.d_target, "d_out")
+            if batches[p.y_site].shape[0] != batches[p.x_site].shape[0]:
+                raise ValueError(f"train step: spec {site!r} got {batches[p.x_site].shape[0]} rows of {p.x_site!r} "
+                                 f"but {batches[p.y_site].shape[0]} of {p.y_site!r}; rows must be the same tokens")
+
+
+class _DeadBound:
+    """A host-side bound on every steps-since-fired counter of the state a step is given.
+
+    A latent is dead once its counter passes dead_steps, and a counter grows by at most one
+    per step. So the largest counter of a state (read once from a state the step did not
+    return: init, a restore, an edited state) bounds every counter for the steps after it:
+    while that bound is <= dead_steps the step runs a program without the dead-latent terms,
+    and the one with them is compiled only when a run gets that far (measured ~9 s of a cold
+    start on a 2-core CPU; a 40-step run from init never needs it).
+    """
+
+    def __init__(self) -> None:
+        self.step, self.age = None, 0  # the last state.step the step returned, and its largest counter's bound
+
+    def of(self, state: TrainState) -> int:
+        if self.step is not state.step:  # a state from elsewhere: one sync
+            self.age = max(int(jnp.max(s.buffers["steps_since_fired_s"])) for s in state.sites.values())
+        return self.age
+
+    def advance(self, new_state: TrainState, age: int) -> None:
+        self.step, self.age = new_state.step, age + 1
+
+
 def make_train_step(
     specs: Specs, train_cfg: TrainConfig, mesh: Mesh | None = None
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, dict[str, jax.Array]]]]:
@@ -295,33 +388,12 @@ def make_train_step(
     and its target site. The state is donated (updated in place). Metrics are
     device arrays with a leading member axis; convert to floats only when logging.
     """
-    tx = _optimizer(train_cfg)
-    plan = {}
-    for site, members in specs.items():
-        static, hp = sweep_config(members)
-        x_site, y_site = spec_sites(site, static)
-        plan[site] = (static, hp, _member_update(get_architecture(static.architecture), static, tx, train_cfg),
-                      x_site, y_site)
+    plan = _plan(specs, train_cfg)
 
     def step_fn(state: TrainState, batches: Mapping[str, jax.Array], dead_terms: bool = True):
         new_sites, metrics = {}, {}
-        for site, (static, hp, update, x_site, y_site) in plan.items():
-            x_nd = batches[x_site].astype(jnp.float32)
-            y_nd = None if y_site is None else batches[y_site].astype(jnp.float32)
-            s = state.sites[site]
-            # Dead-latent terms (AuxK) cost several times the main step; run them only when
-            # some member has a dead latent. The predicate is outside the vmap, so this is a
-            # real branch (a cond under vmap would compute both sides).
-            any_dead = jnp.any(s.buffers["steps_since_fired_s"] > static.dead_steps)
-            branches = [lambda args, flag=flag, update=update: _over_members(partial(update, any_dead=flag), args)
-                        for flag in (False, True)]
-            args = (s.params, s.opt_state, s.buffers, hp, x_nd, y_nd, state.step)
-            if dead_terms:
-                params, opt_state, buffers, m = jax.lax.cond(any_dead, branches[1], branches[0], args)
-            else:  # no latent can be dead yet (see `step` below): the dead-latent branch is not compiled
-                params, opt_state, buffers, m = branches[0](args)
-            new_sites[site] = SiteState(params=params, opt_state=opt_state, buffers=buffers)
-            metrics[site] = m
+        for site, p in plan.items():
+            new_sites[site], metrics[site] = _site_step(p, state.sites[site], batches, state.step, dead_terms)
         new_state = TrainState(sites=new_sites, step=state.step + 1)
         if mesh is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, state_shardings(new_state, mesh))
@@ -329,35 +401,15 @@ def make_train_step(
 
     jitted = jax.jit(step_fn, donate_argnums=(0,), static_argnames=("dead_terms",))
     needed = batch_sites(specs)
-    # A latent is dead once its steps-since-fired counter passes dead_steps, and a counter grows by
-    # at most one per step. So the largest counter of a state (read once from a state this
-    # function did not return: init, a restore, an edited state) bounds every counter for the
-    # steps after it: while that bound is <= dead_steps the step runs a program without the
-    # dead-latent terms, and the one with them is compiled only when a run gets that far
-    # (measured ~9 s of a cold start on a 2-core CPU; a 40-step run from init never needs it).
-    first_dead = min(static.dead_steps for static, *_ in plan.values())
-    host = {"step": None, "age": 0}  # the last state.step this function returned, and its largest counter's bound
-
-    def host_age(state: TrainState) -> int:
-        if host["step"] is not state.step:  # a state from elsewhere: one sync
-            host["age"] = max(int(jnp.max(s.buffers["steps_since_fired_s"])) for s in state.sites.values())
-        return host["age"]
+    first_dead = min(p.static.dead_steps for p in plan.values())
+    bound = _DeadBound()
 
     def step(state: TrainState, batches: Mapping[str, jax.Array]):
-        missing = set(needed) - set(batches)
-        if missing:
-            raise ValueError(f"train step: no batch for sites {sorted(missing)}; got {sorted(batches)}")
-        for site, (static, _, _, x_site, y_site) in plan.items():
-            _check_batch(x_site, batches[x_site], static.d_in)
-            if y_site is not None:
-                _check_batch(y_site, batches[y_site], static.d_target, "d_out")
-                if batches[y_site].shape[0] != batches[x_site].shape[0]:
-                    raise ValueError(f"train step: spec {site!r} got {batches[x_site].shape[0]} rows of {x_site!r} "
-                                     f"but {batches[y_site].shape[0]} of {y_site!r}; rows must be the same tokens")
+        _check_step_batches(plan, needed, batches)
         # Only the sites the specs read go into the jitted step (a ring batch may hold more).
-        age = host_age(state)
+        age = bound.of(state)
         new_state, metrics = jitted(state, {s: batches[s] for s in needed}, dead_terms=age > first_dead)
-        host["step"], host["age"] = new_state.step, age + 1
+        bound.advance(new_state, age)
         return new_state, metrics
 
     return step

@@ -28,21 +28,16 @@ the second into W_dec and b_dec, so the exported transcoder maps raw x to raw y.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from arcstream.sae.architectures import (
-    Architecture,
-    Params,
-    SAEConfig,
-    _jumprelu_encode,
-    _jumprelu_loss,  # with target_bd: the same loss, reconstructing the target site
-    register_architecture,
-    unit_norm_decoder,
-)
-from arcstream.sae.matryoshka import check_k, nested_batchtopk_loss, threshold_buffers, threshold_encode
+from arcstream.sae.architectures.base import (Params, SAEConfig, check_k, register_architecture, saelens_weights,
+                                              unit_norm_decoder)
+from arcstream.sae.architectures.batchtopk import threshold_export
+from arcstream.sae.architectures.jumprelu import JUMPRELU, init_log_threshold
+from arcstream.sae.matryoshka import MATRYOSHKA_BATCHTOPK
 
 TRANSCODERS = ("batchtopk_transcoder", "jumprelu_transcoder")
 
@@ -90,43 +85,34 @@ def _batchtopk_validate(cfg: SAEConfig) -> None:
     check_k(cfg)
 
 
-def _batchtopk_loss(params, buffers, x_bd, cfg, hp, dead_s, *, target_bd):
-    return nested_batchtopk_loss(params, buffers, x_bd, target_bd, cfg, hp, dead_s, (cfg.d_sae,), False)
-
-
-def _weights(params: Params, threshold_s: jax.Array) -> dict[str, jax.Array]:
-    return {"W_enc": params["w_enc_sd"].T, "b_enc": params["b_enc_s"], "W_dec": params["w_dec_sd"],
-            "b_dec": params["b_dec_d"], "threshold": threshold_s}
-
-
 def _extra(cfg: SAEConfig) -> dict:
     return {"d_out": cfg.d_target, "apply_b_dec_to_input": False}
 
 
 def _batchtopk_export(params, buffers, cfg, hp):
     del hp
-    return "jumprelu_transcoder", _weights(params, jnp.full((cfg.d_sae,), buffers["threshold"], jnp.float32)), \
-        _extra(cfg)
+    return "jumprelu_transcoder", threshold_export(params, buffers, cfg), _extra(cfg)
 
 
-BATCHTOPK_TRANSCODER = register_architecture(
-    Architecture("batchtopk_transcoder", init_transcoder, threshold_buffers, threshold_encode, _batchtopk_loss,
-                 unit_norm_decoder, _batchtopk_export, validate=_batchtopk_validate, transcoder=True)
-)
+# Matryoshka BatchTopK with one level (a cfg without matryoshka_widths) is BatchTopK; the base's loss
+# reconstructs the target rows it is given (`loss(..., target_bd=y)`).
+BATCHTOPK_TRANSCODER = register_architecture(dataclasses.replace(
+    MATRYOSHKA_BATCHTOPK, name="batchtopk_transcoder", init=init_transcoder, export=_batchtopk_export,
+    validate=_batchtopk_validate, transcoder=True,
+))
 
 
 def _jumprelu_init(key, cfg):
-    params = init_transcoder(key, cfg)
-    params["log_threshold_s"] = jnp.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold), jnp.float32)
-    return params
+    return init_log_threshold(init_transcoder(key, cfg), cfg)
 
 
 def _jumprelu_export(params, buffers, cfg, hp):
     del buffers, hp
-    return "jumprelu_transcoder", _weights(params, jnp.exp(params["log_threshold_s"])), _extra(cfg)
+    return "jumprelu_transcoder", saelens_weights(params, jnp.exp(params["log_threshold_s"])), _extra(cfg)
 
 
-JUMPRELU_TRANSCODER = register_architecture(
-    Architecture("jumprelu_transcoder", _jumprelu_init, lambda cfg: {}, _jumprelu_encode, _jumprelu_loss,
-                 unit_norm_decoder, _jumprelu_export, validate=_validate, transcoder=True)
-)
+# JumpReLU's encoding and L0 term; unlike the SAE, unit-norm decoder rows (d_out may differ from d_in).
+JUMPRELU_TRANSCODER = register_architecture(dataclasses.replace(
+    JUMPRELU, name="jumprelu_transcoder", init=_jumprelu_init, constrain=unit_norm_decoder, export=_jumprelu_export,
+    validate=_validate, transcoder=True,
+))

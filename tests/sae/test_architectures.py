@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from arcstream.analysis.stats import EvalAccumulator
 from arcstream.sae import SAEConfig, get_architecture
-from arcstream.sae.architectures import jumprelu, step_fn
+from arcstream.sae.architectures import jumprelu, reconstruction_metrics, step_fn
 
 D, S, B = 8, 32, 16
 
@@ -207,3 +208,19 @@ def test_bad_config_errors_name_the_field():
     from arcstream.sae import sweep_config
     with pytest.raises(ValueError, match="d_sae=64"):
         sweep_config([SAEConfig("topk", D, S, k=4), SAEConfig("topk", D, 64, k=4)])
+
+
+def test_explained_variance_is_one_minus_fvu_so_a_constant_offset_costs():
+    """The trainer's explained_variance is SAELens's, 1 - FVU with the batch mean in the total: a
+    reconstruction off by a constant vector explains less (the old per-dimension Var(x - x_hat) ignored it),
+    and it equals the held-out evaluation's number on the same rows."""
+    x = _x()
+    x_hat = x * 0.9 + 0.5  # a constant offset on top of a scaled copy
+    m = reconstruction_metrics(jnp.asarray(x), jnp.asarray(x_hat), jnp.float32(0))
+    fvu = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    np.testing.assert_allclose(m["fvu"], fvu, rtol=1e-5)
+    np.testing.assert_allclose(m["explained_variance"], 1 - fvu, rtol=1e-5)
+    assert float(m["explained_variance"]) < 1 - ((x - x_hat).var(0).sum() / x.var(0).sum())  # the offset counts
+    acc = EvalAccumulator(D)
+    acc.update(x, x_hat, np.zeros((B, S)))
+    np.testing.assert_allclose(acc.result()["explained_variance"], m["explained_variance"], rtol=1e-5)

@@ -9,6 +9,8 @@ import pytest
 
 from arcstream.sae import SAEConfig, get_architecture
 from arcstream.sae import architectures as A
+from arcstream.sae.architectures import batchtopk as batchtopk_module
+from arcstream.sae.architectures import topk as topk_module
 from arcstream.sae import sparse
 
 B, S, D, K = 70, 40, 12, 11  # B not a multiple of any chunk, K not a multiple of the unroll
@@ -101,7 +103,7 @@ def _old_auxk(params, x_bd, x_hat_bd, dead_s, cfg, coef):
 def test_auxk_over_dead_equals_old_auxk_value_and_gradient(n_dead, buckets, monkeypatch):
     """Few dead (< k_aux: no top-k), more than k_aux, every latent dead; and small candidate buckets
     (8, 16) that hold the dead latents in the small or only in the large bucket."""
-    monkeypatch.setattr(A, "AUXK_CANDIDATES", buckets)
+    monkeypatch.setattr(topk_module, "AUXK_CANDIDATES", buckets)  # read where auxk_loss lives
     d, s, b = 12, 32, 24  # k_aux = 6
     cfg = SAEConfig("topk", d, s, k=3, aux_coefficient=0.7)
     r = np.random.default_rng(n_dead)
@@ -151,7 +153,7 @@ def test_sparse_batchtopk_equals_dense_definition(heavy_rows, monkeypatch):
     """Loss, metrics, firing counts, threshold update and gradient equal the dense BatchTopK
     (one top-k over the flattened batch); `heavy_rows` plants tokens that keep far more than the
     per-token candidates (they go through the dense heavy path)."""
-    monkeypatch.setattr(A, "BATCHTOPK_DENSE_UP_TO", 0)  # the tiers, not the small-batch dense path
+    monkeypatch.setattr(batchtopk_module, "BATCHTOPK_DENSE_UP_TO", 0)  # the tiers, not the small-batch dense path
     d, s, b, k = 12, 96, 128, 4  # tiers: 8 candidates per token; 16 tokens offer 32; 2 tokens whole rows
     cfg = SAEConfig("batchtopk", d, s, k=k, aux_coefficient=0.5)
     p = _bt_params(7, d, s)
@@ -165,7 +167,7 @@ def test_sparse_batchtopk_equals_dense_definition(heavy_rows, monkeypatch):
 
     def dense(p):
         pre = (x - p["b_dec_d"]) @ p["w_enc_sd"].T + p["b_enc_s"]
-        acts = A._batchtopk_train_acts(pre, cfg, cfg.hparams())
+        acts = A.batch_topk(pre, cfg.k, cfg.hparams()["k"])
         xh = acts @ p["w_dec_sd"] + p["b_dec_d"]
         mse = jnp.mean(jnp.sum((xh - x) ** 2, -1))
         return mse + _old_auxk(p, x, xh, dead, cfg, 0.5), (acts, xh)
@@ -190,7 +192,7 @@ def test_sparse_batchtopk_equals_dense_definition(heavy_rows, monkeypatch):
 def test_batchtopk_reports_capped_tokens(monkeypatch):
     """More heavy tokens than the tiers hold: the extra ones are capped at their candidates and
     the metric says so (the rest of the selection still keeps the k*B largest of what it saw)."""
-    monkeypatch.setattr(A, "BATCHTOPK_DENSE_UP_TO", 0)
+    monkeypatch.setattr(batchtopk_module, "BATCHTOPK_DENSE_UP_TO", 0)
     d, s, b, k = 12, 96, 64, 2  # tiers: 4 candidates per token; 8 tokens offer 16; 1 token its whole row
     cfg = SAEConfig("batchtopk", d, s, k=k)
     p = _bt_params(9, d, s)
@@ -215,7 +217,7 @@ def test_two_stage_top_k_equals_lax_top_k(shape, k):
 def test_batchtopk_sweep_members_under_vmap_equal_separate_losses(monkeypatch):
     """Members with different k vmapped together (the trainer's sweep axis: ragged kernels whose loop
     trip counts differ per member) give each member's own loss and gradient."""
-    monkeypatch.setattr(A, "BATCHTOPK_DENSE_UP_TO", 0)
+    monkeypatch.setattr(batchtopk_module, "BATCHTOPK_DENSE_UP_TO", 0)
     d, s, b = 12, 96, 128
     members = [SAEConfig("batchtopk", d, s, k=2), SAEConfig("batchtopk", d, s, k=5)]
     static, hps = A.sweep_config(members)
