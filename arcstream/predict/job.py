@@ -338,7 +338,8 @@ class PredictOptions:
         unknown = sorted(set(given) - set(fields))
         if unknown:
             raise ValueError(f"{flag}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
-        opts = cls(**{k: type(getattr(cls(), k))(v) for k, v in given.items()})
+        defaults = cls()
+        opts = cls(**{k: type(getattr(defaults, k))(v) for k, v in given.items()})
         if opts.selection not in SELECTIONS:
             raise ValueError(f"{flag}.selection is {opts.selection!r}; expected one of {SELECTIONS}")
         if opts.fallback not in FALLBACKS:
@@ -545,10 +546,8 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
     seen = _predict_source(source, int(data.max_tasks), opts, done, details, generator=generator,
                            tokenizer=tokenizer, prompter=make_prompter(data, tokenizer),
                            n_augmentations=int(data.n_augmentations), seed=int(data.seed))
-    result = _write_submission(out, seen, done)
-    return dataclasses.replace(
-        result, source=getattr(source, "spec", str(data.source)), model=model_name, resumed_tasks=resumed,
-        selection=opts.selection, seconds=time.perf_counter() - start)
+    return _write_submission(out, seen, done, start=start, source=getattr(source, "spec", str(data.source)),
+                             model=model_name, resumed_tasks=resumed, selection=opts.selection)
 
 
 def _generator(config: Any, opts: PredictOptions, generator: Generator | None, tokenizer: Any,
@@ -611,9 +610,10 @@ def _predict_source(source: Any, max_tasks: int, opts: PredictOptions, done: dic
     return seen
 
 
-def _write_submission(out: RunLocation, seen: _Seen, done: dict[str, dict[str, Any]]) -> PredictResult:
-    """predictions.json in source order, skipped.jsonl and score.json; the counts of the result (the caller
-    fills in the run's names and time)."""
+def _write_submission(out: RunLocation, seen: _Seen, done: dict[str, dict[str, Any]], *, start: float,
+                      **names: Any) -> PredictResult:
+    """predictions.json in source order, skipped.jsonl and score.json; the run's result, with `names` (source,
+    model, resumed_tasks, selection) as given and the time since `start`."""
     predictions = {}
     failures: Counter = Counter()
     shape_sources: Counter = Counter()
@@ -641,8 +641,8 @@ def _write_submission(out: RunLocation, seen: _Seen, done: dict[str, dict[str, A
         _write_json(out, "score.json", score.to_json())
         files["score.json"] = str(join_location(out.url, "score.json"))
     return PredictResult(
-        output_dir=out.url, source="", model="", tasks=len(seen.order), test_inputs=sum(seen.test_counts.values()),
+        output_dir=out.url, tasks=len(seen.order), test_inputs=sum(seen.test_counts.values()),
         generations=generations, decoded=decoded, failures=dict(sorted(failures.items())),
-        skipped=dict(sorted(Counter(s.reason for s in seen.skipped).items())), resumed_tasks=0, selection="",
-        score=score, seconds=0.0, files=files, shape_sources=dict(sorted(shape_sources.items())),
-        shape_right=shape_right)
+        skipped=dict(sorted(Counter(s.reason for s in seen.skipped).items())), score=score,
+        seconds=time.perf_counter() - start, files=files, shape_sources=dict(sorted(shape_sources.items())),
+        shape_right=shape_right, **names)

@@ -62,7 +62,7 @@ from arcstream.analysis.config import default_analyze_config
 from arcstream.data.pipeline import Pipeline, make_pipeline
 from arcstream.data.records import CELL_FIELDS, PackedBatch
 from arcstream.data.tokenizer import build_arc_tokenizer, load_tokenizer
-from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, join_location
+from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, join_location, resume_fingerprint
 from arcstream.model import (ModelConfig, attention_option, forward, init_random, load_model, make_mesh, parse_sites,
                              save_hf_checkpoint)
 from arcstream.predict import predict_config_from_run, run_predictions
@@ -492,7 +492,7 @@ def _open_store(config: ml_collections.ConfigDict, lm: _Model, pipeline: Pipelin
     """Creates the store, or reopens it at its last commit and puts the pipeline and skipped log there."""
     resolved = json.loads(config.to_json_best_effort())
     writer = StoreWriter.create_or_resume(
-        str(config.output_dir), sites={s: lm.cfg.hidden_size for s in lm.stored}, config=_fingerprinted(resolved),
+        str(config.output_dir), sites={s: lm.cfg.hidden_size for s in lm.stored}, config=resume_fingerprint(resolved, PROGRESS_KEYS),
         dtype=str(config.store.dtype), process_index=pidx, process_count=pcount,
         rows_per_shard=int(config.store.rows_per_shard))
     step0 = writer.resume_step
@@ -735,18 +735,10 @@ def _die_for_test(step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fingerprinted(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The config a store is tied to: everything that changes what rows are written.
-
-    Progress-only keys (how often to commit, ring size) may change between a
-    run and its resume without making the store a different store.
-    """
-    out = json.loads(json.dumps(resolved))
-    for key in ("commit_every", "predict", "predict_options"):
-        out.pop(key, None)
-    out.get("ring", {}).pop("n_slots", None)
-    out.get("sae", {}).pop("checkpoint_dir", None)  # where SAE checkpoints live, not what is stored
-    return out
+# The config a store is tied to is everything that changes what rows are written (io.resume_fingerprint);
+# these progress-only keys (how often to commit, ring size, predictions after the run, where SAE checkpoints
+# live) may change between a run and its resume without making the store a different store.
+PROGRESS_KEYS = ("commit_every", "predict", "predict_options", "ring.n_slots", "sae.checkpoint_dir")
 
 
 class _OnlineSAE:
