@@ -359,10 +359,11 @@ class DrainQueue:
         """Waits until every queued batch went through the sink; raises the drain's first failure."""
         with self._done:
             while self._unwritten > 0:
-                self._raise_if_failed()
+                # After a failure the drain thread only discards what is queued (no sink call), so this wait
+                # stays short and `discarded` is complete when the error is raised.
                 self._check_thread()
-                # Woken at each batch written and at a failure; the timeout only bounds how late a drain
-                # thread that died outside its try block is noticed.
+                # Woken at each batch written or discarded; the timeout only bounds how late a drain thread
+                # that died outside its try block is noticed.
                 self._done.wait(timeout=0.1)
         self._raise_if_failed()
 
