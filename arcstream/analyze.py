@@ -3,7 +3,8 @@
     python -m arcstream.analyze --config=configs/analyze.py --config.run_dir=DIR
 
 writes DIR/analysis/features.json, DIR/dashboard/index.html, DIR/report.md (+ PNGs in DIR/analysis/) and
-prints a one-screen summary. The work is `arcstream.analysis.analyze(config)`.
+prints a one-screen summary. Flags only; the work is `arcstream.analysis.analyze` over the checked options
+(`arcstream.analysis.config.AnalyzeOptions`, where every key is documented).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from arcstream import cli
 
 
 def _job(config):
+    # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
     from arcstream.analysis import analyze
+    from arcstream.analysis.config import AnalyzeOptions
 
-    return analyze(config)
+    return analyze(AnalyzeOptions.from_config(config))
 
 
 def _lock(config) -> tuple[str, str, bool]:

@@ -3,7 +3,8 @@
     python -m arcstream.run --config=configs/default.py [--config.<key>=<value> ...]
 
 Launched the same way on every host of a pod (launch/), where it joins the
-cluster first. All the work is `arcstream.stream.loop.run(config)`.
+cluster first. All the work is `arcstream.stream.loop.run` over the checked options
+(`arcstream.stream.options.RunOptions`, where every key is documented).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from arcstream import cli
 
 
 def _job(config):
+    # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
     from arcstream.stream.loop import run
+    from arcstream.stream.options import RunOptions
 
-    return run(config)
+    return run(RunOptions.from_config(config))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train a small ARC language model: python -m arcstream.train_lm --config=configs/train_lm.py
 
-Flags only; the work is `arcstream.lm.train.train` (see its docstring and
-configs/train_lm.py). It resumes from `output_dir/checkpoints` when rerun.
+Flags only; the work is `arcstream.lm.train.train` over the checked options
+(`arcstream.lm.options.TrainLMOptions`, every key documented there; configs/train_lm.py).
+It resumes from `output_dir/checkpoints` when rerun.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from arcstream import cli
 
 
 def job(config):
+    # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
     from absl import logging
 
+    from arcstream.lm.options import TrainLMOptions
     from arcstream.lm.train import train
 
-    return train(config, log=logging.info)
+    return train(TrainLMOptions.from_config(config), log=logging.info)
 
 
 if __name__ == "__main__":

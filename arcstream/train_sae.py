@@ -1,6 +1,7 @@
 """Offline SAE training: python -m arcstream.train_sae --config=configs/train_sae.py --config.run_dir=DIR
 
-Flags only; the work is `arcstream.sae.train_offline`, run through `cli.run_job` like every entry point
+Flags only; the work is `arcstream.sae.train_offline` over the checked options (`TrainSAEOptions` in
+arcstream/sae/options.py, where every key is documented), run through `cli.run_job` like every entry point
 (environment log, pod join, run lock, summary box). The activation source is the run directory's store
 (`arcstream.store.open_run(DIR)`): only committed rows, so it also trains on a run still in progress. It
 holds the run directory's `.train_sae.lock` (`arcstream.store.lock`): a second train_sae on the same
@@ -57,16 +58,19 @@ def _run_dir_lock(config: Any) -> tuple[str, str, bool]:
 
 
 def job(config: Any) -> TrainSAEResult:
+    # Imported here, not at the top: the module re-executes itself first, and `--help` needs no JAX.
     from absl import logging
 
     from arcstream.sae import train_offline
     from arcstream.sae.offline import use_compilation_cache
+    from arcstream.sae.options import TrainSAEOptions
     from arcstream.store import open_run  # the store is wired in at the entry point only (sae reads arrays)
 
-    cache = use_compilation_cache(str(config.get("compilation_cache_dir", "") or ""))
+    opts = TrainSAEOptions.from_config(config)  # every key checked before the store is opened
+    cache = use_compilation_cache(opts.compilation_cache_dir)
     if cache:
         logging.info("compilation cache  %s", cache)
-    return TrainSAEResult(train_offline(config, open_run(str(config.run_dir)), log=logging.info))
+    return TrainSAEResult(train_offline(opts, open_run(opts.run_dir), log=logging.info))
 
 
 if __name__ == "__main__":

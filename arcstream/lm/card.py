@@ -17,6 +17,7 @@ from arcstream.data.tokenizer import load_tokenizer
 from arcstream.io import file_location, join_location
 from arcstream.lm.evaluate import GOAL_CONTEXT_GAIN, context_use_of_run, render_markdown
 from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
+from arcstream.lm.options import TrainLMOptions
 from arcstream.model import Decoder, attention_option, load_model, save_hf_checkpoint
 from arcstream.models import write_prompt_format
 from arcstream.predict.job import default_predict_section, run_predictions
@@ -38,12 +39,12 @@ def export_model(graphdef: Any, params: Any, mcfg: Any, tokenizer: Any, path: Pa
     return path
 
 
-def export_prompt_format(config: ml_collections.ConfigDict, path: Path) -> Path:
+def export_prompt_format(config: TrainLMOptions, path: Path) -> Path:
     """arcstream_prompt.json: the prompt format the model was trained on (read by `arcstream.models.prompt_format`)."""
     return write_prompt_format(path, config.data)
 
 
-def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log: Callable[[str], None] = print,
+def final_evaluation(config: TrainLMOptions, export_dir: Path, *, log: Callable[[str], None] = print,
                      name: str = "", predictions_dir: str | Path = "") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Held-out next-token losses and (when `eval.accuracy`) the pass@2 score on `eval.source`, of the export
     in the local folder `export_dir`; `name` is where the export lives for the record (default: the folder).
@@ -60,7 +61,7 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log
         held = held_out_loss(nll_fn, params, pipe, put).as_dict()
         held["skipped"] = dict(pipe.skip_counts)
     log(f"held-out ({e.source}): answer-cell loss {held['answer_cell']:.4f} nats vs uniform {math.log(10):.4f}")
-    if int(e.get("context_tasks", 0)):
+    if e.context_tasks:
         held["context_use"] = cu = context_use_of_run(config, model, tokenizer, max_tasks=int(e.context_tasks))
         log(f"context use on {cu['test_outputs']} held-out test outputs: answer-cell loss {cu['model']['own']['loss']:.4f} "
             f"with the task's examples vs {cu['model']['other']['loss']:.4f} with another task's "
@@ -84,7 +85,7 @@ def final_evaluation(config: ml_collections.ConfigDict, export_dir: Path, *, log
         c.predict.max_new_tokens = int(e.max_new_tokens)
         c.predict.batch_size = int(e.predict_batch_size)
         c.predict.tasks_per_chunk = int(e.predict_batch_size)
-        c.predict.constrain_shape = bool(e.get("constrain_shape", False))  # absent in configs older than the key
+        c.predict.constrain_shape = e.constrain_shape
         result = run_predictions(c, model=model, tokenizer=tokenizer)
         s = result.score
         accuracy = {"source": str(e.source), "score": s.score if s else 0.0, "correct": float(s.solved if s else 0),
@@ -135,14 +136,29 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir: Path, metrics: str | Path) -> Path:
-    """export_dir/README.md (HF model card front matter + what, how, how well, how to reproduce)."""
+def write_model_card(config: TrainLMOptions, result: Any, export_dir: Path, metrics: str | Path) -> Path:
+    """export_dir/README.md (HF model card front matter + what, how, how well, how to reproduce).
+
+    Also writes, beside it, the per-step records (training_metrics.jsonl) and, when there are any, their loss
+    curve (loss_curve.png), which the card links to."""
     records = read_metrics(metrics)
     plot = plot_loss_curve(records, export_dir / "loss_curve.png")
     (export_dir / "training_metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    h, a, m, t, d = result.held_out, result.accuracy, config.model, config.train, config.data
-    lines = [
+    lines = _model_lines(config, result, export_dir) + _data_lines(config, result) + _training_lines(config, result)
+    if plot:
+        lines += ["![loss curve](loss_curve.png)", "", "Per-step records: `training_metrics.jsonl`.", ""]
+    lines += evaluation_lines(config, result.held_out, result.accuracy)
+    lines += _use_lines()
+    path = export_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _model_lines(config: TrainLMOptions, result: Any, export_dir: Path) -> list[str]:
+    """The card's front matter, title and Model section (architecture, tokenizer, prompt format)."""
+    m, d = config.model, config.data
+    return [
         "---", "license: apache-2.0", "library_name: transformers", "pipeline_tag: text-generation",
         "tags: [arc-agi, arcstream, qwen2]", "---", "",
         f"# {config.name}", "",
@@ -157,6 +173,13 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
         "per character of the structural text, plus special tokens.",
         f"- Prompt format: template `{d.template}`, encoder `{d.encoder}`, chat template "
         f"{'on' if d.use_chat_template else 'off'}; arcstream's `configs/default.py` uses the same.", "",
+    ]
+
+
+def _data_lines(config: TrainLMOptions, result: Any) -> list[str]:
+    """The card's Data section: training and held-out tasks, augmentation, packing, the loss's targets."""
+    d = config.data
+    return [
         "## Data", "",
         f"- Training tasks: {result.train_tasks} ({', '.join(f'{k}: {v}' for k, v in result.source_stats['per_source'].items())}).",
         f"- Held out: every task of `{d.exclude}` ({result.source_stats['held_out_tasks']} tasks), matched by id "
@@ -169,6 +192,13 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
         "- Loss: next-token cross-entropy on the output grids only (`arcstream.lm.data`): every token of every "
         "train output grid and of the answer (shape header when the encoder writes one, cells, line breaks, and "
         "the stop token after the grid when the template writes one).", "",
+    ]
+
+
+def _training_lines(config: TrainLMOptions, result: Any) -> list[str]:
+    """The card's Training section: steps, tokens, optimiser, speed, final loss."""
+    t, d = config.train, config.data
+    return [
         "## Training", "",
         f"- {result.steps} steps of {d.batch_size} rows x {d.seq_len} tokens; {result.tokens_trained:,} tokens "
         f"seen, {result.target_tokens:,} of them targets; {result.epochs:.0f} full epochs completed.",
@@ -178,10 +208,11 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
         "min of training steps on the machine that trained it (2 CPU cores), plus the final evaluation.",
         f"- Final training loss (last log window): {result.final_loss:.4f} nats/token.", "",
     ]
-    if plot:
-        lines += ["![loss curve](loss_curve.png)", "", "Per-step records: `training_metrics.jsonl`.", ""]
-    lines += evaluation_lines(config, h, a)
-    lines += [
+
+
+def _use_lines() -> list[str]:
+    """The card's Use and Reproduce sections (the same for every run)."""
+    return [
         "## Use", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -198,9 +229,6 @@ def write_model_card(config: ml_collections.ConfigDict, result: Any, export_dir:
         "written to `runs/train_lm/export/`. Training is deterministic for a given seed on one machine; "
         "numbers move slightly with the device count and XLA version.", "",
     ]
-    path = export_dir / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
 
 
 def _vocab(export_dir: Path) -> int:
@@ -210,7 +238,7 @@ def _vocab(export_dir: Path) -> int:
         return -1
 
 
-def evaluation_lines(config: ml_collections.ConfigDict, h: dict[str, Any], a: dict[str, Any] | None) -> list[str]:
+def evaluation_lines(config: TrainLMOptions, h: dict[str, Any], a: dict[str, Any] | None) -> list[str]:
     """The card's evaluation sections (held-out losses, context use against baselines, accuracy)."""
     lines = ["## Evaluation (held-out)", ""]
     if h:
@@ -268,12 +296,13 @@ def goal_lines(h: dict[str, Any] | None, a: dict[str, Any] | None) -> list[str]:
             *[f"| {g} | {m} | {mark[ok]} |" for g, m, ok in rows], ""]
 
 
-def reevaluate_card(config: ml_collections.ConfigDict, export_dir: Path, *, note: str = "",
+def reevaluate_card(config: TrainLMOptions | ml_collections.ConfigDict, export_dir: Path, *, note: str = "",
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Re-run `final_evaluation` on an existing export and replace its card's evaluation sections (from
     "## Evaluation (held-out)" up to "## Use") with the new figures; the rest of the card is kept. For a card
     whose figures were computed wrongly (the shipped arcstream-tiny's were, on prompts without line breaks)."""
     export_dir = Path(export_dir)
+    config = TrainLMOptions.from_config(config)
     held, accuracy = final_evaluation(config, export_dir, log=log)
     card = (export_dir / "README.md").read_text(encoding="utf-8")
     head, rest = card.split("## Evaluation (held-out)", 1)

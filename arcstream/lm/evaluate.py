@@ -412,67 +412,82 @@ def context_use_from_logits(logits_fn: LogitsFn, tokenizer: Any, tasks: Sequence
 
 
 def _aggregate(items, picked, *, layouts, skipped, max_len, cfg) -> ContextUseReport:
-    outputs: list[OutputScores] = []
-    nll = {c: [] for c in CONTEXTS}
-    correct = {c: [] for c in CONTEXTS}
-    base_nll: dict[str, list[np.ndarray]] = {b: [] for b in ("uniform", "colour_frequency")}
-    base_correct: dict[str, list[np.ndarray]] = {b: [] for b in BASELINES}
-    same: list[np.ndarray] = []  # per output: bool [cells] (all True or all False)
-    for n, (task, j, other, prompts) in enumerate(items):
-        y = np.asarray(task.test[j].output)
-        bc = _baseline_cells(task, j)
-        same_shape = "copy_test_input" in bc.correct
-        same.append(np.full(y.size, same_shape))
-        for ctx in CONTEXTS:
-            nll[ctx].append(picked[n, ctx].nll)
-            correct[ctx].append(picked[n, ctx].correct)
-        for b in base_nll:
-            base_nll[b].append(bc.nll[b])
-        for b in BASELINES:
-            base_correct[b].append(bc.correct.get(b, np.full(y.size, np.nan)))
-        outputs.append(OutputScores(
-            task_id=task.id, test_index=j, other_task_id=other.id, shape=(int(y.shape[0]), int(y.shape[1])),
-            same_shape=same_shape, cells=int(y.size),
-            train_pairs={c: len(prompts[c].metadata["train_pairs"]) for c in CONTEXTS},
-            loss={c: float(picked[n, c].nll.mean()) for c in CONTEXTS},
-            accuracy={c: float(picked[n, c].correct.mean()) for c in CONTEXTS},
-            shape_right_teacher_forced={c: picked[n, c].shape_right for c in CONTEXTS},
-            baseline_accuracy={b: float(np.mean(bc.correct[b])) if b in bc.correct else math.nan
-                               for b in BASELINES}))
-
-    ss = np.concatenate(same)
-    cat = lambda xs: np.concatenate(xs).astype(np.float64)  # noqa: E731
-    mean_or_none = lambda x: float(x.mean()) if x.size else None  # noqa: E731
-    model = {c: Scores(loss=float(cat(nll[c]).mean()), accuracy=float(cat(correct[c]).mean()),
-                       same_shape_accuracy=mean_or_none(cat(correct[c])[ss]), cells=int(ss.size))
-             for c in CONTEXTS}
-    baselines: dict[str, Scores] = {}
-    for b in BASELINES:
-        acc = cat(base_correct[b])
-        if b == "copy_test_input":
-            baselines[b] = Scores(loss=None, accuracy=None, same_shape_accuracy=mean_or_none(acc[ss]),
-                                  cells=int(ss.sum()))
-        else:
-            baselines[b] = Scores(loss=float(cat(base_nll[b]).mean()) if b in base_nll else None,
-                                  accuracy=float(acc.mean()), same_shape_accuracy=mean_or_none(acc[ss]),
-                                  cells=int(ss.size))
-    structure = {}
-    for c in CONTEXTS:
-        ps = [picked[n, c] for n in range(len(items))]
-        mid = np.concatenate([p.p_newline_cell[layouts[n, c].mid_row] for n, p in enumerate(ps)])
-        row_end = np.concatenate([p.p_newline_row_end for p in ps])
-        structure[c] = Structure(
-            p_newline_row_end=float(row_end.mean()) if row_end.size else math.nan,
-            p_newline_mid_row=float(mid.mean()) if mid.size else math.nan,
-            p_stop_end=float(np.mean([p.p_stop_end for p in ps])),
-            shape_right_teacher_forced=float(np.mean([p.shape_right for p in ps])),
-            row_ends=int(row_end.size), mid_row=int(mid.size))
+    """The report from every (test output, context)'s `_Picked`: one `OutputScores` per test output, and the
+    model's and the baselines' scores and the answer's structure over all of them."""
+    picks = [{c: picked[n, c] for c in CONTEXTS} for n in range(len(items))]
+    cells = [_baseline_cells(task, j) for task, j, _, _ in items]
+    outputs = [_output_scores(item, p, bc) for item, p, bc in zip(items, picks, cells)]
+    ss = np.concatenate([np.full(o.cells, o.same_shape) for o in outputs])  # per answer cell: its output's same_shape
+    model = _model_scores(picks, ss)
+    structure = {c: _structure([p[c] for p in picks], [layouts[n, c] for n in range(len(items))]) for c in CONTEXTS}
     return ContextUseReport(
         tasks=len({o.task_id for o in outputs}), test_outputs=len(outputs), cells=int(ss.size),
         same_shape_outputs=int(sum(o.same_shape for o in outputs)), same_shape_cells=int(ss.sum()),
-        skipped=dict(sorted(skipped.items())), model=model, baselines=baselines, structure=structure,
+        skipped=dict(sorted(skipped.items())), model=model,
+        baselines=_baseline_scores(cells, [o.cells for o in outputs], ss), structure=structure,
         context_gain=1.0 - model["own"].loss / model["other"].loss, goal_context_gain=GOAL_CONTEXT_GAIN,
         max_len=max_len, prompt_config=dataclasses.asdict(cfg), outputs=tuple(outputs))
+
+
+def _output_scores(item: tuple[Task, int, Task, dict[str, EncodedPrompt]], picks: dict[str, _Picked],
+                   bc: _BaselineCells) -> OutputScores:
+    """One test output's figures per context (`picks`) and per baseline (`bc`)."""
+    task, j, other, prompts = item
+    y = np.asarray(task.test[j].output)
+    return OutputScores(
+        task_id=task.id, test_index=j, other_task_id=other.id, shape=(int(y.shape[0]), int(y.shape[1])),
+        same_shape="copy_test_input" in bc.correct, cells=int(y.size),
+        train_pairs={c: len(prompts[c].metadata["train_pairs"]) for c in CONTEXTS},
+        loss={c: float(picks[c].nll.mean()) for c in CONTEXTS},
+        accuracy={c: float(picks[c].correct.mean()) for c in CONTEXTS},
+        shape_right_teacher_forced={c: picks[c].shape_right for c in CONTEXTS},
+        baseline_accuracy={b: float(np.mean(bc.correct[b])) if b in bc.correct else math.nan for b in BASELINES})
+
+
+def _cat(xs: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(xs).astype(np.float64)
+
+
+def _mean_or_none(x: np.ndarray) -> float | None:
+    return float(x.mean()) if x.size else None
+
+
+def _model_scores(picks: Sequence[dict[str, _Picked]], ss: np.ndarray) -> dict[str, Scores]:
+    """Per context, the model's loss and accuracy over every answer cell (`ss`: the cells of same-shape outputs)."""
+    model = {}
+    for c in CONTEXTS:
+        correct = _cat([p[c].correct for p in picks])
+        model[c] = Scores(loss=float(_cat([p[c].nll for p in picks]).mean()), accuracy=float(correct.mean()),
+                          same_shape_accuracy=_mean_or_none(correct[ss]), cells=int(ss.size))
+    return model
+
+
+def _baseline_scores(cells: Sequence[_BaselineCells], sizes: Sequence[int], ss: np.ndarray) -> dict[str, Scores]:
+    """Per baseline, its scores over every answer cell; copy_test_input only over the cells of same-shape outputs
+    (`ss`), where it is defined."""
+    baselines: dict[str, Scores] = {}
+    for b in BASELINES:
+        acc = _cat([bc.correct.get(b, np.full(size, np.nan)) for bc, size in zip(cells, sizes)])
+        if b == "copy_test_input":
+            baselines[b] = Scores(loss=None, accuracy=None, same_shape_accuracy=_mean_or_none(acc[ss]),
+                                  cells=int(ss.sum()))
+        else:
+            loss = float(_cat([bc.nll[b] for bc in cells]).mean()) if b in ("uniform", "colour_frequency") else None
+            baselines[b] = Scores(loss=loss, accuracy=float(acc.mean()), same_shape_accuracy=_mean_or_none(acc[ss]),
+                                  cells=int(ss.size))
+    return baselines
+
+
+def _structure(picks: Sequence[_Picked], layouts: Sequence[_Layout]) -> Structure:
+    """One context's answer layout under teacher forcing, over every test output."""
+    mid = np.concatenate([p.p_newline_cell[lay.mid_row] for p, lay in zip(picks, layouts)])
+    row_end = np.concatenate([p.p_newline_row_end for p in picks])
+    return Structure(
+        p_newline_row_end=float(row_end.mean()) if row_end.size else math.nan,
+        p_newline_mid_row=float(mid.mean()) if mid.size else math.nan,
+        p_stop_end=float(np.mean([p.p_stop_end for p in picks])),
+        shape_right_teacher_forced=float(np.mean([p.shape_right for p in picks])),
+        row_ends=int(row_end.size), mid_row=int(mid.size))
 
 
 def context_use(model: Any, tokenizer: Any, tasks: Sequence[Task], *, prompt_config: Any, max_len: int = 2048,

@@ -26,7 +26,6 @@ write: a local path or gs:// / s3:// / az://; a `memory://` output_dir needs it 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,43 +59,44 @@ from arcstream.lm.card import export_model, export_prompt_format, final_evaluati
 from arcstream.lm.data import TaskMixture, targets
 from arcstream.lm.evaluate import context_use_of_run
 from arcstream.lm.heldout import UNIFORM_CELL_NATS, eval_pipeline, held_out_loss, make_nll_fn, token_nll
-from arcstream.model import ModelConfig, attention_option, init_random, make_mesh
+from arcstream.lm.options import LMShape, Schedule, TrainLMOptions
+from arcstream.model import ModelConfig, attention_option, init_random
+from arcstream.options import as_dict
 from arcstream.store.manifest import config_diff
 
 
 
-def model_config(config: ml_collections.ConfigDict, tokenizer: Any):
-    """The ModelConfig of the `model` section, with the tokenizer's vocabulary and stop token."""
-    m = config.model
+def model_config(m: LMShape, tokenizer: Any, max_len: int) -> ModelConfig:
+    """The ModelConfig of the `model` section, with the tokenizer's vocabulary and stop token; positions up to
+    `max_len` (the training rows' `data.seq_len`)."""
     return ModelConfig(
-        family=str(m.family), vocab_size=len(tokenizer), hidden_size=int(m.hidden_size), num_layers=int(m.num_layers),
-        num_heads=int(m.num_heads), num_kv_heads=int(m.num_kv_heads), head_dim=int(m.hidden_size) // int(m.num_heads),
-        intermediate_size=int(m.intermediate_size), rope_theta=float(m.rope_theta), tie_word_embeddings=bool(m.tie),
-        qkv_bias=str(m.family) == "qwen2", qk_norm=str(m.family) == "qwen3", rms_norm_eps=1e-6,
-        max_position_embeddings=int(config.data.seq_len), eos_token_ids=(int(tokenizer.eos_token_id),),
+        family=m.family, vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads,
+        intermediate_size=m.intermediate_size, rope_theta=m.rope_theta, tie_word_embeddings=m.tie,
+        qkv_bias=m.family == "qwen2", qk_norm=m.family == "qwen3", rms_norm_eps=1e-6,
+        max_position_embeddings=int(max_len), eos_token_ids=(int(tokenizer.eos_token_id),),
         bos_token_id=int(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None)
 
 
-def training_source(config: ml_collections.ConfigDict) -> TaskMixture:
-    return TaskMixture(_split(config.data.sources), _split(config.data.exclude))
+def training_source(options: TrainLMOptions | ml_collections.ConfigDict) -> TaskMixture:
+    """`data.sources` minus `data.exclude` (held-out sets removed by id and content)."""
+    data = TrainLMOptions.from_config(options).data
+    return TaskMixture(_split(data.sources), _split(data.exclude))
 
 
 def _split(spec: str) -> list[str]:
     return [s.strip() for s in str(spec).split(",") if s.strip()]
 
 
-def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(t: Schedule) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warm-up then cosine decay to `min_lr_ratio * lr`, global-norm clipping,
     weight decay on matrices only (not norms, biases)."""
-    if int(t.steps) < 1 or not 0 <= int(t.warmup_steps) < int(t.steps):
-        raise ValueError(f"--config.train.steps={t.steps} and --config.train.warmup_steps={t.warmup_steps}: "
-                         "need steps >= 1 and 0 <= warmup_steps < steps")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, float(t.lr), int(t.warmup_steps), max(int(t.steps), 1),
-                                                  end_value=float(t.lr) * float(t.min_lr_ratio))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, t.steps,
+                                                  end_value=t.lr * t.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     opt = optax.chain(
-        optax.clip_by_global_norm(float(t.clip_norm)) if t.clip_norm else optax.identity(),
-        optax.adamw(schedule, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay), mask=decay_mask),
+        optax.clip_by_global_norm(t.clip_norm) if t.clip_norm else optax.identity(),
+        optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
     )
     return opt, schedule
 
@@ -128,15 +128,15 @@ class EpochStream(grain.DatasetIterator):
     exactly the batches an uninterrupted run would have.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any, source: TaskMixture):
+    def __init__(self, options: TrainLMOptions | ml_collections.ConfigDict, tokenizer: Any, source: TaskMixture):
         super().__init__()
-        self._config, self._tokenizer, self._source = config, tokenizer, source
+        self._data, self._tokenizer, self._source = TrainLMOptions.from_config(options).data, tokenizer, source
         self.epoch = 0
         self.skips: dict[str, int] = {}
         self._pipe = self._open(0)
 
     def _open(self, epoch: int):
-        data = self._config.data
+        data = self._data
         prompter = make_prompter(data, self._tokenizer)
         # Training never needs the unaugmented view first: every prompt is a fresh random view.
         prompter = dataclasses.replace(prompter, augment_config=dataclasses.replace(
@@ -223,11 +223,9 @@ class TrainLMResult:
         return rows
 
 
-def output_location(config: ml_collections.ConfigDict) -> str:
+def output_location(opts: TrainLMOptions) -> str:
     """`output_dir` as the job uses it: an absolute local path, or a kvstore URL as given."""
-    out = str(config.output_dir)
-    if not out:
-        raise ValueError("--config.output_dir is empty: give a local directory or a kvstore URL (gs://bucket/run)")
+    out = opts.output_dir
     return out if is_url(out) else str(Path(out).expanduser().absolute())
 
 
@@ -250,9 +248,9 @@ PROGRESS_KEYS = ("name", "output_dir", "export_dtype", "model_options", "mesh", 
                  "data.read_threads", "data.prefetch", "data.worker_count")
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a resumed run must repeat: the config without `PROGRESS_KEYS`."""
-    return resume_fingerprint(json.loads(config.to_json_best_effort()), PROGRESS_KEYS)
+def fingerprint(opts: TrainLMOptions) -> dict[str, Any]:
+    """What a resumed run must repeat: the options without `PROGRESS_KEYS`."""
+    return resume_fingerprint(as_dict(opts), PROGRESS_KEYS)
 
 
 @dataclasses.dataclass
@@ -271,18 +269,18 @@ class _Trainee:
     n_params: int
 
 
-def _build(config: ml_collections.ConfigDict) -> _Trainee:
-    tokenizer = build_arc_tokenizer(str(config.tokenizer))
-    mcfg = model_config(config, tokenizer)
-    mesh = make_mesh(data=int(config.mesh.data), model=int(config.mesh.model))
-    B = int(config.data.batch_size)
+def _build(opts: TrainLMOptions) -> _Trainee:
+    tokenizer = build_arc_tokenizer(opts.tokenizer)
+    mcfg = model_config(opts.model, tokenizer, opts.data.seq_len)
+    mesh = opts.mesh.make()
+    B = int(opts.data.batch_size)
     if (B * jax.process_count()) % mesh.shape["data"]:
         raise ValueError(f"data.batch_size={B} x {jax.process_count()} processes is not divisible by the mesh's "
                          f"data axis ({mesh.shape['data']}); use a multiple of {mesh.shape['data']}")
     with jax.set_mesh(mesh):
-        model = init_random(mcfg, seed=int(config.seed), mesh=mesh, attention=attention_option(config))
+        model = init_random(mcfg, seed=opts.seed, mesh=mesh, attention=attention_option(opts))
     graphdef, params = nnx.split(model)
-    optimizer, schedule = make_optimizer(config.train)
+    optimizer, schedule = make_optimizer(opts.train)
     replicated = NamedSharding(mesh, P())
     opt_state = jax.tree.map(  # optax's step counters are born on one device; the mesh needs them replicated
         lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
@@ -301,12 +299,11 @@ class _Checkpoints:
     """The run's Orbax checkpoints: parameters + optax state, the data stream (Grain's handler: one JSON file
     per process, no collective) and the meta (the config fingerprint and the token/time counters)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, out: str):
+    def __init__(self, opts: TrainLMOptions, out: str):
         flag = "--config.train.checkpoint_dir"  # a memory:// output_dir needs it: Orbax writes files and gs://
-        self.directory = checkpoint_path(checkpoint_dir(str(config.train.get("checkpoint_dir", "") or ""), out,
-                                                        "checkpoints", flag=flag, output_flag="--config.output_dir"),
-                                         flag)
-        self.fingerprint = fingerprint(config)
+        self.directory = checkpoint_path(checkpoint_dir(opts.train.checkpoint_dir, out, "checkpoints", flag=flag,
+                                                        output_flag="--config.output_dir"), flag)
+        self.fingerprint = fingerprint(opts)
         self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=2, create=True))
         self.saved = self.latest = self._manager.latest_step()
@@ -340,15 +337,19 @@ class _Checkpoints:
         self._manager.close()
 
 
-def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = print) -> TrainLMResult:
-    """Trains (or resumes), exports, evaluates and writes the model card; see the module docstring."""
+def train(options: TrainLMOptions | ml_collections.ConfigDict, *,
+          log: Callable[[str], None] = print) -> TrainLMResult:
+    """Trains (or resumes), exports, evaluates and writes the model card; see the module docstring.
+
+    `options`: the job's frozen options (a configs/train_lm.py ConfigDict is checked into them first)."""
     start = time.perf_counter()
-    out = output_location(config)
-    ckpt = _Checkpoints(config, out)
-    trainee = _build(config)
-    source = training_source(config)
+    opts = TrainLMOptions.from_config(options)
+    out = output_location(opts)
+    ckpt = _Checkpoints(opts, out)
+    trainee = _build(opts)
+    source = training_source(opts)
     log(f"training tasks: {len(source)} from {source.per_source}; {source.stats}")
-    stream = EpochStream(config, trainee.tokenizer, source)
+    stream = EpochStream(opts, trainee.tokenizer, source)
 
     # --- resume
     step, resumed_from = 0, None
@@ -361,15 +362,15 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
     metrics = _metrics_log(metrics_path, resumed_from)
 
     # --- train
-    loop = _Loop(config, trainee, stream, metrics, counters, log)
-    total = int(config.train.steps)
+    loop = _Loop(opts, trainee, stream, metrics, counters, log)
+    total, t = opts.train.steps, opts.train
     bar = cli.progress(range(step, total), total=total - step, desc="train_lm", unit="step")
     for step_i in bar:
         step = step_i + 1
         loop.step(step)
-        if step % int(config.train.checkpoint_every) == 0 and step != total:
+        if step % t.checkpoint_every == 0 and step != total:
             ckpt.save(step, trainee, stream, counters)
-        if int(config.train.stop_after) and step >= int(config.train.stop_after) and step != total:
+        if t.stop_after and step >= t.stop_after and step != total:
             break
     bar.close()  # a broken-off progress generator prints its final line now, not when collected
     ckpt.save(step, trainee, stream, counters)
@@ -386,26 +387,26 @@ def train(config: ml_collections.ConfigDict, *, log: Callable[[str], None] = pri
         seconds=0.0, tokens_per_s=counters["tokens"] / max(counters["seconds"], 1e-9), total_steps=total)
     if step < total:  # stopped early on purpose (train.stop_after): the checkpoint is saved, rerun to go on
         return dataclasses.replace(result, stopped_at=step, seconds=time.perf_counter() - start)
-    return _export_and_evaluate(config, trainee, result, metrics_path, start, log)
+    return _export_and_evaluate(opts, trainee, result, metrics_path, start, log)
 
 
 class _Loop:
     """One training step at a time, with the metrics record (and held-out figures) every few steps."""
 
-    def __init__(self, config: ml_collections.ConfigDict, trainee: _Trainee, stream: EpochStream,
+    def __init__(self, opts: TrainLMOptions, trainee: _Trainee, stream: EpochStream,
                  metrics: JsonlLog | None, counters: dict[str, Any], log: Callable[[str], None]):
-        self.config, self.trainee, self.stream, self.metrics, self.counters, self.log = (
-            config, trainee, stream, metrics, counters, log)
+        self.opts, self.trainee, self.stream, self.metrics, self.counters, self.log = (
+            opts, trainee, stream, metrics, counters, log)
         self.window: list[float] = []  # the logged losses of this session
         self.eval_batches = None
-        if config.train.eval_every and config.eval.source:
-            with eval_pipeline(config, trainee.tokenizer, str(config.eval.source), int(config.eval.prompts)) as p:
+        if opts.train.eval_every and opts.eval.source:
+            with eval_pipeline(opts, trainee.tokenizer, opts.eval.source, opts.eval.prompts) as p:
                 self.eval_batches = list(p)
         self._t_window, self._tok_window = time.perf_counter(), 0
 
     def step(self, step: int) -> None:
         """Trains step `step` (1-based) and logs when it falls on `train.log_every` / `eval_every` / the end."""
-        tr, t = self.trainee, self.config.train
+        tr, t = self.trainee, self.opts.train
         batch = next(self.stream)
         tgt, w = targets(batch)
         tr.params, tr.opt_state, m = tr.step_fn(tr.params, tr.opt_state, *tr.put(
@@ -414,9 +415,9 @@ class _Loop:
         self.counters["tokens"] += n_tok
         self.counters["targets"] += int(w.sum()) * jax.process_count()
         self._tok_window += n_tok
-        last = step == int(t.steps)
-        evaluate = self.eval_batches is not None and (step % int(t.eval_every) == 0 or last)
-        if step % int(t.log_every) == 0 or last or evaluate:
+        last = step == t.steps
+        evaluate = self.eval_batches is not None and (step % t.eval_every == 0 or last)
+        if step % t.log_every == 0 or last or evaluate:
             self._record(step, m, evaluate)
 
     def _record(self, step: int, m: dict[str, Any], evaluate: bool) -> None:
@@ -431,20 +432,20 @@ class _Loop:
         if evaluate:
             rec["held_out"] = held_out_loss(tr.nll_fn, tr.params, self.eval_batches, tr.put).as_dict()
             self.log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
-            if int(self.config.eval.get("context_tasks_during", 0)):
-                ctx = _context_gain(self.config, nnx.merge(tr.graphdef, tr.params), tr.tokenizer)
+            if self.opts.eval.context_tasks_during:
+                ctx = _context_gain(self.opts, nnx.merge(tr.graphdef, tr.params), tr.tokenizer)
                 rec["held_out"]["context"] = ctx
                 self.log(f"step {step}: context gain {ctx['gain']:.1%} on {ctx['test_outputs']} held-out test "
                          "outputs")
         if self.metrics is not None:
             self.metrics.append(rec)
             self.metrics.flush()
-        self.log(f"step {step}/{int(self.config.train.steps)} loss {loss:.4f} lr {rec['lr']:.2e} "
+        self.log(f"step {step}/{self.opts.train.steps} loss {loss:.4f} lr {rec['lr']:.2e} "
                  f"{rec['tokens_per_s']:.0f} tok/s epoch {self.stream.epoch}")
         self._t_window, self._tok_window = time.perf_counter(), 0
 
 
-def _export_and_evaluate(config: ml_collections.ConfigDict, trainee: _Trainee, result: TrainLMResult,
+def _export_and_evaluate(opts: TrainLMOptions, trainee: _Trainee, result: TrainLMResult,
                          metrics_path: str | Path, start: float, log: Callable[[str], None]) -> TrainLMResult:
     """The HF export, the held-out evaluation and the model card of a finished run.
 
@@ -456,22 +457,22 @@ def _export_and_evaluate(config: ml_collections.ConfigDict, trainee: _Trainee, r
     staged = RunLocation(out).local is None
     with local_folder(export_at, upload=jax.process_index() == 0, last=("README.md",)) as export_dir:
         export_model(trainee.graphdef, trainee.params, trainee.mcfg, trainee.tokenizer, export_dir,
-                     dtype=str(config.export_dtype), every_process=staged)
+                     dtype=opts.export_dtype, every_process=staged)
         if staged or jax.process_index() == 0:
-            export_prompt_format(config, export_dir)
-        held, accuracy = final_evaluation(config, export_dir, log=log, name=str(export_at),
+            export_prompt_format(opts, export_dir)
+        held, accuracy = final_evaluation(opts, export_dir, log=log, name=str(export_at),
                                           predictions_dir=join_location(out, "eval_predictions"))
         result = dataclasses.replace(result, export_dir=str(export_at), held_out=held, accuracy=accuracy,
                                      seconds=time.perf_counter() - start)
         if jax.process_index() == 0:
-            write_model_card(config, result, export_dir, metrics_path)
+            write_model_card(opts, result, export_dir, metrics_path)
     return result
 
 
-def _context_gain(config: ml_collections.ConfigDict, model: Any, tokenizer: Any) -> dict[str, Any]:
+def _context_gain(opts: TrainLMOptions, model: Any, tokenizer: Any) -> dict[str, Any]:
     """The context-use figure of the model card on the first `eval.context_tasks_during` held-out tasks: answer-
     cell loss with the task's own train pairs, none and another task's, and the gain 1 - own / another."""
-    cu = context_use_of_run(config, model, tokenizer, max_tasks=int(config.eval.context_tasks_during))
+    cu = context_use_of_run(opts, model, tokenizer, max_tasks=opts.eval.context_tasks_during)
     own, other = cu["model"]["own"]["loss"], cu["model"]["other"]["loss"]
     return {"own": own, "none": cu["model"]["none"]["loss"], "other": other, "gain": 1.0 - own / other,
             "test_outputs": cu["test_outputs"]}

@@ -30,12 +30,13 @@ from arcstream.model.sharding import (
     constrain,
     logical_sharding,
     logical_to_spec,
+    MeshOptions,
     make_mesh,
 )
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS", "HOOKS", "LOGICAL_AXIS_RULES", "MESH_AXES", "PARAM_TABLE", "PRESETS", "Decoder",
     "GenerateOutput", "LinearRopeScaling", "ModelConfig", "ModelOutput", "RopeScaling", "attention", "attention_option", "constrain", "default_model_options", "forward", "forward_jit", "generate", "init_random",
-    "load_model", "logical_sharding", "logical_to_spec", "make_mesh", "parse_sites", "rope_tables", "segment_mask",
+    "load_model", "logical_sharding", "logical_to_spec", "make_mesh", "MeshOptions", "parse_sites", "rope_tables", "segment_mask",
     "resolve_checkpoint", "save_hf_checkpoint",
 ]

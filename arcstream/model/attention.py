@@ -384,7 +384,7 @@ def _unmasked_lo(segq_x, qi_q, block_q: int, block_k: int, window: int | None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _flash(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, qb_hi_k, scale, window, block_q, softcap):
-    """o_btkgh [B, T, K, G, H] in q's dtype (see `_flash_fwd`)."""
+    """o_btkgh [B, T, K, G, H] in q's dtype (see `_flash_fwd_impl`)."""
     return _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale, window, block_q, softcap)[0]
 
 
@@ -402,6 +402,16 @@ def _cap(s_raw, scale: float, softcap: float | None):
 
 def _flash_fwd_impl(q_btkgh, k_x, v_x, segq_x, segk_x, kb_lo_q, scale: float, window: int | None,
                     block_q: int, softcap: float | None = None):
+    """Flash-attention forward: (o_btkgh [B, T, K, G, H] in q's dtype, lse_x [nq, B, K, G, bq] float32).
+
+    For each query block, an online softmax over the key blocks it sees, in
+    three runs (masked edge, unmasked interior, masked diagonal; see
+    `_unmasked_lo`); lse = m * exp_scale + log(l) is saved for the backward.
+    It stays one function on purpose: the query-block and key-block bodies are
+    loop closures over a dozen traced arrays and static sizes, and splitting
+    them out would only thread those through long argument lists and separate
+    the online-softmax update from the loop bounds that decide where it masks.
+    """
     b, tp, kh, g, h = q_btkgh.shape
     nq = tp // block_q
     block_k = k_x.shape[3]

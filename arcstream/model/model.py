@@ -459,8 +459,9 @@ def default_model_options() -> "ml_collections.ConfigDict":
 
 
 def attention_option(config: "ml_collections.ConfigDict") -> str:
-    """`config.model_options.attention`, checked; "auto" for configs built without the section."""
-    opts = config.get("model_options")
+    """`config.model_options.attention`, checked; "auto" for configs built without the section. `config` is
+    a ConfigDict or a job's frozen options (whose `model_options` is a section)."""
+    opts = config.get("model_options") if hasattr(config, "get") else getattr(config, "model_options", None)
     value = str(opts.get("attention", "auto")) if opts is not None else "auto"
     if value not in IMPLEMENTATIONS:
         raise ValueError(f"--config.model_options.attention={value!r}: expected one of {list(IMPLEMENTATIONS)}")

@@ -20,6 +20,7 @@ on a 4-way axis: each device keeps both KV heads).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -47,6 +48,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("activation_vocab", "model"),  # V of the logits
     ("cache_length", None),  # S of the KV cache
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshOptions:
+    """The `mesh` section of every job that runs a model: the ('data', 'model') mesh's shape."""
+
+    data: int = -1  # batch (data-parallel) axis size; -1 = all devices the other axis leaves
+    model: int = 1  # tensor-parallel axis size (heads, MLP, d_sae)
+
+    def make(self) -> Mesh:
+        return make_mesh(data=self.data, model=self.model)
 
 
 def make_mesh(data: int = -1, model: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:

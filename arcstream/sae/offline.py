@@ -1,6 +1,6 @@
 """The offline SAE trainer: stored activations -> Grain batches -> the shared step -> exports.
 
-`train_offline(config, source)` trains one SAE (or a sweep) per site on a
+`train_offline(options, source)` trains one SAE (or a sweep) per site on a
 `run_dir`'s stored activations, checkpointing with Orbax (state + Grain iterator)
 every `checkpoint_every` steps, and resumes from the latest checkpoint if one
 exists: a run killed after a checkpoint and restarted ends with exactly the
@@ -30,7 +30,7 @@ from arcstream.sae.architectures import SAEConfig, member_names
 from arcstream.sae.checkpoint import SAECheckpointer
 from arcstream.sae.data import ActivationSource, batch_dataset
 from arcstream.sae.export import export_sae
-from arcstream.sae.options import SAEOptions
+from arcstream.sae.options import SAEOptions, TrainSAEOptions
 from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
 from arcstream.sae.train import TrainState, batch_sites, init_train_state, make_train_step, member_state
 from arcstream.io import JsonlLog, checkpoint_dir, join_location, truncate_metrics
@@ -71,9 +71,9 @@ def use_compilation_cache(directory: str) -> str | None:
     return path
 
 
-def _offline_specs(config: Any, opts: SAEOptions, source: ActivationSource) -> dict[str, list[SAEConfig]]:
-    """The specs to train: `config.sites` (default: every stored site), each site's width from the store."""
-    sites = [s.strip() for s in str(config.sites or "").split(",") if s.strip()] or list(source.sites)
+def _offline_specs(job: TrainSAEOptions, opts: SAEOptions, source: ActivationSource) -> dict[str, list[SAEConfig]]:
+    """The specs to train: `sites` (default: every stored site), each site's width from the store."""
+    sites = job.site_list or list(source.sites)
     unknown = [s for s in sites if s not in set(source.sites)]
     if unknown:
         raise ValueError(f"--config.sites: {unknown} not in the run's stored sites {list(source.sites)}")
@@ -109,9 +109,9 @@ def _log_step(metrics_log: JsonlLog, metrics, names: Mapping[str, list[str]], do
         metrics_log.flush()
 
 
-def _checkpointer(config: Any, run_dir: str) -> SAECheckpointer:
-    """Orbax checkpoints in `config.checkpoint_dir`, default `run_dir/saes/checkpoints`."""
-    return SAECheckpointer(checkpoint_dir(str(config.get("checkpoint_dir", "") or ""), run_dir, "saes", "checkpoints",
+def _checkpointer(job: TrainSAEOptions, run_dir: str) -> SAECheckpointer:
+    """Orbax checkpoints in `checkpoint_dir`, default `run_dir/saes/checkpoints`."""
+    return SAECheckpointer(checkpoint_dir(job.checkpoint_dir, run_dir, "saes", "checkpoints",
                                           flag="--config.checkpoint_dir", output_flag="--config.run_dir"),
                            flag="--config.checkpoint_dir")
 
@@ -134,27 +134,29 @@ def _summary(state: TrainState, specs, names, last, exports, start: int, total_s
 
 
 def train_offline(
-    config: Any,
+    config: TrainSAEOptions | Any,
     source: ActivationSource,
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train SAEs on `source` per `config` (see configs/train_sae.py); returns a summary dict."""
-    run_dir = str(config.run_dir)
-    opts = SAEOptions.from_config(config.sae)
-    specs = _offline_specs(config, opts, source)
+    """Train SAEs on `source` per the options (`TrainSAEOptions`; a configs/train_sae.py ConfigDict is
+    checked into them first); returns a summary dict."""
+    job = TrainSAEOptions.from_config(config)
+    run_dir = job.run_dir
+    opts = job.sae_options()
+    specs = _offline_specs(job, opts, source)
     pretrained = load_pretrained(parse_init_from(opts.init_from), specs)  # checked before any data is read
     sites = batch_sites(specs)  # only what the specs read (a transcoder: its input and target sites)
     batch_size = opts.batch_size
     total_steps = max(1, opts.train_tokens // batch_size)
-    tc = opts.train_config(total_steps, int(config.seed))
-    ds = batch_dataset(source, sites, batch_size, chunk_rows=opts.chunk_rows, seed=int(config.seed))
+    tc = opts.train_config(total_steps, job.seed)
+    ds = batch_dataset(source, sites, batch_size, chunk_rows=opts.chunk_rows, seed=job.seed)
     # One reader thread, two batches ahead (a step takes seconds on a CPU, milliseconds to read).
     # Grain's default, 16 threads and 500 batches ahead, held ~7 GB of 4096 x 896 float32 batches
     # and read ahead of a short run on the very cores its steps need.
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
     saes_dir = join_location(run_dir, "saes")
-    ckpt = _checkpointer(config, run_dir)
+    ckpt = _checkpointer(job, run_dir)
     metrics_path = join_location(saes_dir, "metrics.jsonl")
 
     # The init batch is batch 0 read on its own (not from the training iterator), so the
@@ -164,9 +166,9 @@ def train_offline(
     # checkpoint restarts at 0): they are logged again.
     truncate_metrics(metrics_path, start)
     step = make_train_step(specs, tc)
-    every = int(config.checkpoint_every)
-    log_every = max(1, int(config.log_every))
-    stop_after = int(config.get("stop_after_steps", 0) or 0)
+    every = job.checkpoint_every
+    log_every = max(1, job.log_every)
+    stop_after = job.stop_after_steps
     names = {site: member_names(m) for site, m in specs.items()}
     t0, last = time.perf_counter(), {}
     metrics_log = JsonlLog(metrics_path)
@@ -184,7 +186,7 @@ def train_offline(
             return {"stopped_at": done, "total_steps": total_steps}
     metrics_log.flush()
     elapsed = time.perf_counter() - t0  # training only, not the exports
-    exports = export_all(state, specs, saes_dir, model_name=config.get("model_name") or None)
+    exports = export_all(state, specs, saes_dir, model_name=job.model_name or None)
     ckpt.close()
     return _summary(state, specs, names, last, exports, start, total_steps, batch_size, elapsed)
 

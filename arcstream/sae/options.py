@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from arcstream.options import Section, from_config, from_section
 from arcstream.sae.architectures import SWEEPABLE, SAEConfig, get_architecture
 from arcstream.sae.train import TrainConfig
 from arcstream.sae.transcoder import transcoder_key
@@ -96,23 +97,12 @@ class SAEOptions:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | ml_collections.ConfigDict) -> SAEOptions:
-        """The options of a config's `sae` section; unknown keys are refused naming `--config.sae.KEY`."""
-        items = dict(section.items())
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(items) - set(fields))
-        if unknown:
-            raise ValueError(f"--config.sae.{unknown[0]} is not an SAE option (unknown: {unknown}); the keys are "
-                             f"{sorted(fields)} (arcstream/sae/options.py documents each)")
-        kw = {}
-        for name, value in items.items():
-            default = fields[name].default
-            if name == "matryoshka_widths" and not isinstance(value, str):
-                value = ",".join(str(w) for w in parse_widths(value))
-            try:
-                kw[name] = type(default)(value) if value is not None else default
-            except (TypeError, ValueError):
-                raise ValueError(f"--config.sae.{name}={value!r} is not a {type(default).__name__}") from None
-        return cls(**kw)
+        """The options of a config's `sae` section (`arcstream.options.from_section`: unknown keys and
+        mistyped values are refused naming `--config.sae.KEY`)."""
+        items = {k: v for k, v in dict(section.items()).items() if v is not None}  # None = the default
+        if "matryoshka_widths" in items and not isinstance(items["matryoshka_widths"], str):
+            items["matryoshka_widths"] = ",".join(str(w) for w in parse_widths(items["matryoshka_widths"]))
+        return from_section(cls, items, "--config.sae")
 
     def train_config(self, total_steps: int, seed: int) -> TrainConfig:
         """The trainer's schedule: warm-up capped at the run, linear decay over `decay_fraction` of it."""
@@ -186,4 +176,55 @@ def sae_section(job: str, **overrides: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({k: overrides.get(k, getattr(defaults, k)) for k in keys})
 
 
-__all__ = ["JOB_KEYS", "OFFLINE", "ONLINE", "SAEOptions", "parse_sweep", "parse_widths", "sae_section", "site_specs"]
+def job_sae_options(section: Mapping[str, Any], job: str) -> SAEOptions:
+    """The `sae` section of `job` ("online" or "train_sae") checked: a key of the other job is refused by
+    name (e.g. `sae.train_tokens` in a run config), then `SAEOptions.from_config`."""
+    keys = JOB_KEYS[job]
+    bad = sorted(set(section.keys()) - set(keys))
+    if bad:
+        raise ValueError(f"--config.sae.{bad[0]} is not an SAE key of the {job} job (unknown here: {bad}); its keys "
+                         f"are {list(keys)} (arcstream/sae/options.py documents each)")
+    return SAEOptions.from_config(section)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSAEOptions:
+    """A whole `arcstream.train_sae` config (configs/train_sae.py), checked: what `train_offline` reads."""
+
+    run_dir: str = ""  # run directory written by `arcstream.run` (a local path or a kvstore URL) (required)
+    checkpoint_dir: str = ""  # Orbax checkpoints; "" = run_dir/saes/checkpoints (set it for memory:// run dirs)
+    sites: str = ""  # comma-separated site names; empty = every stored site
+    seed: int = 0  # seeds the init and the batch order
+    checkpoint_every: int = 1000  # steps between Orbax checkpoints (and at the end)
+    log_every: int = 100  # steps between metrics.jsonl records
+    stop_after_steps: int = 0  # stop (after a checkpoint) at this step; 0 = run to the end (tests of resume)
+    model_name: str = ""  # written into the exports' metadata.model_name when set
+    # JAX's persistent compilation cache (a private directory: its entries are trusted code). A run
+    # with the same shapes skips XLA compilation (~15 s of a cold 2-core CPU start); "" = off.
+    compilation_cache_dir: str = "~/.cache/arcstream/jax"
+    # The SAE: architecture, width, sparsity, optimiser, schedule, batch (SAEOptions's train_sae keys).
+    sae: Section = dataclasses.field(
+        default_factory=lambda: ml_collections.FrozenConfigDict(sae_section("train_sae")))
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("--config.run_dir is required (the run directory holding the activation store)")
+        if self.checkpoint_every < 0 or self.stop_after_steps < 0:
+            raise ValueError(f"--config.checkpoint_every ({self.checkpoint_every}) and --config.stop_after_steps "
+                             f"({self.stop_after_steps}) must be >= 0")
+        self.sae_options()
+
+    def sae_options(self) -> SAEOptions:
+        return job_sae_options(self.sae, "train_sae")
+
+    @property
+    def site_list(self) -> list[str]:
+        return [s.strip() for s in self.sites.split(",") if s.strip()]
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainSAEOptions:
+        """`config` (a ConfigDict of configs/train_sae.py, or the options themselves) checked once."""
+        return from_config(cls, config)
+
+
+__all__ = ["JOB_KEYS", "OFFLINE", "ONLINE", "SAEOptions", "TrainSAEOptions", "job_sae_options", "parse_sweep", "parse_widths", "sae_section", "site_specs"]

@@ -35,7 +35,7 @@ import tensorstore as ts
 
 from arcstream.store.layout import CONFIG_FILE, DTYPES, MANIFEST_FILE, TOKEN_FIELDS, ConfigMismatchError, activation_key, activation_metadata, check_site_name, ledger_key, numpy_dtype, prompt_segment_key, prompt_to_json, token_key, token_metadata
 from arcstream.io import CONTEXT, RunLocation, StoreError, StoreWriteError, explain_os_error
-from arcstream.store.manifest import (Ledger, ProcessCommit, StoreLayout, canonical_json, config_diff,
+from arcstream.store.manifest import (Ledger, Manifest, ProcessCommit, StoreLayout, canonical_json, config_diff,
                                       config_fingerprint, read_ledger, read_manifest, write_manifest)
 
 
@@ -118,56 +118,30 @@ class StoreWriter:
         order. `config`: the resolved config as plain JSON data; its
         fingerprint is recorded, and reopening with a different one raises
         `ConfigMismatchError` listing the differing keys. `rows_per_shard`:
-        rows per shard file; `rows_per_chunk` (default min(256, rows_per_shard),
-        must divide it): the unit a reader fetches. A resumed writer is
-        positioned at the manifest's rows for this process; `resume_step`
-        says where the run continues.
+        rows per shard file; `rows_per_chunk` (default: the largest divisor of
+        rows_per_shard up to 256; must divide it): the unit a reader fetches.
+        A resumed writer is positioned at the manifest's rows for this process;
+        `resume_step` says where the run continues.
         """
         _check_args(sites, dtype, process_index, process_count, rows_per_shard, rows_per_chunk,
                     max_pending_bytes)
         if rows_per_chunk is None:
-            rows_per_chunk = min(256, rows_per_shard)
-            while rows_per_shard % rows_per_chunk:
-                rows_per_chunk -= 1
+            rows_per_chunk = _default_rows_per_chunk(rows_per_shard)
         location = RunLocation(output_dir)
         location.ensure_writable()
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a dict of the resolved config (ConfigDict.to_dict()), got {type(config).__name__}")
-        config = json.loads(canonical_json(dict(config)))
-        fingerprint = config_fingerprint(config)
-        layout = StoreLayout(dict(sites), dtype, rows_per_shard, rows_per_chunk, process_count, fingerprint)
-
-        where = location.url.rstrip("/")
-        stored_config = location.read_json(CONFIG_FILE)
-        if stored_config is not None and config_fingerprint(stored_config) != fingerprint:
-            raise ConfigMismatchError(
-                f"{where} holds a store written by a different config; differing keys:\n"
-                + "\n".join(config_diff(stored_config, config))
-                + "\nUse a new output_dir, or rerun with the stored config to resume.")
-        manifest = read_manifest(location)
-        for record, source in ((manifest, "manifest.json"), (read_ledger(location, process_index),
-                                                              ledger_key(process_index))):
-            if record is None:
-                continue
-            record.layout.check_matches(layout, f"{where}/{source}")
-            if record.layout.config_fingerprint != fingerprint:
-                raise ConfigMismatchError(
-                    f"{where}/{source} was written by a different config (fingerprint "
-                    f"{record.layout.config_fingerprint[:12]}..., requested {fingerprint[:12]}...) and "
-                    f"{CONFIG_FILE} is missing, so the differing keys cannot be shown. Use a new output_dir.")
-        if process_index == 0 and stored_config is None:
-            location.write_json_atomic(CONFIG_FILE, config)
-
+        config = _plain_json(config, "config")
+        layout = StoreLayout(dict(sites), dtype, rows_per_shard, rows_per_chunk, process_count,
+                             config_fingerprint(config))
+        manifest = _check_or_record_config(location, layout, config, process_index)
         if manifest is not None:
             durable = manifest.processes[process_index]
             durable = dataclasses.replace(durable, step=manifest.step)
         else:
             durable = ProcessCommit(process_index, 0, 0, 0, (), {})
         arrays = _open_arrays(location, layout, process_index, durable.rows)
-        # A kill between writing a small file's temporary and renaming it leaves the temporary behind.
-        segments = prompt_segment_key(process_index, 0).rsplit("/", 1)[0] + "/*"  # any of this process's segments
-        location.remove_temporaries(ledger_key(process_index), segments,
-                                    *((CONFIG_FILE, MANIFEST_FILE) if process_index == 0 else ()))
+        _remove_temporaries(location, process_index)
         known = _read_prompt_indices(location, durable)
         writer = cls(location=location, layout=layout, process_index=process_index, arrays=arrays,
                      durable=durable, known_prompts=known, max_pending_bytes=max_pending_bytes)
@@ -438,7 +412,7 @@ class StoreWriter:
         if not isinstance(step, (int, np.integer)) or step < self._durable.step:
             raise ValueError(f"commit: step={step!r} must be an int >= the last committed step "
                              f"{self._durable.step} (steps only move forward)")
-        extra = json.loads(canonical_json(dict(extra or {}), "commit extra"))
+        extra = _plain_json(extra or {}, "commit extra")
         self._write_tail()
         self.wait(0)
         if self._shape != self._rows:
@@ -499,6 +473,59 @@ def _check_args(sites, dtype, process_index, process_count, rows_per_shard, rows
                          f"rows_per_shard={rows_per_shard}")
     if max_pending_bytes < 0:
         raise ValueError(f"max_pending_bytes={max_pending_bytes}: expected >= 0")
+
+
+def _default_rows_per_chunk(rows_per_shard: int) -> int:
+    """The largest divisor of `rows_per_shard` up to 256 (a chunk must tile its shard)."""
+    rows_per_chunk = min(256, rows_per_shard)
+    while rows_per_shard % rows_per_chunk:
+        rows_per_chunk -= 1
+    return rows_per_chunk
+
+
+def _plain_json(obj: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """`obj` as JSON reads it back (plain dicts, lists, str, int, float, bool, None), so what is recorded equals
+    what a reader gets; ValueError naming `what` when it is not JSON-serialisable."""
+    return json.loads(canonical_json(dict(obj), what))
+
+
+def _check_or_record_config(location: RunLocation, layout: StoreLayout, config: dict[str, Any],
+                            process_index: int) -> Manifest | None:
+    """Refuses a store written under another config or layout, records the config of a new one (process 0), and
+    returns the manifest (None before the first commit).
+
+    The config file gives the differing keys; a manifest or ledger without it (a damaged or partly written
+    store) can only say that the fingerprints differ.
+    """
+    where = location.url.rstrip("/")
+    stored_config = location.read_json(CONFIG_FILE)
+    if stored_config is not None and config_fingerprint(stored_config) != layout.config_fingerprint:
+        raise ConfigMismatchError(
+            f"{where} holds a store written by a different config; differing keys:\n"
+            + "\n".join(config_diff(stored_config, config))
+            + "\nUse a new output_dir, or rerun with the stored config to resume.")
+    manifest = read_manifest(location)
+    for record, source in ((manifest, "manifest.json"), (read_ledger(location, process_index),
+                                                          ledger_key(process_index))):
+        if record is None:
+            continue
+        record.layout.check_matches(layout, f"{where}/{source}")
+        if record.layout.config_fingerprint != layout.config_fingerprint:
+            raise ConfigMismatchError(
+                f"{where}/{source} was written by a different config (fingerprint "
+                f"{record.layout.config_fingerprint[:12]}..., requested {layout.config_fingerprint[:12]}...) and "
+                f"{CONFIG_FILE} is missing, so the differing keys cannot be shown. Use a new output_dir.")
+    if process_index == 0 and stored_config is None:
+        location.write_json_atomic(CONFIG_FILE, config)
+    return manifest
+
+
+def _remove_temporaries(location: RunLocation, process_index: int) -> None:
+    """Removes the temporaries of this process's small files (process 0: also the config and manifest):
+    a kill between writing a small file's temporary and renaming it leaves the temporary behind."""
+    segments = prompt_segment_key(process_index, 0).rsplit("/", 1)[0] + "/*"  # any of this process's segments
+    location.remove_temporaries(ledger_key(process_index), segments,
+                                *((CONFIG_FILE, MANIFEST_FILE) if process_index == 0 else ()))
 
 
 def _open_arrays(location: RunLocation, layout: StoreLayout, process_index: int, durable_rows: int) -> dict[str, _Array]:

@@ -58,21 +58,20 @@ from tqdm import tqdm
 import arcstream
 from arcstream import cli
 from arcstream.analysis import analyze
-from arcstream.analysis.config import default_analyze_config
 from arcstream.data.pipeline import Pipeline, make_pipeline
 from arcstream.data.records import CELL_FIELDS, PackedBatch
 from arcstream.data.tokenizer import build_arc_tokenizer, load_tokenizer
 from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, join_location, resume_fingerprint
-from arcstream.model import (ModelConfig, attention_option, forward, init_random, load_model, make_mesh, parse_sites,
+from arcstream.model import (ModelConfig, attention_option, forward, init_random, load_model, parse_sites,
                              save_hf_checkpoint)
 from arcstream.predict import predict_config_from_run, run_predictions
-from arcstream.sae import SAECheckpointer, SAEOptions, export_all, init_train_state, make_train_step
+from arcstream.sae import SAECheckpointer, export_all, init_train_state, make_train_step
 from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
 from arcstream.store import StoreWriter, open_run, write_manifest
 from arcstream.store.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
+from arcstream.stream.options import TOKEN_POLICIES, RunOptions
 from arcstream.stream.ring import DrainQueue, RingSpec, RingState, due_uses, init_ring, make_sampler, ring_put
 
-TOKEN_POLICIES = ("all", "grid", "answer")
 
 
 # --- which tokens are stored -------------------------------------------------------------------
@@ -237,9 +236,9 @@ class RunResult:
     sae_steps: int
     sae_final: dict[str, dict[str, float]]
     exports: list[str]
-    predictions: Any = None  # arcstream.predict PredictResult when config.predict
+    predictions: Any = None  # arcstream.predict PredictResult when predict=True
     predict_skipped: str = ""  # why predict=True did not run here (several processes, a URL output_dir)
-    analysis: Any = None  # arcstream.analysis AnalyzeResult when config.analyze
+    analysis: Any = None  # arcstream.analysis AnalyzeResult when analyze=True
     analysis_skipped: str = ""  # why analyze=True did not run here
     skipped_file: str = "skipped.jsonl"  # where the skipped tasks and prompts are named (row, task id, reason)
     # online SAEs, this invocation: tokens captured for them, drawn, drawn again, never drawn; draws owed each
@@ -303,56 +302,56 @@ class RunResult:
         return rows
 
 
-def _resolve_model(config: ml_collections.ConfigDict) -> tuple[str, str]:
+def _resolve_model(opts: RunOptions) -> tuple[str, str]:
     """The checkpoint to load, and a note for the summary when it is not a trained model."""
-    if config.model:
-        return str(config.model), ""
+    if opts.model:
+        return opts.model, ""
     # No model given: a small random Qwen2 with arcstream's ARC tokenizer, built
     # deterministically (until a trained model ships). The loader needs a local
     # directory: output_dir/random_model when output_dir is local, else a local
     # cache folder named after the model's settings, built by every process that
     # lacks it (hosts of a pod do not share a disk).
-    local = RunLocation(str(config.output_dir)).local
+    local = RunLocation(opts.output_dir).local
     note = "random weights (no --config.model given)"
     if local is not None:
         path = local / "random_model"
         if jax.process_index() == 0 and not (path / "config.json").exists():
-            _build_random_model(config, path)
+            _build_random_model(opts, path)
         barrier("random_model")
         return str(path), note
-    path = _random_model_cache_dir(config)
+    path = _random_model_cache_dir(opts)
     if not (path / "config.json").exists():
-        _build_random_model(config, path)
+        _build_random_model(opts, path)
     logging.info("--config.output_dir=%s is not a local directory: the random model (no --config.model) "
-                 "is built in the local cache %s", config.output_dir, path)
+                 "is built in the local cache %s", opts.output_dir, path)
     return str(path), f"{note}; built in the local cache {path}"
 
 
-def _random_model_cache_dir(config: ml_collections.ConfigDict) -> Path:
+def _random_model_cache_dir(opts: RunOptions) -> Path:
     """`$XDG_CACHE_HOME/arcstream/random_model/<hash of the settings>` (default cache: ~/.cache).
 
     The settings are everything `_build_random_model` reads plus arcstream's
     version, so equal settings share one folder and any change gets a new one.
     """
-    settings = {"family": "qwen2", "tokenizer": "digits", "hidden_size": int(config.random_model.hidden_size),
-                "num_layers": int(config.random_model.num_layers), "seed": int(config.seed),
+    settings = {"family": "qwen2", "tokenizer": "digits", "hidden_size": opts.random_model.hidden_size,
+                "num_layers": opts.random_model.num_layers, "seed": opts.seed,
                 "arcstream": arcstream.__version__}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "arcstream" / "random_model" / digest
 
 
-def _build_random_model(config: ml_collections.ConfigDict, path: Path) -> None:
+def _build_random_model(opts: RunOptions, path: Path) -> None:
     """Writes the random model to `path`: built in a temporary sibling, then renamed into place, so
     processes that share the disk never load (or collide on) a half-written folder."""
     tok = build_arc_tokenizer("digits")
-    mcfg = ModelConfig.tiny("qwen2", vocab_size=len(tok), hidden_size=int(config.random_model.hidden_size),
-                            num_layers=int(config.random_model.num_layers), intermediate_size=
-                            int(config.random_model.hidden_size) * 3, max_position_embeddings=32768,
+    mcfg = ModelConfig.tiny("qwen2", vocab_size=len(tok), hidden_size=opts.random_model.hidden_size,
+                            num_layers=opts.random_model.num_layers, intermediate_size=
+                            opts.random_model.hidden_size * 3, max_position_embeddings=32768,
                             eos_token_ids=(int(tok.eos_token_id),))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        save_hf_checkpoint(init_random(mcfg, seed=int(config.seed)), mcfg, tmp)
+        save_hf_checkpoint(init_random(mcfg, seed=opts.seed), mcfg, tmp)
         tok.save_pretrained(tmp)
         try:
             os.rename(tmp, path)
@@ -367,34 +366,38 @@ def _site_list(spec: str) -> list[str]:
     return [s.strip() for s in str(spec).split(",") if s.strip()]
 
 
-def run(config: ml_collections.ConfigDict) -> RunResult:
-    """The run job: capture `config.sites` over `config.data.source` into `config.output_dir`.
+def run(options: RunOptions | ml_collections.ConfigDict) -> RunResult:
+    """The run job: capture `sites` over `data.source` into `output_dir`.
+
+    `options`: the job's frozen options (a configs/default.py ConfigDict is checked into them first, so a
+    bad key or value is refused before anything loads).
 
     One function in sections (mesh and model, data, store, online SAEs, the loop, after the loop), each
     a helper below; the commit protocol and the resume are the module docstring's.
     """
     start = time.perf_counter()
+    opts = RunOptions.from_config(options)
     pidx, pcount = jax.process_index(), jax.process_count()
-    predict_skipped = _check_before_loading(config, pcount)
+    predict_skipped = _check_before_loading(opts, pcount)
 
     # --- mesh and model
-    mesh = make_mesh(int(config.mesh.data), int(config.mesh.model))
-    lm = _load_model(config, mesh)
+    mesh = opts.mesh.make()
+    lm = _load_model(opts, mesh)
 
     # --- data
-    pipeline = _make_pipeline(config, mesh, lm.tokenizer, pidx, pcount)
+    pipeline = _make_pipeline(opts, mesh, lm.tokenizer, pidx, pcount)
 
     # --- store (resume from its manifest)
-    store = _open_store(config, lm, pipeline, pidx, pcount)
+    store = _open_store(opts, lm, pipeline, pidx, pcount)
 
     # --- online SAEs
     sae = None
-    if config.sae.enabled:
-        sae = _OnlineSAE(config, mesh, {s: lm.cfg.hidden_size for s in lm.sites},
+    if opts.sae_options().enabled:
+        sae = _OnlineSAE(opts, mesh, {s: lm.cfg.hidden_size for s in lm.sites},
                          resume_sae_step=store.writer.last_commit.extra.get("sae_step") if store.step0 else None)
 
     # --- the step and the loop
-    loop = _StepLoop(config, mesh, lm, pipeline, store, sae, start)
+    loop = _StepLoop(opts, mesh, lm, pipeline, store, sae, start)
     loop.run()
 
     # --- after the loop: SAE exports, predictions, analysis (each timed for the summary)
@@ -402,19 +405,19 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     exports, sae_final = [], {}
     with tm.timing("finish"):
         if sae is not None:
-            exports, sae_final = sae.finish(str(config.output_dir), lm.path)
+            exports, sae_final = sae.finish(opts.output_dir, lm.path)
     predictions = None
     with tm.timing("predict"):
-        if config.predict and not predict_skipped:
-            predictions = _predict(config, lm.path, lm.model, lm.tokenizer, mesh)
+        if opts.predict and not predict_skipped:
+            predictions = _predict(opts, lm.path, lm.model, lm.tokenizer, mesh)
     with tm.timing("analysis"):
-        analysis, analysis_skipped = _maybe_analyze(config, lm.path, pcount, exports)
-    rows_durable = open_run(str(config.output_dir)).rows if lm.stored else 0
+        analysis, analysis_skipped = _maybe_analyze(opts, lm.path, pcount, exports)
+    rows_durable = open_run(opts.output_dir).rows if lm.stored else 0
     store.writer.close()
     drain = loop.drain
     tm.d2h, tm.disk = drain.stats.d2h_seconds, drain.stats.sink_seconds
     return RunResult(
-        output_dir=str(config.output_dir), model=str(config.model or lm.path), model_note=lm.note,
+        output_dir=opts.output_dir, model=opts.model or lm.path, model_note=lm.note,
         sites=tuple(lm.sites), stored_sites=tuple(lm.stored), steps=loop.step, resumed_from=store.step0,
         prompts=loop.prompts, tokens=loop.tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts),
         seconds=time.perf_counter() - start, timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
@@ -423,15 +426,13 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         analysis=analysis, analysis_skipped=analysis_skipped, skipped_file=store.skiplog.key)
 
 
-def _check_before_loading(config: ml_collections.ConfigDict, pcount: int) -> str:
+def _check_before_loading(opts: RunOptions, pcount: int) -> str:
     """What can be refused before the model loads; returns why `predict=True` is skipped here ("" if not)."""
-    if not config.output_dir:
-        raise ValueError("--config.output_dir is empty: give a local path or a TensorStore URL (gs://...)")
-    predict_skipped = _why_no_predictions(config, pcount)
+    predict_skipped = _why_no_predictions(opts, pcount)
     if predict_skipped:
         logging.warning("--config.predict=True: predictions skipped: %s", predict_skipped)
-    if config.sae.enabled:
-        _sae_checkpoint_dir(config)  # a bad checkpoint location fails now, not after the model has loaded
+    if opts.sae_options().enabled:
+        _sae_checkpoint_dir(opts)  # a bad checkpoint location fails now, not after the model has loaded
     return predict_skipped
 
 
@@ -439,25 +440,25 @@ def _check_before_loading(config: ml_collections.ConfigDict, pcount: int) -> str
 class _Model:
     """The mesh-and-model section's result: the loaded model and the sites it captures and stores."""
 
-    path: str  # the checkpoint folder loaded: config.model, or the random model built for the run
+    path: str  # the checkpoint folder loaded: opts.model, or the random model built for the run
     note: str  # for the summary: "" for a given model, else why its weights are random
     model: Any  # the NNX decoder, sharded on the mesh
     cfg: Any  # its arcstream.model.ModelConfig
     tokenizer: Any
-    sites: Sequence[str]  # captured (config.sites), canonical order
-    stored: Sequence[str]  # written to the store (config.store.sites): a subset of `sites`, or none
+    sites: Sequence[str]  # captured (opts.sites), canonical order
+    stored: Sequence[str]  # written to the store (opts.store.sites): a subset of `sites`, or none
 
 
-def _load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> _Model:
+def _load_model(opts: RunOptions, mesh: jax.sharding.Mesh) -> _Model:
     """Loads the model on the mesh and resolves the captured and stored sites (stored must be captured)."""
-    model_path, model_note = _resolve_model(config)
+    model_path, model_note = _resolve_model(opts)
     with jax.set_mesh(mesh):
-        model, mcfg = load_model(model_path, dtype=str(config.dtype), mesh=mesh,
-                                 attention=attention_option(config))
+        model, mcfg = load_model(model_path, dtype=opts.dtype, mesh=mesh,
+                                 attention=attention_option(opts))
     tokenizer = load_tokenizer(model_path)
-    sites = parse_sites(_site_list(config.sites), mcfg.num_layers)
-    stored = parse_sites(_site_list(config.store.sites), mcfg.num_layers) if config.store.sites else sites
-    if config.store.sites == "none":
+    sites = parse_sites(_site_list(opts.sites), mcfg.num_layers)
+    stored = parse_sites(_site_list(opts.store.sites), mcfg.num_layers) if opts.store.sites else sites
+    if opts.store.sites == "none":
         stored = ()
     missing = sorted(set(stored) - set(sites))
     if missing:
@@ -465,11 +466,11 @@ def _load_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> _
     return _Model(model_path, model_note, model, mcfg, tokenizer, sites, stored)
 
 
-def _make_pipeline(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, tokenizer: Any, pidx: int,
+def _make_pipeline(opts: RunOptions, mesh: jax.sharding.Mesh, tokenizer: Any, pidx: int,
                    pcount: int) -> Pipeline:
     """This host's Grain pipeline; refuses a global batch that the mesh's 'data' axis does not divide."""
-    B = int(config.data.batch_size)
-    pipeline = make_pipeline(config.data, tokenizer, process_index=pidx, process_count=pcount)
+    B = int(opts.data.batch_size)
+    pipeline = make_pipeline(opts.data, tokenizer, process_index=pidx, process_count=pcount)
     if (B * pcount) % mesh.shape["data"]:
         raise ValueError(f"data.batch_size={B} x {pcount} processes is not divisible by the mesh's data axis "
                          f"({mesh.shape['data']}): set --config.data.batch_size to a multiple of "
@@ -487,31 +488,30 @@ class _Store:
     skip_from: int  # the pipeline's skip number of the log's first line
 
 
-def _open_store(config: ml_collections.ConfigDict, lm: _Model, pipeline: Pipeline, pidx: int,
+def _open_store(opts: RunOptions, lm: _Model, pipeline: Pipeline, pidx: int,
                 pcount: int) -> _Store:
     """Creates the store, or reopens it at its last commit and puts the pipeline and skipped log there."""
-    resolved = json.loads(config.to_json_best_effort())
     writer = StoreWriter.create_or_resume(
-        str(config.output_dir), sites={s: lm.cfg.hidden_size for s in lm.stored}, config=resume_fingerprint(resolved, PROGRESS_KEYS),
-        dtype=str(config.store.dtype), process_index=pidx, process_count=pcount,
-        rows_per_shard=int(config.store.rows_per_shard))
+        opts.output_dir, sites={s: lm.cfg.hidden_size for s in lm.stored}, config=resume_fingerprint(opts.resolved, PROGRESS_KEYS),
+        dtype=opts.store.dtype, process_index=pidx, process_count=pcount,
+        rows_per_shard=opts.store.rows_per_shard)
     step0 = writer.resume_step
-    skiplog = SkippedLog(str(config.output_dir), SKIPPED_FILE if pcount == 1 else process_skipped_key(pidx))
+    skiplog = SkippedLog(opts.output_dir, SKIPPED_FILE if pcount == 1 else process_skipped_key(pidx))
     if step0:
-        skip_from = _resume(config, writer, step0, pipeline, skiplog)
+        skip_from = _resume(opts, writer, step0, pipeline, skiplog)
     else:
         skiplog.replace([])  # a fresh store: no lines of an earlier run in this directory
         skip_from = 0  # the pipeline's skip number of the file's first line
     return _Store(writer, skiplog, step0, skip_from)
 
 
-def _resume(config: ml_collections.ConfigDict, writer: StoreWriter, step0: int, pipeline: Pipeline,
+def _resume(opts: RunOptions, writer: StoreWriter, step0: int, pipeline: Pipeline,
             skiplog: SkippedLog) -> int:
     """Sets the pipeline to the state of the commit at `step0`, cuts the skipped log to that commit's lines,
     and returns the pipeline's skip number of the log's first line."""
     state = writer.last_commit.extra.get("pipeline")
     if state is None:
-        raise RuntimeError(f"{config.output_dir}: the commit at step {step0} has no pipeline state; cannot resume")
+        raise RuntimeError(f"{opts.output_dir}: the commit at step {step0} has no pipeline state; cannot resume")
     pipeline.set_state(state)
     # Lines a killed attempt wrote after its last commit are met again: drop them (no duplicates).
     extra = writer.last_commit.extra
@@ -522,7 +522,7 @@ def _resume(config: ml_collections.ConfigDict, writer: StoreWriter, step0: int, 
         skip_from = Pipeline.skips_in_state(state)
         skiplog.replace([])
         logging.warning("%s: this store predates %s; the %d skips before step %d are counted in the summary "
-                        "but not named", config.output_dir, skiplog.key, skip_from, step0)
+                        "but not named", opts.output_dir, skiplog.key, skip_from, step0)
     logging.info("resuming at step %d (%d durable rows on this process)", step0, writer.durable_rows)
     return skip_from
 
@@ -535,25 +535,26 @@ class _StepLoop:
     docstring's protocol), and closes the drain however the loop ends.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, lm: _Model,
+    def __init__(self, opts: RunOptions, mesh: jax.sharding.Mesh, lm: _Model,
                  pipeline: Pipeline, store: _Store, sae: _OnlineSAE | None, start: float):
-        self.config, self.mesh, self.pipeline, self.store, self.sae = config, mesh, pipeline, store, sae
+        self.opts, self.mesh, self.pipeline, self.store, self.sae = opts, mesh, pipeline, store, sae
         self.start = start  # the run's start (perf_counter), for the tokens/s of the status line
         self.pidx, self.pcount = jax.process_index(), jax.process_count()
-        self.B, self.T = int(config.data.batch_size), int(config.data.seq_len)
-        self.n_slots = int(config.ring.n_slots)
+        self.B, self.T = int(opts.data.batch_size), int(opts.data.seq_len)
+        self.n_slots = opts.ring.n_slots
         self.ring = init_ring(RingSpec({s: lm.cfg.hidden_size for s in lm.sites}, self.n_slots, self.B * self.pcount,
-                                       self.T, str(config.ring.dtype), seed=int(config.seed)), mesh,
+                                       self.T, opts.ring.dtype, seed=opts.seed), mesh,
                               puts=store.step0) if sae else None
         self.step_fn, self.mstate = make_step(lm.model, forward, mesh, lm.sites, lm.stored, with_ring=sae is not None,
-                                              store_dtype=str(config.store.dtype), passes=sae.passes if sae else 1)
+                                              store_dtype=opts.store.dtype, passes=sae.passes if sae else 1)
         self.stored = lm.stored
-        sink = StoreSink(store.writer, lm.stored, str(config.store.tokens), float(config.store.token_fraction),
-                         int(config.seed))
+        sink = StoreSink(store.writer, lm.stored, opts.store.tokens, opts.store.token_fraction,
+                         opts.seed)
         self.drain = DrainQueue(sink, max_in_flight=max(1, self.n_slots - 1))
         self.tm = Timings()
         self.batch_sharding = NamedSharding(mesh, P("data", None))
-        self.commit_every = int(config.commit_every)
+        self.commit_every = opts.commit_every
+        self.exclude_first_token = opts.sae_options().exclude_first_token  # of the tokens the SAEs may draw
         self.step, self.prompts, self.tokens = store.step0, 0, 0
         self.bar = tqdm(desc="run", unit="step", initial=store.step0,
                         disable=self.pidx != 0 or not cli.progress_enabled(), dynamic_ncols=True)
@@ -618,7 +619,7 @@ class _StepLoop:
         Only the previous step is waited for, so the host assembles this batch while the device runs
         that one; the wait counts as forward time.
         """
-        sae_mask = batch.valid & (batch.positions > 0) if self.config.sae.exclude_first_token else batch.valid
+        sae_mask = batch.valid & (batch.positions > 0) if self.exclude_first_token else batch.valid
         with self.tm.timing("forward"):
             args = [global_batch(a, self.batch_sharding) for a in (batch.tokens, batch.segment_ids, batch.positions,
                                                                     sae_mask)]
@@ -662,16 +663,16 @@ class _StepLoop:
             writer.commit(step, extra=extra)
             barrier(f"commit_{step}")
             if self.pidx == 0 and self.pcount > 1:
-                manifest = write_manifest(str(self.config.output_dir), self.pcount)
-                merge_skipped(str(self.config.output_dir), [int(p.extra.get("skipped_lines", 0))
+                manifest = write_manifest(self.opts.output_dir, self.pcount)
+                merge_skipped(self.opts.output_dir, [int(p.extra.get("skipped_lines", 0))
                                                             for p in manifest.processes])
             barrier(f"manifest_{step}")
 
 
-def _why_no_predictions(config: ml_collections.ConfigDict, pcount: int) -> str:
+def _why_no_predictions(opts: RunOptions, pcount: int) -> str:
     """Why `predict=True` cannot run inside this run ("" when it can): it decodes in one process. The
     capture goes on either way; the summary says what to run instead."""
-    if not config.predict:
+    if not opts.predict:
         return ""
     after = "run python -m arcstream.predict --config=configs/predict.py (same model and data) after the capture"
     if pcount > 1:
@@ -679,53 +680,46 @@ def _why_no_predictions(config: ml_collections.ConfigDict, pcount: int) -> str:
     return ""
 
 
-def _predict(config: ml_collections.ConfigDict, model_path: str, model: Any, tokenizer: Any,
+def _predict(opts: RunOptions, model_path: str, model: Any, tokenizer: Any,
              mesh: jax.sharding.Mesh) -> Any:
     """`predict=True`: decode, vote and score the test answers of the run's tasks (arcstream.predict).
 
     Covers the first `predict_options.max_tasks` tasks (0 = no bound), and never more than about the
     ones the run captured (`max_prompts / n_augmentations`) when `max_prompts` bounds the run.
     """
-    pc = predict_config_from_run(config, model_path)  # output_dir/predictions, a local path or a URL alike
-    if int(config.max_prompts):  # about the tasks the run captured, and no more than predict_options.max_tasks
-        captured = max(1, int(config.max_prompts) // max(1, int(pc.data.n_augmentations)))
+    pc = predict_config_from_run(opts.config(), model_path)  # output_dir/predictions, a path or a URL alike
+    if opts.max_prompts:  # about the tasks the run captured, and no more than predict_options.max_tasks
+        captured = max(1, opts.max_prompts // max(1, int(pc.data.n_augmentations)))
         pc.data.max_tasks = min(int(pc.data.max_tasks), captured) if int(pc.data.max_tasks) else captured
     with jax.set_mesh(mesh):
         return run_predictions(pc, model=model, tokenizer=tokenizer)
 
 
-def _why_no_analysis(config: ml_collections.ConfigDict, pcount: int, exports: list[str]) -> str:
+def _why_no_analysis(opts: RunOptions, pcount: int, exports: list[str]) -> str:
     """Why `analyze=True` cannot run inside this run ("" when it can)."""
     if not exports:
         return "the run exported no SAEs (sae.enabled=False?); the analysis studies SAE features"
     if pcount > 1:
         return (f"it runs in one process and this run has {pcount}; run python -m arcstream.analyze "
-                f"--config=configs/analyze.py --config.run_dir={config.output_dir} after the capture")
+                f"--config=configs/analyze.py --config.run_dir={opts.output_dir} after the capture")
     return ""
 
 
-def _maybe_analyze(config: ml_collections.ConfigDict, model_path: str, pcount: int,
+def _maybe_analyze(opts: RunOptions, model_path: str, pcount: int,
                    exports: list[str]) -> tuple[Any, str]:
     """`analyze=True`: (the analysis, "") when it can run here, else (None, why not); (None, "") when not asked."""
-    if not config.get("analyze"):
+    if not opts.analyze:
         return None, ""
-    why = _why_no_analysis(config, pcount, exports)
+    why = _why_no_analysis(opts, pcount, exports)
     if why:
         logging.warning("--config.analyze=True: analysis skipped: %s", why)
         return None, why
-    return _analyze(config, model_path), ""
+    return _analyze(opts, model_path), ""
 
 
-def _analyze(config: ml_collections.ConfigDict, model_path: str) -> Any:
+def _analyze(opts: RunOptions, model_path: str) -> Any:
     """`analyze=True`: arcstream.analyze on this run (dashboard/index.html, report.md), its SAEs, its model."""
-    ac = default_analyze_config()
-    ac.update(json.loads(config.analyze_options.to_json()))
-    ac.run_dir = str(config.output_dir)
-    if not ac.model:
-        ac.model = str(model_path)
-    if config.get("model_options") is not None:
-        ac.model_options = ml_collections.ConfigDict(json.loads(config.model_options.to_json()))
-    return analyze(ac)
+    return analyze(opts.analysis_options(model_path))
 
 
 def _die_for_test(step: int) -> None:
@@ -745,15 +739,14 @@ class _OnlineSAE:
     """The SAEs trained on the ring buffer: one per captured site (or a sweep per site), or one transcoder
     from `sae.input_site` to `sae.target_site` (both captured; the ring holds them at the same tokens)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
+    def __init__(self, run_opts: RunOptions, mesh: jax.sharding.Mesh, d_in: Mapping[str, int],
                  resume_sae_step: int | None):
-        self.config = config
         self.mesh = mesh
-        self.opts = opts = SAEOptions.from_config(config.sae)
+        self.opts = opts = run_opts.sae_options()
         self.specs = opts.site_specs(dict(d_in))
         # sae.init_from: checked now (before the model runs), applied to the fresh state of a new run
         self.pretrained = load_pretrained(parse_init_from(opts.init_from), self.specs)
-        self.tc = opts.train_config(opts.total_steps, int(config.seed))
+        self.tc = opts.train_config(opts.total_steps, run_opts.seed)
         self.step_fn = make_train_step(self.specs, self.tc, mesh)
         self.passes = opts.passes
         self.batch_size = opts.batch_size
@@ -763,10 +756,10 @@ class _OnlineSAE:
         self.state = None
         self.steps = 0
         self.resume_sae_step = resume_sae_step
-        self.ckpt = SAECheckpointer(_sae_checkpoint_dir(config), flag="--config.sae.checkpoint_dir")
+        self.ckpt = SAECheckpointer(_sae_checkpoint_dir(run_opts), flag="--config.sae.checkpoint_dir")
         # output_dir/metrics.jsonl (process 0), flushed and fsynced at each commit; a kill loses only
         # records after the last commit, which the resumed run logs again.
-        self.metrics = JsonlLog(join_location(str(config.output_dir), "metrics.jsonl"), fsync=True)
+        self.metrics = JsonlLog(join_location(run_opts.output_dir, "metrics.jsonl"), fsync=True)
         orphans = self.ckpt.delete_newer_than(int(resume_sae_step or 0))
         if orphans:
             logging.info("deleted SAE checkpoint step(s) %s: newer than the store's last commit (SAE step %d), "
@@ -847,12 +840,12 @@ class _OnlineSAE:
         return exports, self.last
 
 
-def _sae_checkpoint_dir(config: ml_collections.ConfigDict) -> str:
+def _sae_checkpoint_dir(opts: RunOptions) -> str:
     """Where the online SAEs' Orbax checkpoints go: `sae.checkpoint_dir`, else output_dir/saes/checkpoints.
 
     Raises when that is a URL Orbax cannot write (e.g. memory://), naming the flag to set.
     """
-    return checkpoint_dir(str(config.sae.get("checkpoint_dir", "") or ""), str(config.output_dir), "saes",
+    return checkpoint_dir(opts.sae_options().checkpoint_dir, opts.output_dir, "saes",
                           "checkpoints", flag="--config.sae.checkpoint_dir", output_flag="--config.output_dir",
                           hint=" (or --config.sae.enabled=False)")
 

@@ -37,7 +37,7 @@ def _options(run_dir, out, **over):
     from arcstream.analysis import AnalyzeOptions
 
     kw = dict(run_dir=str(run_dir), output_dir=str(out), chunk_rows=700, top_k=6, eval_rows=(1000, 2500),
-              dashboard_features=D_SAE, examples_per_feature=3)
+              dashboard_features=D_SAE, examples_per_feature=3, ce_prompts=0)  # the stored run has no model
     kw.update(over)
     return AnalyzeOptions(**kw)
 
@@ -281,11 +281,65 @@ def test_bad_settings_name_the_flag():
     with pytest.raises(ValueError, match=r"config.eval_rows='10-20'.*START:STOP"):
         AnalyzeOptions.from_config(c)
     c.eval_rows = "5:9"
-    assert AnalyzeOptions.from_config(c).eval_rows == (5, 9)
+    assert AnalyzeOptions.from_config(c).eval_range == (5, 9)
     c.top_k = 0
     with pytest.raises(ValueError, match="config.top_k=0"):
         AnalyzeOptions.from_config(c)
     assert isinstance(c, ml_collections.ConfigDict)
+
+
+def _analyze_config():
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import analyze as analyze_config
+    finally:
+        sys.path.pop(0)
+    c = analyze_config.get_config()
+    c.run_dir = "x"
+    return c
+
+
+def test_an_unknown_key_and_a_mistyped_value_are_refused_naming_the_flag():
+    from arcstream.analysis import AnalyzeOptions
+
+    c = _analyze_config()
+    with c.unlocked():
+        c.chunk_row = 512  # a typo of chunk_rows
+    with pytest.raises(ValueError, match=r"--config\.chunk_row is not a key of this section .*'chunk_rows'"):
+        AnalyzeOptions.from_config(c)
+    c = _analyze_config()
+    with c.unlocked():
+        del c["top_k"]
+        c.top_k = "16"
+    with pytest.raises(ValueError, match=r"--config\.top_k='16' is not an int"):
+        AnalyzeOptions.from_config(c)
+    given = {**_analyze_config().to_dict(), "saes": ["a", "b"]}  # a list where the comma-separated string goes
+    with pytest.raises(ValueError, match=r"--config\.saes=\['a', 'b'\] is not a str"):
+        AnalyzeOptions.from_config(given)
+    c = _analyze_config()
+    c.model_options.attention = "flash"
+    with pytest.raises(ValueError, match=r"--config\.model_options\.attention='flash'"):
+        AnalyzeOptions.from_config(c)
+
+
+def test_the_options_are_the_config_keys_and_their_only_defaults():
+    from arcstream.analysis import AnalyzeOptions
+    from arcstream.analysis.config import default_analyze_config
+    from arcstream.options import as_dict
+
+    c = _analyze_config()
+    assert c.to_dict() == {**default_analyze_config().to_dict(), "run_dir": "x"}
+    opts = AnalyzeOptions.from_config(c)
+    assert opts == AnalyzeOptions(run_dir="x") and AnalyzeOptions.from_config(opts) is opts
+    assert as_dict(opts) == c.to_dict()
+    assert (opts.eval_range, opts.sae_specs, opts.site_names, opts.attention) == (None, (), (), "auto")
+    # A library caller's tuples are kept in the config's form (as_dict is a config that builds the same options).
+    lib = AnalyzeOptions(run_dir="x", saes=("a", " b"), sites=("s1", "s2"), eval_rows=(3, 7))
+    assert (lib.saes, lib.sites, lib.eval_rows) == ("a,b", "s1,s2", "3:7")
+    assert (lib.sae_specs, lib.site_names, lib.eval_range) == (("a", "b"), ("s1", "s2"), (3, 7))
+    assert AnalyzeOptions.from_config(as_dict(lib)) == lib
+    with pytest.raises(ValueError, match=r"config\.eval_rows='7:3'; expected 0 <= START < STOP"):
+        AnalyzeOptions(run_dir="x", eval_rows=(7, 3))
 
 
 def test_missing_sae_export_is_named(stored, tmp_path):

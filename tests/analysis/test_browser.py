@@ -33,7 +33,7 @@ def dashboard(tmp_path_factory) -> Path:
     make_store(root / "run", n_tasks=2)
     planted_sae(root / "run" / "saes" / SITE)
     analyze(AnalyzeOptions(run_dir=str(root / "run"), output_dir=str(root / "out"), chunk_rows=1024,
-                           dashboard_features=D_SAE, examples_per_feature=2))
+                           dashboard_features=D_SAE, examples_per_feature=2, ce_prompts=0))
     return root / "out" / "dashboard" / "index.html"
 
 

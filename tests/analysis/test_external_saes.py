@@ -51,7 +51,7 @@ def _analyse(run_dir, out, *saes, **over):
     from arcstream.analysis import AnalyzeOptions, analyze
 
     kw = dict(run_dir=str(run_dir), output_dir=str(out), saes=tuple(str(s) for s in saes), chunk_rows=700, top_k=4,
-              eval_rows=EVAL, dashboard_features=4, examples_per_feature=2, invariance_groups=0)
+              eval_rows=EVAL, dashboard_features=4, examples_per_feature=2, invariance_groups=0, ce_prompts=0)
     kw.update(over)
     return analyze(AnalyzeOptions(**kw))
 

@@ -72,14 +72,11 @@ def test_template_refuses_a_tokenizer_that_merges_cells():
 @pytest.fixture(scope="module")
 def random_model():
     tok = build_arc_tokenizer("digits")
+    from arcstream.lm.options import LMShape
     from arcstream.lm.train import model_config
-    import ml_collections
 
-    c = ml_collections.ConfigDict({"model": {"family": "qwen2", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
-                                             "num_kv_heads": 1, "intermediate_size": 64, "rope_theta": 10000.0,
-                                             "tie": True},
-                                   "data": {"seq_len": 4096}})
-    model = init_random(model_config(c, tok), 3, dtype="float32")
+    shape = LMShape(family="qwen2", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    model = init_random(model_config(shape, tok, 4096), 3, dtype="float32")
     return model, tok
 
 

@@ -202,7 +202,7 @@ def test_a_release_saved_in_the_cache_is_analysed_and_starts_training_without_th
     spec = f"sae_lens:{RELEASE}@{SAE_ID}"
     result = analyze(AnalyzeOptions(run_dir=str(run_dir), output_dir=str(tmp_path / "a"), saes=(spec,),
                                     chunk_rows=700, top_k=2, eval_rows=(1000, 2500), dashboard_features=2,
-                                    examples_per_feature=1, invariance_groups=0))
+                                    examples_per_feature=1, invariance_groups=0, ce_prompts=0))
     assert [s.site for s in result.sites] == [SITE] and result.sites[0].d_sae == D_SAE
     shutil.copytree(run_dir, tmp_path / "out")
     c = _config(tmp_path / "out", architecture="jumprelu", lr=0.0, init_from=spec)
