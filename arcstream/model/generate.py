@@ -138,14 +138,15 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_
                     for _ in range(2)) for _ in range(c.num_layers)]
     key_valid_bs = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
 
-    def run(x_btd, positions_bt, mask_bts, caches, index, step):
+    def run(x_btd, positions_bt, mask_bts, caches, index, step, segment_ids_bt=None):
         # One RoPE table per kind the layers use (Gemma 3: local and global); sliding layers add
         # their window to mask_bts themselves (Attention), from the slot of each query.
         tables = {kind: rope_tables(c, positions_bt, model.dtype, kind) for kind in c.rope_kinds}
         new = []
         for i, (layer, cache) in enumerate(zip(model.layers, caches)):
             cos, sin = tables[c.layer_rope(i)]
-            x_btd, _, _, cache = layer(x_btd, cos, sin, mask_bts=mask_bts, cache=cache, cache_index=index)
+            x_btd, _, _, cache = layer(x_btd, cos, sin, segment_ids_bt, mask_bts=mask_bts, cache=cache,
+                                       cache_index=index, implementation=model.attention)
             new.append(cache)
         logits_bv = model.logits(x_btd[:, -1:])[:, 0].astype(jnp.float32)
         allowed_bk = jax.lax.dynamic_index_in_dim(allowed_bnk, jnp.minimum(step, max_new - 1), axis=1,
@@ -153,13 +154,11 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_
         tok_b, lp_b = _pick(logits_bv, allowed_bk)
         return tok_b, lp_b, new
 
-    # Prefill: query i sees key j < P iff j <= i and both are real (or both padding).
-    q_idx = jnp.arange(p)[:, None]
-    k_idx = jnp.arange(s)[None, :]
-    kv_pad = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
-    mask_bps = ((k_idx <= q_idx)[None] & (k_idx < p)[None]
-                & (valid_bp[:, :, None] == kv_pad[:, None, :]))
-    tok_b, lp_b, caches = run(model.embed(tokens_bp), positions_bp, mask_bps, caches, 0, 0)
+    # Prefill, through the model's attention implementation (no [P, P] mask: `blocked` on a CPU keeps
+    # memory linear in P): the prompt is segment 1 (causal), its left padding segment 0 (it sees only
+    # padding, so its discarded outputs stay finite); the keys/values go into cache slots [0, P).
+    segments_bp = valid_bp.astype(jnp.int32)
+    tok_b, lp_b, caches = run(model.embed(tokens_bp), positions_bp, None, caches, 0, 0, segments_bp)
 
     def cond(carry):
         t, _, _, done_b, *_ = carry

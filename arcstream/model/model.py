@@ -53,8 +53,9 @@ Attention over packed rows goes through `arcstream.model.attention.attention`,
 whose implementation (`Decoder.attention`: auto | dense | blocked | splash |
 gpu) is chosen when the model is built (`load_model(..., attention=...)`, the
 jobs' `--config.model_options.attention`); no implementation but `dense`
-builds a [T, T] array.  The KV-cache path (generation) stays dense: a decode
-step attends over the cache with an explicit [B, T, S] mask.
+builds a [T, T] array.  Generation's prefill goes through the same function
+(the prompt's own keys, segment ids: memory linear in the prompt); a decode
+step attends densely over the cache with an explicit [B, 1, S] mask.
 """
 
 from __future__ import annotations
@@ -231,14 +232,16 @@ class Attention(nnx.Module):
                  implementation: str = "auto") -> tuple[jax.Array, KVCache | None]:
         """Attention output [B, T, D] (after o_proj) and the updated KV cache.
 
-        Without a cache, keys are this call's tokens (S = T), seen through
-        `segment_ids_bt` (causal within a segment) by `implementation`.  With
-        one, this call's keys/values are written at `cache_index` and the
-        queries attend over the whole cache (S = cache length); `mask_bts`
-        [B, T, S] says which slots (dense attention).  A sliding layer also
-        hides slots `window` or more before the query's slot (query t sits at
-        slot cache_index + t): generation keeps each row's tokens in
-        consecutive slots, so slot distance is position distance.
+        Without `mask_bts`, keys are this call's tokens (S = T), seen through
+        `segment_ids_bt` (causal within a segment) by `implementation`; with a
+        cache too (generation's prefill, `cache_index` 0), this call's
+        keys/values are also written into it.  With `mask_bts` [B, T, S], the
+        queries attend densely over the slots it allows: of the whole cache
+        (S = cache length; a decode step) after this call's keys/values are
+        written at `cache_index`.  A sliding layer also hides slots `window`
+        or more before the query's slot (query t sits at slot cache_index + t):
+        generation keeps each row's tokens in consecutive slots, so slot
+        distance is position distance.
         """
         b, t, _ = x_btd.shape
         q_btnh = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
@@ -254,18 +257,19 @@ class Attention(nnx.Module):
             k_cache, v_cache = cache
             zero = jnp.zeros((), jnp.int32)
             idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-            k_btkh = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), idx)
-            v_btkh = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), idx)
-            new_cache = (k_btkh, v_btkh)
-        if cache is not None or mask_bts is not None:
-            if mask_bts is None:
-                raise ValueError("Attention with a KV cache needs mask_bts [B, T, S]")
+            new_cache = (jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), idx),
+                         jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), idx))
+        if mask_bts is not None:
+            k_bskh, v_bskh = new_cache if new_cache is not None else (k_btkh, v_btkh)
             if self.window is not None:
                 q_slot_t = jnp.arange(t) + (0 if cache_index is None else jnp.asarray(cache_index, jnp.int32))
-                k_slot_s = jnp.arange(k_btkh.shape[1])
+                k_slot_s = jnp.arange(k_bskh.shape[1])
                 mask_bts = mask_bts & (q_slot_t[:, None] - k_slot_s[None, :] < self.window)[None]
-            o_btnh = masked_attention(q_btnh, k_btkh, v_btkh, mask_bts, scale=self.scale, softcap=self.softcap)
+            o_btnh = masked_attention(q_btnh, k_bskh, v_bskh, mask_bts, scale=self.scale, softcap=self.softcap)
         else:
+            if cache is not None and segment_ids_bt is None:
+                raise ValueError("Attention with a KV cache needs mask_bts [B, T, S] (a decode step) or "
+                                 "segment_ids_bt [B, T] (the prefill, cache_index 0)")
             o_btnh = attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, implementation=implementation,
                                scale=self.scale, window=self.window, softcap=self.softcap)
         o_btnh = constrain(o_btnh, _BTNH, self.rules)

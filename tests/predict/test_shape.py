@@ -129,7 +129,7 @@ def test_predictions_job_counts_shape_sources_and_header_failures(tmp_path, rand
     c.data.max_tasks = 6
     c.data.template, c.data.encoder, c.data.use_chat_template = "minimal_stop", "shape+plain", False
     c.data.n_augmentations = 2
-    c.data.max_prompt_len = 2048  # generate's prefill is dense: 8k-token prompts would need ~10 GB a layer
+    c.data.max_prompt_len = 2048  # short prompts keep the test fast (the 8k-token prefill is tested in test_generate.py)
     c.predict.constrain_shape = True
     c.predict.max_new_tokens = 940
     c.predict.batch_size = 4
