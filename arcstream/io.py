@@ -33,6 +33,11 @@ from typing import Any
 import tensorstore as ts
 from etils import epath
 
+def process_name(process_index: int) -> str:
+    """The per-process part of a key (`p00003`): store arrays, ledgers, skip logs."""
+    return f"p{process_index:05d}"
+
+
 # The shared context: one memory:// namespace per Python process (tests), and one
 # set of TensorStore thread pools.
 CONTEXT = ts.Context()

@@ -24,7 +24,7 @@ See arcstream/data/sources.py.
 import ml_collections
 
 from arcstream.options import section_of
-from arcstream.transform import TransformOptions
+from arcstream.data.kaggle import TransformOptions
 
 BARC_HUB = "hf:barc0/200k_HEAVY_gpt4o-description-gpt4omini-code_generated_problems"
 

@@ -69,7 +69,7 @@ from arcstream.predict.score import Score, score_predictions
 from arcstream.predict.shape import has_shape_header, predict_shape
 from arcstream.predict.vote import Answer, Candidate, attempts, rank_by_product, vote
 from arcstream.store.manifest import config_diff
-from arcstream.store.skipped import SKIPPED_FILE, SkippedLog
+from arcstream.data.skipped import SKIPPED_FILE, SkippedLog
 
 SELECTIONS = ("vote", "product")
 FALLBACKS = ("blank", "input")  # blank = [[0]]; input = the test input grid

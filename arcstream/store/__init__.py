@@ -14,7 +14,7 @@ from arcstream.store.manifest import (Ledger, Manifest, ProcessCommit, StoreLayo
                                       config_fingerprint, read_manifest, write_manifest)
 from arcstream.store.lock import RunLock, RunLockedError, acquire_run_lock, check_run_lock
 from arcstream.store.reader import RunReader, open_run
-from arcstream.store.skipped import SKIPPED_FILE, SkippedLog, merge_skipped
+from arcstream.data.skipped import SKIPPED_FILE, SkippedLog, merge_skipped
 from arcstream.store.writer import StoreWriter
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from arcstream.io import StoreError
+from arcstream.io import StoreError, process_name
 
 FORMAT_NAME = "arcstream-store"
 FORMAT_VERSION = 1
@@ -55,10 +55,6 @@ def numpy_dtype(name: str) -> np.dtype:
     if name not in DTYPES:
         raise ValueError(f"store dtype={name!r} is not supported; expected one of {DTYPES}")
     return ts.dtype(name).numpy_dtype
-
-
-def process_name(process_index: int) -> str:
-    return f"p{process_index:05d}"
 
 
 def activation_key(site: str, process_index: int) -> str:

@@ -68,7 +68,7 @@ from arcstream.predict import predict_config_from_run, run_predictions
 from arcstream.sae import SAECheckpointer, export_all, init_train_state, make_train_step
 from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
 from arcstream.store import StoreWriter, open_run, write_manifest
-from arcstream.store.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
+from arcstream.data.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
 from arcstream.stream.options import TOKEN_POLICIES, RunOptions
 from arcstream.stream.ring import DrainQueue, RingSpec, RingState, due_uses, init_ring, make_sampler, ring_put
 

@@ -24,8 +24,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from arcstream.store.layout import process_name
-from arcstream.io import RunLocation, StoreError
+from arcstream.io import RunLocation, StoreError, process_name
 
 SKIPPED_FILE = "skipped.jsonl"
 
