@@ -268,12 +268,8 @@ def test_bad_settings_name_the_flag():
 
     from arcstream.analysis import AnalyzeOptions
 
-    sys.path.insert(0, str(REPO / "configs"))
-    try:
-        import analyze as analyze_config
-    finally:
-        sys.path.pop(0)
-    c = analyze_config.get_config()
+    c = _analyze_config()
+    c.run_dir = ""
     with pytest.raises(ValueError, match="config.run_dir"):
         AnalyzeOptions.from_config(c)
     c.run_dir = "x"
