@@ -99,6 +99,11 @@ def from_section(cls: type[T], section: Any, flag: str, *, ignore: tuple[str, ..
     return cls(**kwargs)
 
 
+def section_field(make: Any) -> Any:
+    """A `Section` field whose default is `make()` (a ConfigDict factory), frozen."""
+    return dataclasses.field(default_factory=lambda: ml_collections.FrozenConfigDict(make()))
+
+
 RESOLVED = "resolved"
 
 

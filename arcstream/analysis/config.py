@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 
 from arcstream.model import attention_option, default_model_options
-from arcstream.options import Section, from_config, section_of
+from arcstream.options import Section, from_config, section_field, section_of
 
 
 def _comma_list(value: Any) -> Any:
@@ -60,8 +60,7 @@ class AnalyzeOptions:
     ce_prompts: int = 8  # held-out prompts for CE loss recovered (runs the model); 0 = skip (no model needed)
     model: str = ""  # model for CE loss recovered (hub name or local dir); "" = the run's config.json model
     # .attention of the CE forward: auto | dense | blocked | splash | gpu (arcstream/model/attention.py)
-    model_options: Section = dataclasses.field(
-        default_factory=lambda: ml_collections.FrozenConfigDict(default_model_options()))
+    model_options: Section = section_field(default_model_options)
     ce_pad_to: int = 256  # prompts are padded to a multiple of this many tokens (fewer compiles)
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ import ml_collections
 
 from arcstream.data.pipeline import default_data_config
 from arcstream.model import MeshOptions, default_model_options
-from arcstream.options import Section, from_config
+from arcstream.options import Section, from_config, section_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +106,6 @@ def training_data_section() -> ml_collections.ConfigDict:
     return d
 
 
-def _section(make: Any) -> Any:
-    return dataclasses.field(default_factory=lambda: ml_collections.FrozenConfigDict(make()))
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainLMOptions:
     """A whole train_lm config, checked: what `lm.train.train` reads, and nothing else."""
@@ -119,10 +115,10 @@ class TrainLMOptions:
     seed: int = 0  # parameter init, shuffles and augmentations (epoch e uses seed + e)
     tokenizer: str = "digits"  # arcstream tokenizer: digits (one token per colour) | merged
     export_dtype: str = "bfloat16"  # dtype of the exported safetensors: bfloat16 | float32
-    model_options: Section = _section(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
+    model_options: Section = section_field(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
     model: LMShape = LMShape()
     mesh: MeshOptions = MeshOptions()
-    data: Section = _section(training_data_section)  # read by arcstream/data (make_prompter, PipelineOptions)
+    data: Section = section_field(training_data_section)  # read by arcstream/data (make_prompter, PipelineOptions)
     train: Schedule = Schedule()
     eval: LMEval = LMEval()
 

@@ -63,7 +63,8 @@ from arcstream.data.task import InvalidTask, Pair, Skipped, Task
 from arcstream.data.tokenizer import load_tokenizer
 from arcstream.io import RunLocation, join_location
 from arcstream.model import attention_option, default_model_options, load_model
-from arcstream.options import Section, fill_resolved, from_config, from_section, resolved_field, section_of
+from arcstream.options import (Section, fill_resolved, from_config, from_section, resolved_field, section_field,
+                               section_of)
 from arcstream.predict.generator import Generation, Generator, ModelGenerator
 from arcstream.predict.score import Score, score_predictions
 from arcstream.predict.shape import has_shape_header, predict_shape
@@ -359,20 +360,16 @@ def predict_data_section() -> ml_collections.ConfigDict:
     return d
 
 
-def _frozen(make: Any) -> Any:
-    return dataclasses.field(default_factory=lambda: ml_collections.FrozenConfigDict(make()))
-
-
 @dataclasses.dataclass(frozen=True)
 class PredictJobOptions:
     """A whole predictions config (configs/predict.py), checked: what `run_predictions` reads."""
 
     model: str = ""  # HF hub name or local checkpoint dir (required unless a model is handed over); its tokenizer
     dtype: str = "float32"  # parameter/activation dtype: float32 | bfloat16
-    model_options: Section = _frozen(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
+    model_options: Section = section_field(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
     output_dir: str = "runs/predict"  # config.json, details.jsonl, predictions.json, score.json (path or URL)
     seed: int = 0  # seeds the augmentations (configs point data.seed at it)
-    data: Section = _frozen(predict_data_section)  # which tasks and how they become prompts
+    data: Section = section_field(predict_data_section)  # which tasks and how they become prompts
     predict: PredictOptions = PredictOptions()  # decoding, voting, resume chunks
     resolved: dict[str, Any] = resolved_field()  # the config as given: written to config.json, compared on resume
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from arcstream.options import Section, from_config, from_section
+from arcstream.options import Section, from_config, from_section, section_field
 from arcstream.sae.architectures import SWEEPABLE, SAEConfig, get_architecture
 from arcstream.sae.train import TrainConfig
 from arcstream.sae.transcoder import transcoder_key
@@ -203,8 +203,7 @@ class TrainSAEOptions:
     # with the same shapes skips XLA compilation (~15 s of a cold 2-core CPU start); "" = off.
     compilation_cache_dir: str = "~/.cache/arcstream/jax"
     # The SAE: architecture, width, sparsity, optimiser, schedule, batch (SAEOptions's train_sae keys).
-    sae: Section = dataclasses.field(
-        default_factory=lambda: ml_collections.FrozenConfigDict(sae_section("train_sae")))
+    sae: Section = section_field(lambda: sae_section("train_sae"))
 
     def __post_init__(self) -> None:
         if not self.run_dir:

@@ -22,7 +22,7 @@ from arcstream import models
 from arcstream.analysis.config import AnalyzeOptions, default_analyze_config
 from arcstream.data.pipeline import default_data_config
 from arcstream.model import MeshOptions, attention_option, default_model_options
-from arcstream.options import Section, fill_resolved, from_config, resolved_field
+from arcstream.options import Section, fill_resolved, from_config, resolved_field, section_field
 from arcstream.predict.job import PredictOptions, default_predict_section
 from arcstream.sae import SAEOptions
 from arcstream.sae.options import job_sae_options, sae_section
@@ -113,34 +113,32 @@ def run_sae_section() -> ml_collections.ConfigDict:
     )
 
 
-def _section(make: Any) -> Any:
-    return dataclasses.field(default_factory=lambda: ml_collections.FrozenConfigDict(make()))
-
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """A whole run config, checked: what `stream.loop.run` reads, and nothing else."""
 
     model: str = dataclasses.field(default_factory=models.path)  # HF name or local dir; "" = a small random Qwen2
     dtype: str = "float32"  # parameter/activation dtype of the forward: float32 | bfloat16
-    model_options: Section = _section(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
+    model_options: Section = section_field(default_model_options)  # .attention: auto | dense | blocked | splash | gpu
     sites: str = "blocks.1.hook_resid_post,blocks.3.hook_resid_post"  # comma-separated capture sites
     output_dir: str = "runs/default"  # run directory: a local path or a TensorStore kvstore URL (gs://...)
     seed: int = 0  # seeds augmentation, token subsampling, SAE init and sampling
     max_prompts: int = 64  # global prompt budget (configs point data.max_prompts at it); 0 = the whole source
     predict: bool = True  # after capturing: decode, vote and score test answers into output_dir/predictions/
     commit_every: int = 8  # steps between commits (store durable + SAE checkpoint + manifest)
-    predict_options: Section = _section(run_predict_section)  # used when predict=True
+    predict_options: Section = section_field(run_predict_section)  # used when predict=True
     analyze: bool = True  # at the end: features.json, dashboard/index.html and report.md (needs SAE exports)
-    analyze_options: Section = _section(default_analyze_config)  # configs/analyze.py; run_dir/model are the run's
+    analyze_options: Section = section_field(default_analyze_config)  # configs/analyze.py; run_dir/model are the run's
     random_model: RandomModel = RandomModel()  # used only when `model` is empty
     mesh: MeshOptions = MeshOptions()  # the device mesh: data x model (-1 = all remaining devices)
-    data: Section = _section(run_data_section)  # the input pipeline
+    data: Section = section_field(run_data_section)  # the input pipeline
     ring: RingOptions = RingOptions()
     store: StoreOptions = StoreOptions()
-    sae: Section = _section(run_sae_section)  # the online SAEs (arcstream/sae/options.py, SAELens names)
+    sae: Section = section_field(run_sae_section)  # the online SAEs (arcstream/sae/options.py, SAELens names)
     # The config as given (JSON types), for the store's config.json and resume check; `from_config` sets it.
     resolved: dict[str, Any] = resolved_field()
+    # `sae` checked once, in __post_init__ (not a config key: derived from `sae`).
+    _sae: SAEOptions = dataclasses.field(init=False, repr=False, compare=False, metadata={"config": False})
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -150,14 +148,14 @@ class RunOptions:
         if self.commit_every < 1:
             raise ValueError(f"--config.commit_every={self.commit_every}: expected >= 1")
         attention_option(self)  # a bad model_options.attention is named now
-        self.sae_options()
+        object.__setattr__(self, "_sae", job_sae_options(self.sae, "online"))
         self.prediction_options()
         self.analysis_options()
         fill_resolved(self)
 
     def sae_options(self) -> SAEOptions:
         """The online SAEs' options (`sae` checked by `SAEOptions.from_config`)."""
-        return job_sae_options(self.sae, "online")
+        return self._sae
 
     def prediction_options(self) -> PredictOptions:
         """`predict_options` without the run's own `max_tasks`, checked by `PredictOptions.from_config`."""
