@@ -28,6 +28,11 @@ loaded with SAELens's `SAE.load_from_disk` and scored through SAELens's own
 
   python benchmarks/bench_sae.py --whole [--tokens 163840,40960] [--archs topk,batchtopk]
       [--quality_archs jumprelu] [--repeats 3] [--data_dir /tmp/arcstream_bench_sae]
+      [--select_dtypes float32,bfloat16]
+
+`--select_dtypes`: one arcstream run per value of `sae.select_dtype` (topk and batchtopk: the dtype
+of the dense encoder matmul that only picks the kept latents; their values and every gradient stay
+f32), each in both tables.
 
 The data: 16,384 random unit atoms, each token a Poisson(48) sum of atoms drawn
 with Zipf-like frequencies and exponential magnitudes, plus a mean offset, a
@@ -73,6 +78,9 @@ def _parse():
     ap.add_argument("--data_rows", type=int, default=0, help="--whole: stored rows (default: the largest --tokens)")
     ap.add_argument("--eval_rows", type=int, default=8192)
     ap.add_argument("--l0_coefficient", type=float, default=1.0, help="jumprelu, both trainers (SAELens default)")
+    ap.add_argument("--select_dtypes", default="float32",
+                    help="arcstream's sae.select_dtype, one arcstream run per value (topk/batchtopk), e.g. "
+                         "float32,bfloat16; other architectures always run float32")
     ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--_arch", default="topk", help=argparse.SUPPRESS)
     ap.add_argument("--_out", default="", help=argparse.SUPPRESS)
@@ -169,7 +177,7 @@ def prepare_data(n_train: int) -> tuple[str, str]:
 # ---------------------------------------------------------------- in-loop
 
 
-def bench_arcstream(x_np: np.ndarray, d_sae: int, arch: str = "topk") -> float:
+def bench_arcstream(x_np: np.ndarray, d_sae: int, arch: str = "topk", select_dtype: str = "float32") -> float:
     import jax
     import jax.numpy as jnp
     from jax.sharding import AxisType
@@ -177,7 +185,8 @@ def bench_arcstream(x_np: np.ndarray, d_sae: int, arch: str = "topk") -> float:
     from arcstream.sae import SAEConfig, TrainConfig, batch_sharding, init_train_state, make_train_step
 
     d_in = x_np.shape[1]
-    cfg = SAEConfig(arch, d_in, d_sae, k=ARGS.k, b_dec_init="mean", l0_coefficient=ARGS.l0_coefficient)
+    cfg = SAEConfig(arch, d_in, d_sae, k=ARGS.k, b_dec_init="mean", l0_coefficient=ARGS.l0_coefficient,
+                    select_dtype=select_dtype)
     specs = {SITE: [cfg]}
     tc = TrainConfig(total_steps=ARGS.steps + ARGS.warmup + 1)
     mesh = None
@@ -243,14 +252,30 @@ def in_loop(x_np: np.ndarray) -> dict[str, tuple[float, float | None]]:
     d_sae = ARGS.d_in * ARGS.expansion
     out = {}
     for arch in _archs(ARGS.archs):
-        ours = bench_arcstream(x_np, d_sae, arch)
-        print(f"in-loop {arch:10s} arcstream {ours:9.1f} tokens/s", flush=True)
+        ours = {dt: bench_arcstream(x_np, d_sae, arch, dt) for dt in _select_dtypes(arch)}
+        for dt, v in ours.items():
+            print(f"in-loop {arch:10s} arcstream {dt:8s} {v:9.1f} tokens/s", flush=True)
         theirs = None
         if not ARGS.skip_saelens:
             theirs = bench_saelens(x_np, d_sae, arch)
-            print(f"in-loop {arch:10s} SAELens   {theirs:9.1f} tokens/s   ratio {ours / theirs:.2f}x", flush=True)
+            print(f"in-loop {arch:10s} SAELens            {theirs:9.1f} tokens/s   ratio "
+                  + ", ".join(f"{dt} {v / theirs:.2f}x" for dt, v in ours.items()), flush=True)
         out[arch] = (ours, theirs)
     return out
+
+
+def _select_dtypes(arch: str) -> list[str]:
+    """The arcstream variants run for `arch`: every --select_dtypes value where the architecture has a
+    selection-only matmul (topk, batchtopk), else float32 alone."""
+    from arcstream.sae.architectures import get_architecture
+
+    dts = _archs(ARGS.select_dtypes)
+    return dts if get_architecture(arch).sparse_selection else ["float32"]
+
+
+def _trainers(arch: str) -> list[str]:
+    """Trainer names of the whole-process runs: "arcstream/<select_dtype>" per variant, then "saelens"."""
+    return [f"arcstream/{dt}" for dt in _select_dtypes(arch)] + ([] if ARGS.skip_saelens else ["saelens"])
 
 
 # ---------------------------------------------------------------- whole process
@@ -299,7 +324,7 @@ def _timed_child(cmd: list[str], log_name: str, env: dict | None = None) -> tupl
     return common.timed_child(cmd, cwd=ROOT, env=env, capture=True, stderr_path=os.path.join(logs, f"{log_name}.log"))
 
 
-def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str) -> dict:
+def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str, select_dtype: str) -> dict:
     """One `python -m arcstream.train_sae` process on the stored rows; its export is moved to `out`."""
     shutil.rmtree(os.path.join(run_dir, "saes"), ignore_errors=True)
     ckpt = os.path.join(ARGS.data_dir, "ckpt")
@@ -310,7 +335,8 @@ def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str
            f"--config.sae.expansion_factor={ARGS.expansion}", f"--config.sae.batch_size={ARGS.batch}",
            f"--config.sae.train_tokens={tokens}", "--config.sae.warmup_steps=0", "--config.sae.decay_fraction=0",
            "--config.sae.lr=3e-4", f"--config.sae.l0_coefficient={ARGS.l0_coefficient}",
-           f"--config.compilation_cache_dir={cache_dir}", "--config.log_every=1000000"]
+           f"--config.compilation_cache_dir={cache_dir}", "--config.log_every=1000000",
+           f"--config.sae.select_dtype={select_dtype}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     wall, rss, rc, text = _timed_child(cmd, os.path.basename(out), env=env)
@@ -400,60 +426,53 @@ def whole_process() -> None:
             if rep == 0 and (arch, t) == next(p for p in plan if p[0] == arch):
                 shutil.rmtree(cache_dir, ignore_errors=True)  # each architecture's first run compiles from cold
                 cache_state = "cold"
-            for trainer in ("arcstream", "saelens"):
-                if trainer == "saelens" and ARGS.skip_saelens:
-                    continue
-                out = os.path.join(exports, f"{trainer}_{arch}_{t}")
+            for trainer in _trainers(arch):
+                out = os.path.join(exports, f"{trainer.replace('/', '_')}_{arch}_{t}")
                 load = os.getloadavg()[0]
-                if trainer == "arcstream":
-                    r = run_arcstream(run_dir, arch, t, out, cache_dir)
+                if trainer.startswith("arcstream"):
+                    r = run_arcstream(run_dir, arch, t, out, cache_dir, trainer.split("/")[1])
                     r["cache"] = cache_state
                 else:
                     r = run_saelens(run_dir, arch, t, out)
                 r["load"] = load
                 results.setdefault((trainer, arch, t), []).append(r)
-                print(f"run {rep} {trainer:9s} {arch:10s} {t:7d} tokens  {r['wall_s']:7.1f} s whole "
+                print(f"run {rep} {trainer:18s} {arch:10s} {t:7d} tokens  {r['wall_s']:7.1f} s whole "
                       f"({t / r['wall_s']:7.1f} tok/s)  loop {r['loop_tokens_per_s']:7.1f} tok/s  "
                       f"rss {r['rss_gb']:.2f} GB  load {load:.2f}" + (f"  cache {r['cache']}" if 'cache' in r else ""),
                       flush=True)
 
     print("\n# whole process (start-up + compile included), medians over repeats; arcstream cold = empty cache")
-    print(f"{'arch':10s} {'tokens':>7s} {'arcstream s':>11s} {'(cold s)':>9s} {'SAELens s':>9s} "
+    print(f"{'arch':10s} {'arcstream':18s} {'tokens':>7s} {'arcstream s':>11s} {'(cold s)':>9s} {'SAELens s':>9s} "
           f"{'arc tok/s':>9s} {'SL tok/s':>8s} {'ratio':>6s} {'ratio cold':>10s}")
-    for arch in archs:
-        for t in tokens:
-            ours = results.get(("arcstream", arch, t), [])
-            theirs = results.get(("saelens", arch, t), [])
-            if not ours:
-                continue
-            warm = [r["wall_s"] for r in ours if r["cache"] == "warm"] or [r["wall_s"] for r in ours]
-            cold = [r["wall_s"] for r in ours if r["cache"] == "cold"]
-            a = statistics.median(warm)
-            line = f"{arch:10s} {t:7d} {a:11.1f} {(statistics.median(cold) if cold else float('nan')):9.1f} "
-            if theirs:
-                s = statistics.median(r["wall_s"] for r in theirs)
-                rc = f"{s / statistics.median(cold):10.2f}" if cold else f"{'-':>10s}"
-                line += f"{s:9.1f} {t / a:9.1f} {t / s:8.1f} {s / a:6.2f} {rc}"
-            else:
-                line += f"{'-':>9s} {t / a:9.1f}"
-            print(line)
+    for arch, t, trainer in [(a, t, tr) for a in archs for t in tokens for tr in _trainers(a) if tr != "saelens"]:
+        ours = results.get((trainer, arch, t), [])
+        theirs = results.get(("saelens", arch, t), [])
+        if not ours:
+            continue
+        warm = [r["wall_s"] for r in ours if r["cache"] == "warm"] or [r["wall_s"] for r in ours]
+        cold = [r["wall_s"] for r in ours if r["cache"] == "cold"]
+        a = statistics.median(warm)
+        line = f"{arch:10s} {trainer:18s} {t:7d} {a:11.1f} {(statistics.median(cold) if cold else float('nan')):9.1f} "
+        if theirs:
+            s = statistics.median(r["wall_s"] for r in theirs)
+            rc = f"{s / statistics.median(cold):10.2f}" if cold else f"{'-':>10s}"
+            line += f"{s:9.1f} {t / a:9.1f} {t / s:8.1f} {s / a:6.2f} {rc}"
+        else:
+            line += f"{'-':>9s} {t / a:9.1f}"
+        print(line)
 
-    print(f"\n# quality at {tokens[0]} tokens: held-out rows ({x_eval.shape[0]}), both exports through SAELens's "
+    print(f"\n# quality at {tokens[0]} tokens: held-out rows ({x_eval.shape[0]}), every export through SAELens's "
           "load_from_disk/encode/decode (FVU = sum ||x - x_hat||^2 / sum ||x - mean||^2)")
-    print(f"{'arch':18s} {'arcstream FVU':>13s} {'L0':>6s} {'SAELens FVU':>11s} {'L0':>6s}")
+    print(f"{'arch':18s} {'trainer':18s} {'FVU':>8s} {'L0':>7s}")
     # BatchTopK twice: by the exported threshold (what SAELens's encode does; an EMA that short runs
     # leave far from converged) and by the batch top-k rule it was trained with.
     rows = [(a, 0) for a in archs + quality_only] + [("batchtopk", ARGS.k)] * ("batchtopk" in archs + quality_only)
     for arch, batch_k in rows:
-        row = f"{arch + (' (batch)' if batch_k else ''):18s}"
-        for trainer in ("arcstream", "saelens"):
-            folder = os.path.join(exports, f"{trainer}_{arch}_{tokens[0]}")
+        for trainer in _trainers(arch):
+            folder = os.path.join(exports, f"{trainer.replace('/', '_')}_{arch}_{tokens[0]}")
             if os.path.exists(folder):
                 fvu, l0 = score(folder, x_eval, batch_k)
-                row += f" {fvu:13.4f} {l0:6.1f}" if trainer == "arcstream" else f" {fvu:11.4f} {l0:6.1f}"
-            else:
-                row += f" {'-':>13s} {'-':>6s}" if trainer == "arcstream" else f" {'-':>11s} {'-':>6s}"
-        print(row)
+                print(f"{arch + (' (batch)' if batch_k else ''):18s} {trainer:18s} {fvu:8.4f} {l0:7.1f}")
     print("# other processes at the end (%cpu, command):", "; ".join(_busy_processes()), flush=True)
     with open(os.path.join(ARGS.data_dir, "results.json"), "w") as f:
         json.dump({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, f, indent=1)

@@ -41,7 +41,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from arcstream.sae.sparse import segment_sum, sparse_decode
+from arcstream.sae.sparse import gather_dot, segment_sum, selected_preacts, sparse_decode
+
+# SAEConfig.select_dtype: the dtypes the training step's selection matmul may take its inputs in
+SELECT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 Params = dict[str, jax.Array]
 Buffers = dict[str, jax.Array]
@@ -82,6 +85,14 @@ class SAEConfig:
     # SAELens's run-time input normalisation, for SAEs loaded from elsewhere (export.NORMALIZATIONS):
     # each token is normalised before encoding and the reconstruction mapped back. arcstream trains with "none".
     normalize_activations: str = "none"
+    # The dtype of the training step's dense encoder matmul's inputs, "float32" or "bfloat16" (f32
+    # accumulation either way), for architectures whose dense pre-activations only choose the kept latents
+    # (topk, batchtopk: `Architecture.sparse_selection`). With "bfloat16" that matmul picks the latents and
+    # the kept ones' pre-activations are recomputed in f32 (`kept_preacts`), so the loss, the values and
+    # every gradient are f32 for the latents chosen; only ties within bf16 rounding may choose differently.
+    # Measured (d_in 896, d_sae 14336, k 64, 4096 tokens, 2-core AVX-512-BF16 CPU): TopK step 1,226 ->
+    # 961 ms. Inference encodings (export, analysis) are always f32.
+    select_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.architecture not in _REGISTRY:
@@ -107,6 +118,14 @@ class SAEConfig:
             )
         if arch.validate is not None:
             arch.validate(self)
+        if self.select_dtype not in SELECT_DTYPES:
+            raise ValueError(f"SAEConfig.select_dtype={self.select_dtype!r}; expected one of {list(SELECT_DTYPES)}")
+        if self.select_dtype != "float32" and not arch.sparse_selection:
+            raise ValueError(
+                f"SAEConfig.select_dtype={self.select_dtype!r} is for architectures whose dense pre-activations only "
+                f"select latents ({sorted(n for n, a in _REGISTRY.items() if a.sparse_selection)}); "
+                f"{self.architecture!r} trains through them, so it keeps float32"
+            )
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise ValueError(
                 f"SAEConfig.b_dec_init={self.b_dec_init!r}; expected 'geometric_median', 'mean' or 'zeros'"
@@ -267,6 +286,9 @@ class Architecture:
     # A transcoder reconstructs another site: `loss(..., target_bd=y)` gets the scaled target batch,
     # w_dec_sd is [d_sae, d_out], and the trainer reads cfg.input_site and cfg.target_site.
     transcoder: bool = False
+    # The training encoding uses the dense pre-activations as values only, to choose the kept latents, and
+    # computes the kept ones through `kept_preacts` (so SAEConfig.select_dtype may make that matmul bf16).
+    sparse_selection: bool = False
 
     def loss(
         self, params: Params, buffers: Buffers, x_bd: jax.Array, cfg: SAEConfig, hp: HParams,
@@ -348,6 +370,39 @@ def preacts(params: Params, x_bd: jax.Array, cfg: SAEConfig) -> jax.Array:
     """Dense encoder pre-activations [B, d_sae] (the one dense matmul)."""
     xc_bd = x_bd - params["b_dec_d"] if cfg.apply_b_dec_to_input else x_bd
     return xc_bd @ params["w_enc_sd"].T + params["b_enc_s"]
+
+
+def selection_preacts(params: Params, x_bd: jax.Array, cfg: SAEConfig) -> jax.Array:
+    """The dense pre-activations [B, d_sae] that choose the kept latents in training: values only (no
+    gradient), the matmul's inputs in `cfg.select_dtype` with f32 accumulation.
+
+    The bf16 product is written as a contraction over both operands' last axis: XLA:CPU runs that form
+    as a native bf16 dot (AVX-512 BF16), while `x @ w.T` in bf16 is rewritten to an f32 dot on upcast
+    copies (measured: 0.37-0.40 s vs 0.62-0.79 s for [4096, 896] x [14336, 896]).
+    """
+    if cfg.select_dtype == "float32":
+        return jax.lax.stop_gradient(preacts(params, x_bd, cfg))
+    dt = SELECT_DTYPES[cfg.select_dtype]
+    xc_bd = x_bd - params["b_dec_d"] if cfg.apply_b_dec_to_input else x_bd
+    pre_bs = jax.lax.dot_general(xc_bd.astype(dt), params["w_enc_sd"].astype(dt), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    return jax.lax.stop_gradient(pre_bs + params["b_enc_s"])
+
+
+def kept_preacts(params: Params, x_bd: jax.Array, idx_bk: jax.Array, vals_bk: jax.Array, cfg: SAEConfig,
+                 lengths_b: jax.Array | None = None) -> jax.Array:
+    """The kept latents' pre-activations [B, K] with their sparse gradient (sparse.selected_preacts).
+
+    `vals_bk`: their values read from `selection_preacts`; when that matmul ran in bf16 they are
+    recomputed in f32 over the kept latents only (`gather_dot`, B * K * d_in multiply-adds), so the
+    loss sees exact f32 pre-activations.
+    """
+    if cfg.select_dtype != "float32":
+        xc_bd = x_bd - params["b_dec_d"] if cfg.apply_b_dec_to_input else x_bd
+        w_sd, b_s = jax.lax.stop_gradient(params["w_enc_sd"]), jax.lax.stop_gradient(params["b_enc_s"])
+        vals_bk = gather_dot(jax.lax.stop_gradient(xc_bd), idx_bk, w_sd, lengths_b) + b_s[idx_bk]
+    return selected_preacts(x_bd, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx_bk, vals_bk,
+                            cfg.apply_b_dec_to_input, lengths_b)
 
 
 def decode(params: Params, acts_bs: jax.Array) -> jax.Array:

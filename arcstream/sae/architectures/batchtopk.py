@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from arcstream.sae.architectures.base import (Architecture, AuxTerms, Buffers, Encoding, HParams, Latents, Params,
-                                              SAEConfig, check_k, init_params, preacts, register_architecture,
-                                              saelens_weights, unit_norm_decoder)
+                                              SAEConfig, check_k, init_params, kept_preacts, preacts,
+                                              register_architecture, saelens_weights, selection_preacts,
+                                              unit_norm_decoder)
 from arcstream.sae.architectures.topk import auxk_terms, top_k
-from arcstream.sae.sparse import selected_preacts
 
 # Sparse BatchTopK's tiers (batchtopk_select): every token offers its top 2k activations, the
 # 1/8 of the batch's tokens that need it most their top 8k, the 1/64 their whole row.
@@ -143,22 +143,21 @@ def _encode_with_hidden_pre(params, buffers, x_bd, cfg, hp) -> Encoding:
     per-token lengths (gradients through the sparse kernels), the few whole-row tokens one
     dense [B/64, S] block with its gradient."""
     del buffers
-    pre_bs = jax.lax.stop_gradient(preacts(params, x_bd, cfg))
+    pre_bs = selection_preacts(params, x_bd, cfg)
     sel = batchtopk_select(pre_bs, cfg.k, hp["k"])
     blocks, min_pos = [], jnp.asarray(jnp.inf, x_bd.dtype)
     for tier in sel["tiers"]:
         rows, idx, lengths = tier["rows"], tier["idx"], tier["lengths"]
         x_t = x_bd if rows is None else x_bd[rows]
-        acts = jax.nn.relu(selected_preacts(x_t, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx,
-                                            tier["vals"], cfg.apply_b_dec_to_input, lengths))
-        blocks.append(Latents(acts, idx, rows=rows, lengths=lengths))
+        pre = kept_preacts(params, x_t, idx, tier["vals"], cfg, lengths)
+        blocks.append(Latents(jax.nn.relu(pre), idx, rows=rows, lengths=lengths))
         keep = jnp.arange(idx.shape[1])[None, :] < lengths[:, None]
-        min_pos = jnp.minimum(min_pos, jnp.min(jnp.where(keep, tier["vals"], jnp.inf)))
+        min_pos = jnp.minimum(min_pos, jnp.min(jnp.where(keep, jax.lax.stop_gradient(pre), jnp.inf)))
     rows3, mask3 = sel["rows3"], sel["mask3"]
     acts3 = jnp.where(mask3, preacts(params, x_bd[rows3], cfg), 0.0)  # dense, with its gradient
     # Fired = the selection (mask3), not a sign test of the recomputed pre-activations.
     blocks.append(Latents(acts3, rows=rows3, fired=mask3))
-    min_pos = jnp.minimum(min_pos, jnp.min(jnp.where(mask3, jax.nn.relu(pre_bs[rows3]), jnp.inf)))
+    min_pos = jnp.minimum(min_pos, jnp.min(jnp.where(mask3, jax.nn.relu(jax.lax.stop_gradient(acts3)), jnp.inf)))
     return Encoding(tuple(blocks), pre_bs, info={"min_pos": min_pos, "capped_fraction": sel["capped_fraction"]})
 
 
@@ -177,5 +176,5 @@ def _export(params, buffers, cfg, hp):
 BATCHTOPK = register_architecture(
     Architecture(name="batchtopk", init=init_params, init_buffers=threshold_buffers, encode=threshold_encode,
                  encode_with_hidden_pre=_encode_with_hidden_pre, aux_loss=_aux_loss, constrain=unit_norm_decoder,
-                 export=_export, validate=check_k)
+                 export=_export, validate=check_k, sparse_selection=True)
 )

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from arcstream.sae.architectures.base import (Architecture, AuxTerms, Encoding, HParams, Latents, Params, SAEConfig,
-                                              StepInput, check_k, init_params, mse, no_buffers, preacts,
-                                              register_architecture, saelens_weights, unit_norm_decoder)
-from arcstream.sae.sparse import selected_preacts
+                                              StepInput, check_k, init_params, kept_preacts, mse, no_buffers,
+                                              preacts, register_architecture, saelens_weights, selection_preacts,
+                                              unit_norm_decoder)
 
 _TOPK_BLOCK = 16  # entries per block in the two-stage top-k
 
@@ -66,10 +66,9 @@ def _encode_with_hidden_pre(params, buffers, x_bd, cfg, hp) -> Encoding:
     """The k kept entries per token as one row-sparse block; their gradient flows through the
     sparse kernels (the dense pre-activations are values only)."""
     del buffers
-    pre_bs = jax.lax.stop_gradient(preacts(params, x_bd, cfg))
+    pre_bs = selection_preacts(params, x_bd, cfg)
     vals_bk, idx_bk, keep_k = _topk_select(pre_bs, cfg, hp)
-    sel_bk = selected_preacts(x_bd, params["b_dec_d"], params["w_enc_sd"], params["b_enc_s"], idx_bk, vals_bk,
-                              cfg.apply_b_dec_to_input)
+    sel_bk = kept_preacts(params, x_bd, idx_bk, vals_bk, cfg)
     return Encoding((Latents(jax.nn.relu(sel_bk) * keep_k, idx_bk),), pre_bs)
 
 
@@ -163,5 +162,5 @@ def _export(params, buffers, cfg, hp):
 TOPK = register_architecture(
     Architecture(name="topk", init=init_params, init_buffers=no_buffers, encode=_encode,
                  encode_with_hidden_pre=_encode_with_hidden_pre, aux_loss=_aux_loss, constrain=unit_norm_decoder,
-                 export=_export, validate=check_k)
+                 export=_export, validate=check_k, sparse_selection=True)
 )
