@@ -12,12 +12,17 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def _job(config):
+def _check(config):
     # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
-    from arcstream.analysis import analyze
     from arcstream.analysis.config import AnalyzeOptions
 
-    return analyze(AnalyzeOptions.from_config(config))
+    return AnalyzeOptions.from_config(config)
+
+
+def _job(options):
+    from arcstream.analysis import analyze
+
+    return analyze(options)
 
 
 def _lock(config) -> tuple[str, str, bool]:
@@ -28,4 +33,4 @@ def _lock(config) -> tuple[str, str, bool]:
 
 
 if __name__ == "__main__":
-    cli.run_job("arcstream.analyze", _job, lock=_lock)
+    cli.run_job("arcstream.analyze", _job, lock=_lock, check=_check)

@@ -181,6 +181,7 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", *,
 
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another job holds the run directory; retrying later may succeed
+EXIT_CONFIG = 78  # EX_CONFIG: the config was refused (the one-line message names the flag); nothing ran
 
 
 @contextlib.contextmanager
@@ -257,8 +258,9 @@ def output_dir_lock(config: Any) -> tuple[str, str, bool]:
 
 
 def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False,
-            lock: Callable[[Any], tuple[str, str, bool]] = output_dir_lock) -> None:
-    """The whole `__main__` of an entry point: `--config` flag, environment log, `job(config)`, summary.
+            lock: Callable[[Any], tuple[str, str, bool]] = output_dir_lock,
+            check: Callable[[Any], Any] | None = None) -> None:
+    """The whole `__main__` of an entry point: `--config` flag, environment log, `job(check(config))`, summary.
 
     `job` returns an object with `summary_rows()`; the summary is printed by
     process 0 only. `distributed=True` joins the pod first
@@ -266,6 +268,8 @@ def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False,
     The job runs under the run lock (`job_lock`, named after the job:
     `.run.lock`, `.predict.lock`, ...) of the directory `lock(config)` names
     (default `output_dir_lock`); an empty directory is left for the job to report.
+    `check(config)` returns the job's checked options (`ConfigError` on a refusal); it runs before the lock,
+    so a refused config creates nothing, and `job` gets what it returned.
     """
     define_config_flag()
 
@@ -278,12 +282,26 @@ def run_job(title: str, job: Callable[[Any], Any], *, distributed: bool = False,
             maybe_initialize()
         quiet_library_logs()
         log_environment()
+        from arcstream.options import ConfigError  # lazy (numpy): see the module docstring
+
+        def refused(e: ConfigError) -> None:
+            logging.error("config refused: %s", e)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CONFIG)
+
         config = flags.FLAGS.config
+        try:
+            checked = check(config) if check is not None else config
+        except ConfigError as e:
+            refused(e)
         directory, flag, create = lock(config)
         held = (job_lock(directory, _job_name(title), flag=flag, create=create) if directory
                 else contextlib.nullcontext())
         with held:
-            result = job(config)
+            try:
+                result = job(checked)
+            except ConfigError as e:  # a refusal only the job can see (e.g. a resumed run's stored config)
+                refused(e)
             import jax  # lazy: see the module docstring
 
             if jax.process_index() == 0:

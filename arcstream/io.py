@@ -369,9 +369,42 @@ def truncate_metrics(path: str | os.PathLike, step: int, key: str = "step") -> N
     location.write_bytes_atomic(name, "".join(ln + "\n" for ln in keep).encode())
 
 
-__all__ = ["CONTEXT", "EPATH_SCHEMES", "JsonlLog", "RunLocation", "StoreError", "StoreWriteError", "checkpoint_dir",
-           "checkpoint_path", "explain_os_error", "file_location", "fsync_dir", "is_url", "join_location", "local_folder",
-           "truncate_metrics"]
+def canonical_json(obj: Any, what: str = "config") -> str:
+    """Sorted, compact JSON: the byte string the fingerprint hashes."""
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the {what} must be JSON-serialisable (plain dicts, lists, str, int, float, bool, "
+                         f"None; pass ConfigDict.to_dict()): {err}") from err
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping) and obj:
+        out: dict[str, Any] = {}
+        for key in obj:
+            out.update(_flatten(obj[key], f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix or "<root>": obj}
+
+
+def config_diff(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """One line per differing dotted key: `key: stored=... requested=...` (empty when equal): what a job
+    refusing to resume under another configuration prints (the store, train_lm, train_sae, predict)."""
+    a, b = _flatten(stored), _flatten(requested)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key not in b:
+            lines.append(f"  {key}: stored={a[key]!r}, requested=<absent>")
+        elif key not in a:
+            lines.append(f"  {key}: stored=<absent>, requested={b[key]!r}")
+        elif canonical_json(a[key]) != canonical_json(b[key]):
+            lines.append(f"  {key}: stored={a[key]!r}, requested={b[key]!r}")
+    return lines
+
+
+__all__ = ["CONTEXT", "EPATH_SCHEMES", "JsonlLog", "RunLocation", "StoreError", "StoreWriteError", "canonical_json",
+           "checkpoint_dir", "checkpoint_path", "config_diff", "explain_os_error", "file_location", "fsync_dir",
+           "is_url", "join_location", "local_folder", "truncate_metrics"]
 
 
 def resume_fingerprint(resolved: Mapping[str, Any], progress_keys: Sequence[str]) -> dict[str, Any]:

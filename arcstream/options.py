@@ -16,7 +16,8 @@ Every job's library function takes a frozen dataclass (`RunOptions`, `TrainLMOpt
 so a key is added in one place. `as_dict(options)` is the plain JSON-able view (for fingerprints and records). A field with metadata
 `{"config": False}` is not a config key (neither read from a section nor written back).
 
-A job's whole config: `from_config(cls, config)` is `from_section` at the top (`--config`) and, when the
+A job's whole config: `from_config(cls, config)` is `from_section` at the top (`--config`), any refusal raised
+as `ConfigError` (a ValueError the entry points print as one line), and, when the
 dataclass has a `RESOLVED` field, keeps there the config exactly as given, in JSON types (what a job
 writes beside its outputs and compares on resume); `fill_resolved(options)` in `__post_init__` sets it
 to `as_dict(options)` for options built directly.
@@ -35,6 +36,12 @@ import ml_collections
 import numpy as np
 
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A job's config refused by its options (`from_config`): the message names the flag and what is wrong.
+    An entry point prints it as one line and exits EXIT_CONFIG (cli.run_job), without a traceback."""
+
 
 # A free-form config section read by the module that owns it (kept as given, frozen).
 Section = ml_collections.FrozenConfigDict
@@ -116,7 +123,12 @@ def from_config(cls: type[T], config: Any, flag: str = "--config") -> T:
     """A job's options from its whole config (a ConfigDict, a mapping, or the options themselves)."""
     if isinstance(config, cls):
         return config
-    opts = from_section(cls, config, flag)
+    try:
+        opts = from_section(cls, config, flag)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a key's own check (a field's type or an options __post_init__)
+        raise ConfigError(str(e)) from e
     if any(f.name == RESOLVED for f in dataclasses.fields(cls)):
         given = (json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
                  else as_dict(opts))

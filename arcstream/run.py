@@ -12,13 +12,18 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def _job(config):
+def _check(config):
     # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
-    from arcstream.stream.loop import run
     from arcstream.stream.options import RunOptions
 
-    return run(RunOptions.from_config(config))
+    return RunOptions.from_config(config)
+
+
+def _job(options):
+    from arcstream.stream.loop import run
+
+    return run(options)
 
 
 if __name__ == "__main__":
-    cli.run_job("arcstream.run", _job, distributed=True)
+    cli.run_job("arcstream.run", _job, distributed=True, check=_check)

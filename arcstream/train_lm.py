@@ -10,15 +10,20 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def job(config):
+def check(config):
     # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
+    from arcstream.lm.options import TrainLMOptions
+
+    return TrainLMOptions.from_config(config)
+
+
+def job(options):
     from absl import logging
 
-    from arcstream.lm.options import TrainLMOptions
     from arcstream.lm.train import train
 
-    return train(TrainLMOptions.from_config(config), log=logging.info)
+    return train(options, log=logging.info)
 
 
 if __name__ == "__main__":
-    cli.run_job("arcstream train_lm", job, distributed=True)
+    cli.run_job("arcstream train_lm", job, distributed=True, check=check)

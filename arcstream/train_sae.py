@@ -57,16 +57,20 @@ def _run_dir_lock(config: Any) -> tuple[str, str, bool]:
     return str(config.run_dir), "--config.run_dir", False
 
 
-def job(config: Any) -> TrainSAEResult:
+def check(config: Any) -> Any:
     # Imported here, not at the top: the module re-executes itself first, and `--help` needs no JAX.
+    from arcstream.sae.options import TrainSAEOptions
+
+    return TrainSAEOptions.from_config(config)  # every key checked before the lock and the store
+
+
+def job(opts: Any) -> TrainSAEResult:
     from absl import logging
 
     from arcstream.sae import train_offline
     from arcstream.sae.offline import use_compilation_cache
-    from arcstream.sae.options import TrainSAEOptions
     from arcstream.store import open_run  # the store is wired in at the entry point only (sae reads arrays)
 
-    opts = TrainSAEOptions.from_config(config)  # every key checked before the store is opened
     cache = use_compilation_cache(opts.compilation_cache_dir)
     if cache:
         logging.info("compilation cache  %s", cache)
@@ -77,4 +81,4 @@ if __name__ == "__main__":
     _reexec_with_huge_pages()
     # One process: train_offline does not shard its data over a pod (a pod would train the same SAEs
     # on every host and write the same exports).
-    cli.run_job("arcstream train_sae", job, lock=_run_dir_lock)
+    cli.run_job("arcstream train_sae", job, lock=_run_dir_lock, check=check)

@@ -13,19 +13,17 @@ Flags and `main` only: the work is `arcstream.data.kaggle.transform` over the ch
 
 from __future__ import annotations
 
-from typing import Any
-
 from arcstream import cli
 from arcstream.data.kaggle import TransformOptions, TransformResult, transform
 
 __all__ = ["TransformOptions", "TransformResult", "transform"]
 
 
-def _job(config: Any) -> TransformResult:
-    return transform(TransformOptions.from_config(config), progress=cli.progress)
+def _job(options: TransformOptions) -> TransformResult:
+    return transform(options, progress=cli.progress)
 
 
 if __name__ == "__main__":
     # The flag is defined here (inside run_job), not at import, so tests and other
     # jobs can import this module without a clash over the global `--config` flag.
-    cli.run_job("arcstream.transform", _job)
+    cli.run_job("arcstream.transform", _job, check=TransformOptions.from_config)

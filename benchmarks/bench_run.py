@@ -107,7 +107,7 @@ def main() -> None:
             for b in batches:
                 _, captured = step_fn(state, None, jnp.int32(0), *put(b))
                 jax.block_until_ready(captured)
-                drain.put(captured, b)
+                drain.put(*sink.compact(captured, b))
             drain.join()
             writer.commit(len(batches))
             t = time.perf_counter() - t0

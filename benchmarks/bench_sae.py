@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -78,9 +79,10 @@ def _parse():
     ap.add_argument("--data_rows", type=int, default=0, help="--whole: stored rows (default: the largest --tokens)")
     ap.add_argument("--eval_rows", type=int, default=8192)
     ap.add_argument("--l0_coefficient", type=float, default=1.0, help="jumprelu, both trainers (SAELens default)")
-    ap.add_argument("--select_dtypes", default="float32",
-                    help="arcstream's sae.select_dtype, one arcstream run per value (topk/batchtopk), e.g. "
-                         "float32,bfloat16; other architectures always run float32")
+    ap.add_argument("--select_dtypes", default="bfloat16",
+                    help="arcstream's sae.select_dtype, one arcstream run per value (topk/batchtopk; bfloat16 is "
+                         "the default of sae.select_dtype=auto), e.g. float32,bfloat16; other architectures "
+                         "always run float32")
     ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--_arch", default="topk", help=argparse.SUPPRESS)
     ap.add_argument("--_out", default="", help=argparse.SUPPRESS)
@@ -343,8 +345,9 @@ def run_arcstream(run_dir: str, arch: str, tokens: int, out: str, cache_dir: str
     if rc != 0:
         raise RuntimeError(f"arcstream child failed (exit {rc}): {' '.join(cmd)}\n{text[-2000:]} "
                            f"(log: {ARGS.data_dir}/logs)")
-    loop = next((float(ln.split(",")[-1].split()[0]) for ln in text.splitlines() if ln.startswith("SAE training:")),
-                float("nan"))
+    # the summary box's "steps  N, R tokens/s" row (sae/offline.py summary_rows)
+    speeds = [re.search(r"([\d.]+) tokens/s", ln) for ln in text.splitlines() if "steps" in ln]
+    loop = next((float(m.group(1)) for m in speeds if m), float("nan"))
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(os.path.join(run_dir, "saes", SITE), out)
     return {"wall_s": wall, "rss_gb": rss, "loop_tokens_per_s": loop}

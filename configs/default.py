@@ -16,17 +16,16 @@ trains one TopK SAE per site online from the ring buffer and exports them to
 answers of the first tasks into `output_dir/predictions/` (shape-constrained),
 and ends with the analysis: `output_dir/dashboard/index.html` (open it from
 disk) and `output_dir/report.md`.
-Runtime: measured 305 s on an idle 2-core CPU from a fresh clone (7 min 20 s with
-the venv and `pip install`): predictions 136 s (8 tasks x 4 views, shape-constrained),
-analysis 131 s (87 s after the padding fixes that measurement led to), online SAEs
-31 s, forward 5 s with compilation.
+Runtime: measured 167 s wall (peak RSS 1.4 GB) on an idle 2-core CPU from a fresh
+clone, the venv installed: predictions 68 s (8 tasks x 4 views, shape-constrained),
+analysis 58 s, online SAEs 29 s (149 steps per site), forward 3 s with compilation.
 Expected result: a summary with 64 prompts, ~76k tokens, rows durable ==
-tokens, 4 too_long prompts named in skipped.jsonl, ~75 SAE steps per site
-(every token drawn once: "tokens drawn of ... captured" in the summary),
+tokens, 4 too_long prompts named in skipped.jsonl, ~150 SAE steps per site
+(every token drawn twice: "tokens drawn of ... captured" in the summary),
 2 SAE exports, the predictions scored (arcstream-tiny solves almost nothing;
 see its model card), and per site the analysis's dead latents (never fired on
-the rows analysed; the one meaning of "dead" in the summary: 200 of 2048
-(9.8%) measured at site 1, 54 (2.6%) at site 3) and how its features behave across the views.
+the rows analysed; the one meaning of "dead" in the summary: 158 of 2048
+(7.7%) measured at site 1, 33 (1.6%) at site 3) and how its features behave across the views.
 
 Variants: `configs/default.py:nosae` (capture and store only).
 Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`

@@ -72,7 +72,8 @@ def test_dead_means_the_same_in_the_summary_and_the_analysis(default_run):
         m = re.search(r"dead (\d+) of (\d+)", line)
         assert m, f"{site}: no dead count in the summary: {line!r}"
         assert int(m.group(1)) == s["dead"] and int(m.group(2)) == s["d_sae"]
-        # Measured with every token drawn once (76k draws, 74 SAE steps): 10.7% and 0.9%; with 98k draws with
-        # replacement it was 5.9% and 0.6%. AuxK never engages in so short a run (sae.dead_steps 200): issue 16.
-        assert s["dead"] < 0.15 * s["d_sae"], f"{site}: {s['dead']} of {s['d_sae']} latents dead"
+        # Measured with every token drawn twice at lr 5e-4 (152k draws, 149 SAE steps): 7.7% and 1.6%. Drawn once
+        # at 1e-3 it was 10.5% and 2.6%; with the fitted encoder scale (sae.fit_encoder_scale, off for this run)
+        # 26.9% and 12.1%. Issue 14 asks for fewer than 10%.
+        assert s["dead"] < 0.10 * s["d_sae"], f"{site}: {s['dead']} of {s['d_sae']} latents dead"
     assert not any("dead_fraction" in v for v in rows.values())

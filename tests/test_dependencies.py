@@ -34,7 +34,7 @@ ALLOWED = {
     "models": {"io", "data"},
     "sae": {"io", "options"},
     "store": {"io", "data"},
-    "cli": {"io", "store", "distributed"},
+    "cli": {"io", "store", "distributed", "options"},  # options: the ConfigError a refused config raises
 }
 
 

@@ -142,3 +142,30 @@ def test_the_default_run_config_is_the_run_options_defaults():
     given = RunOptions.from_config(get_config())
     assert dataclasses.replace(given, data=RunOptions().data) == RunOptions()
     assert given.data.max_prompts == given.max_prompts == 64 and given.resolved["data"]["max_prompts"] == 64
+
+
+@pytest.mark.parametrize("job, args, message", [
+    ("run", ["--config=configs/default.py", "--config.store.token_fraction=2.0"],
+     "--config.store.token_fraction=2.0: expected a fraction in (0, 1]"),
+    ("train_sae", ["--config=configs/train_sae.py", "--config.run_dir=RUN", "--config.checkpoint_every=-1"],
+     "--config.checkpoint_every (-1) and --config.stop_after_steps (0) must be >= 0"),
+])
+def test_an_entry_point_refuses_a_config_in_one_line_without_a_traceback(job, args, message, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from arcstream.cli import EXIT_CONFIG
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [a.replace("RUN", str(tmp_path / "run")) for a in args]
+    if job == "run":
+        args.append(f"--config.output_dir={tmp_path / 'out'}")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", f"arcstream.{job}", *args], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == EXIT_CONFIG, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == f"error: {message}", p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()  # refused before the run lock

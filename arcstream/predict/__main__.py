@@ -9,12 +9,18 @@ from __future__ import annotations
 from arcstream import cli
 
 
-def _job(config):
+def _check(config):
     # Imported here, not at the top: `--help` and flag errors answer without importing JAX.
-    from arcstream.predict.job import PredictJobOptions, run_predictions
+    from arcstream.predict.job import PredictJobOptions
 
-    return run_predictions(PredictJobOptions.from_config(config))
+    return PredictJobOptions.from_config(config)
+
+
+def _job(options):
+    from arcstream.predict.job import run_predictions
+
+    return run_predictions(options)
 
 
 if __name__ == "__main__":
-    cli.run_job("arcstream.predict", _job)
+    cli.run_job("arcstream.predict", _job, check=_check)

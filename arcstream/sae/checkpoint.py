@@ -25,7 +25,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from arcstream.io import checkpoint_path
+from arcstream.io import checkpoint_path, config_diff
+from arcstream.options import ConfigError
 from arcstream.sae.train import SiteState, TrainState
 
 
@@ -50,8 +51,13 @@ class SAECheckpointer:
     """Save/restore a TrainState (and optionally a Grain iterator) under `directory`
     (a local path, or a gs:// / s3:// / az:// URL: see `checkpoint_path`)."""
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, flag: str = "checkpoint directory"):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, flag: str = "checkpoint directory",
+                 fingerprint: dict[str, Any] | None = None):
+        """`fingerprint`: what a resumed run must repeat (JSON), saved with every step and compared on restore,
+        which refuses another configuration with the differing keys (the online run leaves it None: its
+        store's config check covers its SAEs)."""
         self.directory = checkpoint_path(directory, flag)
+        self.fingerprint = fingerprint
         try:
             self._mgr = ocp.CheckpointManager(
                 self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
@@ -81,6 +87,8 @@ class SAECheckpointer:
         args = {"state": ocp.args.StandardSave(_to_tree(state))}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if self.fingerprint is not None:
+            args["meta"] = ocp.args.JsonSave({"fingerprint": self.fingerprint})
         self._mgr.save(int(state.step), args=ocp.args.Composite(**args), force=True)
         if wait:
             self._mgr.wait_until_finished()
@@ -92,12 +100,29 @@ class SAECheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"SAECheckpointer.restore: no checkpoint under {self.directory}")
+        if self.fingerprint is not None:
+            self._check_fingerprint(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
         args = {"state": ocp.args.StandardRestore(abstract)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self._mgr.restore(step, args=ocp.args.Composite(**args))
         return _from_tree(restored["state"], template)
+
+    def _check_fingerprint(self, step: int) -> None:
+        try:
+            saved = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except (KeyError, ValueError, FileNotFoundError):  # no meta item: a checkpoint of an older arcstream
+            saved = None
+        if saved is None or "fingerprint" not in saved:
+            raise ConfigError(f"{self.directory} (step {step}) does not record the configuration it was trained "
+                              "with (written by an older arcstream); delete it or use another checkpoint "
+                              "directory to start afresh")
+        diff = config_diff(saved["fingerprint"], self.fingerprint)
+        if diff:
+            raise ConfigError(f"{self.directory} (step {step}) was trained with another configuration; rerun with "
+                              "the saved settings, or delete it (or set another checkpoint directory) to start "
+                              "afresh. Differences:\n" + "\n".join(diff))
 
     def close(self) -> None:
         self._mgr.wait_until_finished()

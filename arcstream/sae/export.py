@@ -39,6 +39,9 @@ from arcstream.sae.architectures import Buffers, Params, SAEConfig, get_architec
 from arcstream.sae.architectures import decode as decode_scaled
 from arcstream.io import RunLocation, is_url
 
+# The trainer's bookkeeping in a SiteState's buffers (sae/train.py), not part of an SAE once trained.
+TRAINING_ONLY_BUFFERS = ("steps_since_fired_s", "encoder_step")
+
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.0.0"  # the format version we write (SAELens >= 6 reads it as is)
@@ -63,7 +66,8 @@ def export_sae(
     buffers = dict(buffers or {})
     scale = float(np.asarray(buffers.pop("scale", 1.0)))
     out_scale = float(np.asarray(buffers.pop("target_scale", scale)))  # the space W_dec and b_dec map into
-    buffers.pop("steps_since_fired_s", None)
+    for k in TRAINING_ONLY_BUFFERS:
+        buffers.pop(k, None)
     arch = get_architecture(cfg.architecture)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     for name, want in (("w_enc_sd", (cfg.d_sae, cfg.d_in)), ("w_dec_sd", (cfg.d_sae, cfg.d_target))):
@@ -194,7 +198,8 @@ def _normalise(cfg: SAEConfig, x_bd):
 def _encode_normalised(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None):
     buffers = dict(buffers or {})
     scale = buffers.pop("scale", 1.0)
-    buffers.pop("steps_since_fired_s", None)
+    for k in TRAINING_ONLY_BUFFERS:
+        buffers.pop(k, None)
     return get_architecture(cfg.architecture).encode(params, buffers, x_bd * scale, cfg, cfg.hparams())
 
 

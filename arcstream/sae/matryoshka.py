@@ -136,5 +136,5 @@ def _export(params, buffers, cfg, hp):
 MATRYOSHKA_BATCHTOPK = register_architecture(
     Architecture(name="matryoshka_batchtopk", init=init_params, init_buffers=threshold_buffers,
                  encode=threshold_encode, encode_with_hidden_pre=nested_encode, aux_loss=nested_aux_loss,
-                 constrain=unit_norm_decoder, export=_export, validate=_validate)
+                 constrain=unit_norm_decoder, export=_export, validate=_validate, scale_free_selection=True)
 )

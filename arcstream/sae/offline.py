@@ -16,6 +16,7 @@ cannot write, e.g. `memory://`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -32,8 +33,8 @@ from arcstream.sae.data import ActivationSource, batch_dataset
 from arcstream.sae.export import export_sae
 from arcstream.sae.options import SAEOptions, TrainSAEOptions
 from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
-from arcstream.sae.train import TrainState, batch_sites, init_train_state, make_train_step, member_state
-from arcstream.io import JsonlLog, checkpoint_dir, join_location, truncate_metrics
+from arcstream.sae.train import TrainConfig, TrainState, batch_sites, init_train_state, make_train_step, member_state
+from arcstream.io import JsonlLog, checkpoint_dir, join_location, resume_fingerprint, truncate_metrics
 
 
 def export_all(state: TrainState, specs: Mapping[str, list[SAEConfig]], saes_dir: str | Path,
@@ -109,11 +110,21 @@ def _log_step(metrics_log: JsonlLog, metrics, names: Mapping[str, list[str]], do
         metrics_log.flush()
 
 
-def _checkpointer(job: TrainSAEOptions, run_dir: str) -> SAECheckpointer:
-    """Orbax checkpoints in `checkpoint_dir`, default `run_dir/saes/checkpoints`."""
+def _checkpointer(job: TrainSAEOptions, run_dir: str, fingerprint: dict[str, Any]) -> SAECheckpointer:
+    """Orbax checkpoints in `checkpoint_dir`, default `run_dir/saes/checkpoints`, tied to `fingerprint`."""
     return SAECheckpointer(checkpoint_dir(job.checkpoint_dir, run_dir, "saes", "checkpoints",
                                           flag="--config.checkpoint_dir", output_flag="--config.run_dir"),
-                           flag="--config.checkpoint_dir")
+                           flag="--config.checkpoint_dir", fingerprint=fingerprint)
+
+
+def _fingerprint(specs: Mapping[str, list[SAEConfig]], tc: TrainConfig, opts: SAEOptions) -> dict[str, Any]:
+    """What a resumed train_sae must repeat: each site's SAEs, the schedule and optimiser, the batches (how
+    often to log or save, where checkpoints go and the stop step may change)."""
+    return resume_fingerprint({
+        "sites": {site: {name: dataclasses.asdict(c) for name, c in zip(member_names(members), members)}
+                  for site, members in sorted(specs.items())},
+        "train": dataclasses.asdict(tc), "batch_size": opts.batch_size, "chunk_rows": opts.chunk_rows,
+    }, ())
 
 
 def _summary(state: TrainState, specs, names, last, exports, start: int, total_steps: int, batch_size: int,
@@ -156,7 +167,7 @@ def train_offline(
     # and read ahead of a short run on the very cores its steps need.
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
     saes_dir = join_location(run_dir, "saes")
-    ckpt = _checkpointer(job, run_dir)
+    ckpt = _checkpointer(job, run_dir, _fingerprint(specs, tc, opts))
     metrics_path = join_location(saes_dir, "metrics.jsonl")
 
     # The init batch is batch 0 read on its own (not from the training iterator), so the

@@ -72,10 +72,14 @@ class SAEOptions:
     jumprelu_init_threshold: float = _d("jumprelu_init_threshold")  # jumprelu: initial threshold (scaled units)
     dead_steps: int = _d("dead_steps")  # steps without firing after which a latent counts as dead
     b_dec_init: str = _d("b_dec_init")  # geometric_median | mean | zeros
-    # topk/batchtopk: the dtype of the training step's dense encoder matmul, which only picks the kept latents
-    # (their values and every gradient stay float32): float32 | bfloat16 (~1.3x faster steps on a CPU with
-    # AVX-512 BF16; SAEConfig.select_dtype in sae/architectures/base.py)
-    select_dtype: str = _d("select_dtype")
+    # topk, batchtopk, matryoshka_batchtopk, batchtopk_transcoder: start the encoder at the least-squares scale
+    # for the first batch instead of the decoder's full-scale transpose (SAEConfig.fit_encoder_scale, with figures)
+    fit_encoder_scale: bool = _d("fit_encoder_scale")
+    # The dtype of the training step's dense encoder matmul where it only picks the kept latents (topk,
+    # batchtopk; their values, the loss and every gradient stay float32; SAEConfig.select_dtype):
+    # auto (bfloat16 for those, float32 for the others) | float32 | bfloat16. Measured (benchmarks/bench_sae.py
+    # --whole --select_dtypes float32,bfloat16, 163,840 tokens): the same held-out FVU (0.6079 vs 0.6081).
+    select_dtype: str = "auto"
     sweep: str = ""  # e.g. "k=32,64,128" or "l1_coefficient=1,5;lr=1e-4,3e-4": members zipped, vmapped in one step
     matryoshka_widths: str = ""  # matryoshka_batchtopk: nested prefix widths, e.g. "896,3584,14336" (last = d_sae)
     use_matryoshka_aux_loss: bool = _d("use_matryoshka_aux_loss")  # matryoshka_batchtopk: AuxK per level
@@ -142,6 +146,8 @@ class SAEOptions:
         sweep = parse_sweep(self.sweep)
         n = len(next(iter(sweep.values()))) if sweep else 1
         per_sae = {name: getattr(self, name) for name in _SAE_DEFAULTS if hasattr(self, name)}
+        if self.select_dtype == "auto":
+            per_sae["select_dtype"] = "bfloat16" if get_architecture(arch).sparse_selection else "float32"
         specs = {}
         for site, (d_in, route) in routes.items():
             d_sae = self.d_sae or self.expansion_factor * d_in
@@ -155,9 +161,10 @@ class SAEOptions:
 
 
 ONLINE = ("architecture", "expansion_factor", "d_sae", "k", "l1_coefficient", "l0_coefficient", "aux_coefficient",
-          "jumprelu_bandwidth", "jumprelu_init_threshold", "dead_steps", "b_dec_init", "select_dtype", "sweep", "matryoshka_widths",
-          "use_matryoshka_aux_loss", "input_site", "target_site", "init_from", "lr", "warmup_steps", "decay_fraction", "clip_norm",
-          "batch_size", "enabled", "total_steps", "passes", "exclude_first_token", "log_every", "checkpoint_dir")
+          "jumprelu_bandwidth", "jumprelu_init_threshold", "dead_steps", "b_dec_init", "fit_encoder_scale",
+          "select_dtype", "sweep", "matryoshka_widths", "use_matryoshka_aux_loss", "input_site", "target_site",
+          "init_from", "lr", "warmup_steps", "decay_fraction", "clip_norm", "batch_size", "enabled", "total_steps",
+          "passes", "exclude_first_token", "log_every", "checkpoint_dir")
 OFFLINE = tuple(k for k in ONLINE if k not in ("enabled", "total_steps", "passes", "exclude_first_token",
                                                "log_every", "checkpoint_dir")) + ("chunk_rows", "train_tokens")
 JOB_KEYS = {"online": ONLINE, "train_sae": OFFLINE}
@@ -230,4 +237,5 @@ class TrainSAEOptions:
         return from_config(cls, config)
 
 
-__all__ = ["JOB_KEYS", "OFFLINE", "ONLINE", "SAEOptions", "TrainSAEOptions", "job_sae_options", "parse_sweep", "parse_widths", "sae_section", "site_specs"]
+__all__ = ["JOB_KEYS", "OFFLINE", "ONLINE", "SAEOptions", "TrainSAEOptions", "job_sae_options", "parse_sweep",
+           "parse_widths", "sae_section", "site_specs"]

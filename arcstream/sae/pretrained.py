@@ -166,6 +166,8 @@ def apply_pretrained(state: TrainState, specs: Mapping[str, list[SAEConfig]],
             p["w_enc_sd"] = p["w_enc_sd"] * norm_s[:, None]
             p["b_enc_s"] = p["b_enc_s"] * norm_s
         params = {k: _like(site.params[k], jnp.broadcast_to(p[k], (members,) + p[k].shape)) for k in site.params}
+        if "encoder_step" in buffers:  # the fresh init's fitted encoder scale (sae/train.py) is not these weights'
+            buffers["encoder_step"] = _like(buffers["encoder_step"], jnp.ones((members,), jnp.float32))
         sites[key] = SiteState(params=params, opt_state=site.opt_state, buffers=buffers)
     return TrainState(sites=sites, step=state.step)
 

@@ -22,44 +22,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from arcstream.store.layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, ConfigMismatchError, ledger_key
-from arcstream.io import RunLocation, StoreError
-
-
-def canonical_json(obj: Any, what: str = "config") -> str:
-    """Sorted, compact JSON: the byte string the fingerprint hashes."""
-    try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"the {what} must be JSON-serialisable (plain dicts, lists, str, int, float, bool, "
-                         f"None; pass ConfigDict.to_dict()): {err}") from err
+from arcstream.io import RunLocation, StoreError, canonical_json, config_diff
 
 
 def config_fingerprint(config: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of the resolved config."""
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping) and obj:
-        out: dict[str, Any] = {}
-        for key in obj:
-            out.update(_flatten(obj[key], f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix or "<root>": obj}
-
-
-def config_diff(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
-    """One line per differing dotted key: `key: stored=... requested=...` (empty when equal)."""
-    a, b = _flatten(stored), _flatten(requested)
-    lines = []
-    for key in sorted(set(a) | set(b)):
-        if key not in b:
-            lines.append(f"  {key}: stored={a[key]!r}, requested=<absent>")
-        elif key not in a:
-            lines.append(f"  {key}: stored=<absent>, requested={b[key]!r}")
-        elif canonical_json(a[key]) != canonical_json(b[key]):
-            lines.append(f"  {key}: stored={a[key]!r}, requested={b[key]!r}")
-    return lines
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,8 @@ from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_in
 from arcstream.store import StoreWriter, open_run, write_manifest
 from arcstream.data.skipped import SKIPPED_FILE, SkippedLog, merge_skipped, process_skipped_key
 from arcstream.stream.options import TOKEN_POLICIES, RunOptions
-from arcstream.stream.ring import DrainQueue, RingSpec, RingState, due_uses, init_ring, make_sampler, ring_put
+from arcstream.stream.ring import (CompactRows, DrainQueue, RingSpec, RingState, compact_rows, due_uses, init_ring,
+                                  make_sampler, ring_put)
 
 
 
@@ -117,7 +118,13 @@ def empty_batch_like(batch_size: int, seq_len: int) -> PackedBatch:
 
 
 class StoreSink:
-    """Runs on the drain thread: picks the stored rows of a drained batch and appends them."""
+    """Runs on the drain thread: appends a drained batch's stored rows and their token records.
+
+    `compact(captured, batch)` (producer thread, its result handed to `DrainQueue.put`) picks the stored
+    tokens (`store_mask`) and gathers them on the device (`compact_rows`), so only those rows are copied to
+    the host; the sink then gets them compacted, in token order, with the batch and the mask for the token
+    records.
+    """
 
     def __init__(self, writer: Any, sites: Sequence[str], policy: str, fraction: float, seed: int):
         self.writer = writer
@@ -125,9 +132,19 @@ class StoreSink:
         self.policy, self.fraction, self.seed = policy, fraction, seed
         self.rows = 0
 
-    def __call__(self, host: Mapping[str, np.ndarray], batch: PackedBatch) -> None:
+    def compact(self, captured: Mapping[str, jax.Array], batch: PackedBatch
+                ) -> tuple[dict[str, CompactRows], tuple[PackedBatch, np.ndarray]]:
+        """(the stored sites gathered on the device, the sink's item): what `DrainQueue.put` takes."""
         mask = store_mask(batch, self.policy, self.fraction, self.seed).reshape(-1)
-        rows = {s: host[s].reshape(-1, host[s].shape[-1])[mask] for s in self.sites}
+        keep = np.flatnonzero(mask)
+        return {s: compact_rows(captured[s], keep) for s in self.sites}, (batch, mask)
+
+    def __call__(self, host: Mapping[str, np.ndarray], item: tuple[PackedBatch, np.ndarray]) -> None:
+        batch, mask = item
+        rows = {s: host[s] for s in self.sites}
+        if any(r.shape[0] != int(mask.sum()) for r in rows.values()):
+            raise RuntimeError(f"StoreSink: {({s: r.shape[0] for s, r in rows.items()})} rows drained for "
+                               f"{int(mask.sum())} stored tokens")
         tokens = {
             "prompt": batch.prompt_index.reshape(-1)[mask],
             "position": batch.positions.reshape(-1)[mask],
@@ -243,6 +260,7 @@ class RunResult:
     skipped_file: str = "skipped.jsonl"  # where the skipped tasks and prompts are named (row, task id, reason)
     # online SAEs, this invocation: tokens captured for them, drawn, drawn again, never drawn; draws owed each
     sae_tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    d2h_bytes: int = 0  # stored rows copied device -> host by this process (only the stored tokens: compact_rows)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         tok_s = self.tokens / max(self.seconds, 1e-9)
@@ -267,7 +285,8 @@ class RunResult:
             ("  exports / predict / analysis", f"{t['finish']:.1f} s / {t['predict']:.1f} s / "
                                                f"{t['analysis']:.1f} s"),
             ("  writer", f"waited on {self.backpressure_waits}x ({t['backpressure']:.1f} s); "
-                         f"d2h {t['d2h']:.1f} s, append {t['disk']:.1f} s"),
+                         f"d2h {t['d2h']:.1f} s ({self.d2h_bytes / 1e9:.3g} GB, stored tokens only), "
+                         f"append {t['disk']:.1f} s"),
         ]
         if self.sae_steps:
             n = self.sae_tokens
@@ -421,6 +440,7 @@ def run(options: RunOptions | ml_collections.ConfigDict) -> RunResult:
         sites=tuple(lm.sites), stored_sites=tuple(lm.stored), steps=loop.step, resumed_from=store.step0,
         prompts=loop.prompts, tokens=loop.tokens, rows_durable=rows_durable, skips=dict(pipeline.skip_counts),
         seconds=time.perf_counter() - start, timings=tm.as_dict(), backpressure_waits=drain.stats.backpressure_waits,
+        d2h_bytes=drain.stats.bytes,
         sae_steps=sae.steps if sae else 0, sae_tokens=sae.token_counts(loop.ring) if sae else {},
         sae_final=sae_final, exports=exports, predictions=predictions, predict_skipped=predict_skipped,
         analysis=analysis, analysis_skipped=analysis_skipped, skipped_file=store.skiplog.key)
@@ -548,9 +568,8 @@ class _StepLoop:
         self.step_fn, self.mstate = make_step(lm.model, forward, mesh, lm.sites, lm.stored, with_ring=sae is not None,
                                               store_dtype=opts.store.dtype, passes=sae.passes if sae else 1)
         self.stored = lm.stored
-        sink = StoreSink(store.writer, lm.stored, opts.store.tokens, opts.store.token_fraction,
-                         opts.seed)
-        self.drain = DrainQueue(sink, max_in_flight=max(1, self.n_slots - 1))
+        self.sink = StoreSink(store.writer, lm.stored, opts.store.tokens, opts.store.token_fraction, opts.seed)
+        self.drain = DrainQueue(self.sink, max_in_flight=max(1, self.n_slots - 1))
         self.tm = Timings()
         self.batch_sharding = NamedSharding(mesh, P("data", None))
         self.commit_every = opts.commit_every
@@ -600,7 +619,7 @@ class _StepLoop:
         captured = self._forward(batch)
         with self.tm.timing("backpressure"):
             if self.stored:
-                self.drain.put(captured, batch)
+                self.drain.put(*self.sink.compact(captured, batch))
         self.step += 1
         self.prompts += len(batch.prompts)
         self.tokens += int(batch.valid.sum())

@@ -230,10 +230,94 @@ def local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompactRows:
+    """This process's kept tokens of a batch-sharded [B, T, D] array, gathered on each device before the
+    device-to-host copy (`compact_rows`): per block of rows, its first global row, the device array
+    [capacity, D] and how many of its rows count. Only the kept rows (rounded up to the capacity) cross."""
+
+    blocks: tuple[tuple[int, jax.Array | None, int], ...]
+    width: int
+    dtype: Any
+
+    def copy_to_host_async(self) -> None:
+        for _, a, _ in self.blocks:
+            if a is not None:
+                a.copy_to_host_async()
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the copy moves: every block's whole [capacity, D] array."""
+        return sum(a.nbytes for _, a, _ in self.blocks if a is not None)
+
+    def host(self) -> np.ndarray:
+        """[kept, D]: the kept rows in this process's token order (rows, then positions)."""
+        parts = [np.asarray(a)[:n] for _, a, n in sorted(self.blocks, key=lambda b: b[0]) if n]
+        if not parts:
+            return np.zeros((0, self.width), self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+_MIN_CAPACITY = 64
+
+
+def _capacity(n: int, full: int) -> int:
+    """The gather's static size for n kept tokens of `full`: the next power of two from _MIN_CAPACITY (so a
+    run compiles a handful of sizes), never more than the block."""
+    return min(full, max(_MIN_CAPACITY, 1 << max(0, n - 1).bit_length()))
+
+
+@jax.jit
+def _take_rows(x_rtd: jax.Array, idx_c: jax.Array) -> jax.Array:
+    return x_rtd.reshape(-1, x_rtd.shape[-1])[idx_c]
+
+
+def compact_rows(x: jax.Array, keep: np.ndarray) -> CompactRows:
+    """The tokens `keep` of this process's rows of `x` [B, T, D] (rows over 'data'), gathered on each
+    device that holds them, so that `store.tokens=answer` or `grid` copies only those rows to the host.
+
+    `keep`: sorted flat indices into this process's rows as `local_rows` orders them ([B_local * T]).
+    Each device gathers its own rows' kept tokens (a computation on that device alone: no collective,
+    so each process picks its own sizes); a block replicated over 'model' is gathered once.
+    """
+    t, d = x.shape[1], x.shape[2]
+    shards: dict[int, Any] = {}
+    for sh in x.addressable_shards:
+        shards.setdefault(sh.index[0].start or 0, sh)
+    if not shards:
+        return CompactRows((), d, x.dtype)
+    base = min(shards)
+    keep = np.asarray(keep, np.int64)
+    blocks = []
+    # Each gather is a one-device program: outside the run's mesh context (jax.set_mesh), which jit would
+    # otherwise require its arguments to span.
+    with jax.set_mesh(None):
+        for start, sh in shards.items():
+            blocks.append(_gather_block(start, sh, keep, base, t))
+    return CompactRows(tuple(blocks), d, x.dtype)
+
+
+def _gather_block(start: int, sh: Any, keep: np.ndarray, base: int, t: int) -> tuple[int, jax.Array | None, int]:
+    """(first global row, the kept tokens of one shard gathered on its device, how many count)."""
+    lo = (start - base) * t
+    hi = lo + sh.data.shape[0] * t
+    sel = keep[np.searchsorted(keep, lo):np.searchsorted(keep, hi)] - lo
+    if sel.size == 0:
+        return start, None, 0
+    idx = np.zeros(_capacity(sel.size, hi - lo), np.int32)
+    idx[:sel.size] = sel
+    return start, _take_rows(sh.data, jax.device_put(idx, sh.data.sharding)), int(sel.size)
+
+
+def to_host(x: jax.Array | CompactRows) -> np.ndarray:
+    """A drained array on the host: a CompactRows' kept rows, or this process's rows of a batch array."""
+    return x.host() if isinstance(x, CompactRows) else local_rows(x)
+
+
 @dataclasses.dataclass
 class DrainStats:
     batches: int = 0
-    bytes: int = 0
+    bytes: int = 0  # copied to the host (a CompactRows' gathered blocks, capacity rounding included)
     d2h_seconds: float = 0.0  # waiting for device-to-host copies (in the drain thread)
     sink_seconds: float = 0.0  # time inside the sink (host compaction + store append)
     backpressure_seconds: float = 0.0  # producer time spent waiting for a free slot
@@ -327,14 +411,15 @@ class DrainQueue:
                     self.discarded += 1  # nothing is written after a failure
                     continue
                 t0 = time.perf_counter()
-                host = {k: local_rows(v) for k, v in arrays.items()}
+                host = {k: to_host(v) for k, v in arrays.items()}
                 t1 = time.perf_counter()
                 self._sink(host, meta)
                 t2 = time.perf_counter()
                 self.stats.d2h_seconds += t1 - t0
                 self.stats.sink_seconds += t2 - t1
                 self.stats.batches += 1
-                self.stats.bytes += sum(v.nbytes for v in host.values())
+                self.stats.bytes += sum(arrays[k].nbytes if isinstance(arrays[k], CompactRows)
+                                        else v.nbytes for k, v in host.items())
             except BaseException as e:  # noqa: BLE001 - handed to the producer thread
                 e.add_note(f"(raised in the drain thread while writing batch {self.stats.batches + 1}; no batch "
                            "after it was written)")

@@ -85,3 +85,23 @@ def test_sweep_parsing_errors():
     with pytest.raises(ValueError, match="differ in length"):
         parse_sweep("k=1,2;lr=1e-3")
     assert isinstance(get_config(), config_dict.ConfigDict)
+
+
+def test_a_resume_under_another_configuration_is_refused_naming_the_keys(tmp_path):
+    """The checkpoints record what the SAEs were trained with: a rerun that changes it (a learning rate, the
+    sites) is refused with the differing keys before any step; one that changes only how often it saves
+    resumes."""
+    from arcstream.options import ConfigError
+    from arcstream.sae import train_offline
+
+    src = _source()
+    run = tmp_path / "run"
+    assert train_offline(_config(run, stop_after_steps=3), src, log=lambda s: None)["stopped_at"] == 3
+    c = _config(run)
+    c.sae.lr = 1e-3
+    with pytest.raises(ConfigError, match=r"(?s)another configuration.*sites\.blocks\.0\.hook_resid_post\.m0_k2\.lr: "
+                                          r"stored=0\.0003, requested=0\.001"):
+        train_offline(c, src, log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"sites\.blocks\.1\.hook_mlp_out\.m0_k2\.lr: stored=0\.0003, requested=<absent>"):
+        train_offline(_config(run, sites="blocks.0.hook_resid_post"), src, log=lambda s: None)
+    assert train_offline(_config(run, checkpoint_every=2), src, log=lambda s: None)["resumed_from"] == 3

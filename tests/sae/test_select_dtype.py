@@ -105,6 +105,14 @@ def test_select_dtype_is_a_checked_sae_key():
     opts = SAEOptions.from_config(ml_collections.ConfigDict({"architecture": "batchtopk", "select_dtype": "bfloat16"}))
     (spec,) = opts.site_specs({"blocks.0.hook_resid_post": D})["blocks.0.hook_resid_post"]
     assert spec.select_dtype == "bfloat16"
+    # the default, auto: bf16 where the matmul only selects, float32 where training goes through it
+    site = {"blocks.0.hook_resid_post": D}
+    for arch, want in (("topk", "bfloat16"), ("batchtopk", "bfloat16"), ("jumprelu", "float32"),
+                       ("standard", "float32"), ("matryoshka_batchtopk", "float32")):
+        extra = {"matryoshka_widths": f"{D},{16 * D}"} if arch.startswith("matryoshka") else {}
+        (spec,) = SAEOptions.from_config({"architecture": arch, **extra}).site_specs(site)[
+            "blocks.0.hook_resid_post"]
+        assert spec.select_dtype == want, arch
     with pytest.raises(ValueError, match="select_dtype='float16'.*expected one of"):
         SAEConfig("topk", D, S, k=K, select_dtype="float16")
     with pytest.raises(ValueError, match="jumprelu.*keeps float32"):

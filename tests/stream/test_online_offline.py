@@ -46,7 +46,7 @@ def _offline(run_dir: Path, x_nd: np.ndarray, online_sae, steps: int, seed: int)
     c.seed = seed
     c.log_every = 1000
     for key in ("architecture", "expansion_factor", "k", "lr", "warmup_steps", "decay_fraction", "dead_steps",
-                "b_dec_init", "clip_norm", "aux_coefficient", "batch_size"):
+                "b_dec_init", "clip_norm", "aux_coefficient", "batch_size", "fit_encoder_scale"):
         c.sae[key] = online_sae[key]
     c.sae.chunk_rows = 16
     c.sae.train_tokens = steps * int(online_sae.batch_size)
@@ -94,7 +94,8 @@ def test_an_online_transcoder_trains_from_two_ring_sites_and_loads_in_saelens(ti
     c = _config(tiny_ckpt, tmp_path / "run", **{
         "sites": f"{x_site},{y_site}", "store.sites": "", "max_prompts": 16, "commit_every": 4,
         "sae.enabled": True, "sae.batch_size": 256, "sae.architecture": "batchtopk_transcoder", "sae.warmup_steps": 2,
-        "sae.input_site": x_site, "sae.target_site": y_site, "sae.expansion_factor": 4, "sae.k": 8})
+        "sae.input_site": x_site, "sae.target_site": y_site, "sae.expansion_factor": 4, "sae.k": 8,
+        "sae.lr": 1e-3})  # its few steps were sized at lr 1e-3 (the run's default is 5e-4, for twice the draws)
     result = run(c)
     folder = tmp_path / "run" / "saes" / f"{x_site}-to-{y_site}"
     assert [Path(p) for p in result.exports] == [folder]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from arcstream.stream.ring import DrainQueue, RingSpec, due_uses, init_ring, local_rows, make_sampler, ring_put
+from arcstream.stream.ring import (DrainQueue, RingSpec, compact_rows, due_uses, init_ring, local_rows, make_sampler,
+                                  ring_put, to_host)
 
 
 def _mesh(data, model):
@@ -151,6 +152,30 @@ def test_local_rows_reassembles_a_batch_sharded_array_once_per_block():
     x = np.arange(8 * 3 * 2, dtype=np.float32).reshape(8, 3, 2)
     arr = jax.device_put(x, NamedSharding(mesh, P("data", None, None)))
     np.testing.assert_array_equal(local_rows(arr), x)
+
+
+def test_compact_rows_gathers_the_kept_tokens_on_each_device_and_copies_only_them():
+    mesh = _mesh(4, 2)  # each row block on two devices ('model'): gathered once
+    b, t, d = 8, 400, 5
+    x = np.random.default_rng(0).standard_normal((b, t, d)).astype(np.float32)
+    arr = jax.device_put(x, NamedSharding(mesh, P("data", None, None)))
+    flat = x.reshape(-1, d)
+    rng = np.random.default_rng(1)
+    cases = {"sparse": np.sort(rng.choice(b * t, 37, replace=False)), "none": np.zeros(0, np.int64),
+             "every": np.arange(b * t), "one block only": np.arange(2 * t, 2 * t + 90)}
+    for name, keep in cases.items():
+        with jax.set_mesh(mesh):  # as the run calls it: inside its mesh context
+            c = compact_rows(arr, keep)
+        c.copy_to_host_async()
+        np.testing.assert_array_equal(to_host(c), flat[keep], err_msg=name)
+        assert len(c.blocks) == 4, name
+        for start, blk, n in c.blocks:
+            if blk is None:
+                assert n == 0
+                continue
+            assert len(blk.devices()) == 1 and n <= blk.shape[0] <= max(64, 2 * n)
+        assert keep.size * d * 4 <= c.nbytes <= max(4 * 64, 2 * keep.size) * d * 4, name
+    assert compact_rows(arr, cases["sparse"]).nbytes < x.nbytes / 4  # whole rows are not copied
 
 
 def test_drain_keeps_order_and_applies_backpressure_without_dropping():

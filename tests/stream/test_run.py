@@ -47,6 +47,7 @@ def _config(ckpt: Path, out: Path, **over):
     c.predict = False  # the default run predicts; these tests time the capture (one test turns it on)
     c.analyze = False  # and analyses its SAEs (tests/analysis covers that)
     c.data.n_augmentations = 1  # and has 4 views per test input; these tests were sized for 1
+    c.sae.passes = 1  # and draws each token twice for its online SAEs; these tests count single draws
     c.output_dir = str(out)
     c.sites = SITES
     c.max_prompts = 6
@@ -334,3 +335,27 @@ def test_killed_run_resumes_its_online_saes_from_the_commit(tiny_ckpt, tmp_path)
         for name in ours:
             np.testing.assert_allclose(np.asarray(ours[name]), np.asarray(theirs[name]), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{site} {name}")
+
+
+def test_stored_tokens_are_compacted_on_the_device_before_the_copy(tiny_ckpt, tmp_path):
+    """store.tokens=answer (and a token fraction) stores exactly those tokens of a store.tokens=all run, with the
+    same values, and copies only their rows to the host: the drain's bytes are the stored rows' bytes."""
+    from arcstream.stream.loop import run
+    from arcstream.store import open_run
+
+    # the prompts carry their test output (data.include_answer), so that there are answer tokens to store
+    every = run(_config(tiny_ckpt, tmp_path / "all", max_prompts=4, **{"data.include_answer": True}))
+    some = run(_config(tiny_ckpt, tmp_path / "answer", max_prompts=4, **{"data.include_answer": True,
+                                                                         "store.tokens": "answer",
+                                                                         "store.token_fraction": 0.5}))
+    a, b = _rows_by_token(tmp_path / "all"), _rows_by_token(tmp_path / "answer")
+    assert 0 < len(b) < len(a) // 4, (len(b), len(a))
+    assert set(b) <= set(a)
+    for key, rows in b.items():
+        for site, row in rows.items():
+            np.testing.assert_array_equal(row, a[key][site])
+    width = open_run(str(tmp_path / "all")).sites
+    row_bytes = sum(4 * d for d in width.values())  # float32 store
+    # the copies move the stored tokens' rows, rounded up to the gather's capacity (a power of two per block)
+    assert len(a) * row_bytes <= every.d2h_bytes < 2 * len(a) * row_bytes
+    assert len(b) * row_bytes <= some.d2h_bytes < every.d2h_bytes / 3, (some.d2h_bytes, every.d2h_bytes)

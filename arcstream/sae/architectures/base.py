@@ -93,6 +93,16 @@ class SAEConfig:
     # Measured (d_in 896, d_sae 14336, k 64, 4096 tokens, 2-core AVX-512-BF16 CPU): TopK step 1,226 ->
     # 961 ms. Inference encodings (export, analysis) are always f32.
     select_dtype: str = "float32"
+    # Where the architecture's kept set does not depend on the encoder's scale (`Architecture.scale_free_selection`:
+    # topk, batchtopk, matryoshka_batchtopk, batchtopk_transcoder), multiply the initial encoder by the
+    # least-squares factor that best reconstructs the first batch (`fit_encoder_scale` in sae/train.py), instead
+    # of starting from the decoder's transpose at full scale, which overshoots: a token keeping n latents gets
+    # about n/d_in times its own norm back, and BatchTopK gives a few tokens thousands. Measured
+    # (benchmarks/bench_sae.py --whole, d_in 896, 16x, k 64, 163,840 tokens, held-out FVU through SAELens):
+    # TopK 0.608 -> 0.520, BatchTopK by its batch rule 1.165 -> 0.647 (SAELens 0.823, 0.895). Ignored elsewhere.
+    # The encoder's Adam steps are scaled by the same factor. A short run may lose latents by it: off for the
+    # embedded run's online SAEs (stream/options.py run_sae_section, with figures).
+    fit_encoder_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.architecture not in _REGISTRY:
@@ -289,6 +299,9 @@ class Architecture:
     # The training encoding uses the dense pre-activations as values only, to choose the kept latents, and
     # computes the kept ones through `kept_preacts` (so SAEConfig.select_dtype may make that matmul bf16).
     sparse_selection: bool = False
+    # The kept set is the same for c * W_enc as for W_enc (c > 0, b_enc = 0) and the kept values scale by c:
+    # ReLU'd pre-activations ranked against each other, no fixed threshold (SAEConfig.fit_encoder_scale).
+    scale_free_selection: bool = False
 
     def loss(
         self, params: Params, buffers: Buffers, x_bd: jax.Array, cfg: SAEConfig, hp: HParams,

@@ -176,5 +176,6 @@ def _export(params, buffers, cfg, hp):
 BATCHTOPK = register_architecture(
     Architecture(name="batchtopk", init=init_params, init_buffers=threshold_buffers, encode=threshold_encode,
                  encode_with_hidden_pre=_encode_with_hidden_pre, aux_loss=_aux_loss, constrain=unit_norm_decoder,
-                 export=_export, validate=check_k, sparse_selection=True)
+                 export=_export, validate=check_k, sparse_selection=True,
+                 scale_free_selection=True)
 )

@@ -162,5 +162,6 @@ def _export(params, buffers, cfg, hp):
 TOPK = register_architecture(
     Architecture(name="topk", init=init_params, init_buffers=no_buffers, encode=_encode,
                  encode_with_hidden_pre=_encode_with_hidden_pre, aux_loss=_aux_loss, constrain=unit_norm_decoder,
-                 export=_export, validate=check_k, sparse_selection=True)
+                 export=_export, validate=check_k, sparse_selection=True,
+                 scale_free_selection=True)
 )
