@@ -6,6 +6,12 @@ for the batch).  Positions restart at 0 at each prompt's first real token, so
 a left-padded prompt computes exactly what it computes alone (HF does the same
 with `attention_mask`).  The loop stops when every row has emitted an EOS or
 after `max_new_tokens`.
+
+Windowed caches: a sliding-window layer (Mistral, Gemma 2/3 local layers)
+whose window w is shorter than P + max_new_tokens keeps only w slots, as a
+ring (slot j at j mod w; `Attention`), with its own [B, w] validity mask, so
+its cache and each decode step's attention are O(w), not O(P): Gemma 3's
+five local layers of six hold 1,024 slots however long the ARC prompt.
 """
 
 from __future__ import annotations
@@ -124,9 +130,25 @@ def _pick(logits_bv: jax.Array, allowed_bk: jax.Array) -> tuple[jax.Array, jax.A
     return tok_b, lp_b
 
 
-@partial(jax.jit, static_argnums=(0, 6, 7))
+def cache_lengths(config, slots: int, windowed: bool = True) -> list[int]:
+    """Cache slots per layer for `slots` = P + max_new_tokens: a sliding layer whose window is shorter
+    keeps a ring of `window` slots (with `windowed`), every other layer all of them."""
+    return [w if windowed and w is not None and w < slots else slots
+            for w in (config.layer_window(i) for i in range(config.num_layers))]
+
+
+def _ring(valid_bp: jax.Array, length: int) -> jax.Array:
+    """[B, length] validity of a ring after the prefill of slots [0, P): entry j mod length holds the
+    newest slot j (the prompt's last `length` slots; entries past a shorter prompt are not yet written)."""
+    p = valid_bp.shape[1]
+    if p <= length:
+        return jnp.pad(valid_bp, ((0, 0), (0, length - p)))
+    return jnp.roll(valid_bp[:, p - length:], (p - length) % length, axis=1)
+
+
+@partial(jax.jit, static_argnums=(0, 6, 7, 8))
 def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_new: int,
-                  pad_id: int) -> GenerateOutput:
+                  pad_id: int, windowed: bool = True) -> GenerateOutput:
     model = nnx.merge(graphdef, state)
     c = model.config
     b, p = tokens_bp.shape
@@ -134,17 +156,21 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_
     rules = model.rules
     lengths_b = valid_bp.sum(axis=1).astype(jnp.int32)
     positions_bp = jnp.maximum(jnp.cumsum(valid_bp, axis=1) - 1, 0).astype(jnp.int32)
-    caches = [tuple(constrain(jnp.zeros((b, s, c.num_kv_heads, c.head_dim), model.dtype), _CACHE, rules)
-                    for _ in range(2)) for _ in range(c.num_layers)]
-    key_valid_bs = jnp.concatenate([valid_bp, jnp.zeros((b, max_new), bool)], axis=1)
+    lengths = cache_lengths(c, s, windowed)
+    caches = [tuple(constrain(jnp.zeros((b, n, c.num_kv_heads, c.head_dim), model.dtype), _CACHE, rules)
+                    for _ in range(2)) for n in lengths]
+    # Slot validity per cache length (the whole cache's [B, S]; a ring's [B, w], its entry j mod w
+    # naming the newest slot j written there).
+    key_valid = {n: _ring(valid_bp, n) for n in set(lengths)}  # n = s: the whole cache, [valid_bp, 0...]
 
-    def run(x_btd, positions_bt, mask_bts, caches, index, step, segment_ids_bt=None):
-        # One RoPE table per kind the layers use (Gemma 3: local and global); sliding layers add
-        # their window to mask_bts themselves (Attention), from the slot of each query.
+    def run(x_btd, positions_bt, key_valid, caches, index, step, segment_ids_bt=None):
+        # One RoPE table per kind the layers use (Gemma 3: local and global); a sliding layer with a
+        # whole cache adds its window to the mask itself (Attention), from the slot of each query.
         tables = {kind: rope_tables(c, positions_bt, model.dtype, kind) for kind in c.rope_kinds}
         new = []
         for i, (layer, cache) in enumerate(zip(model.layers, caches)):
             cos, sin = tables[c.layer_rope(i)]
+            mask_bts = None if key_valid is None else key_valid[lengths[i]][:, None, :]
             x_btd, _, _, cache = layer(x_btd, cos, sin, segment_ids_bt, mask_bts=mask_bts, cache=cache,
                                        cache_index=index, implementation=model.attention)
             new.append(cache)
@@ -165,19 +191,20 @@ def _generate_jit(graphdef, state, tokens_bp, valid_bp, eos_e, allowed_bnk, max_
         return (t < max_new) & ~jnp.all(done_b)
 
     def body(carry):
-        t, tok_b, lp_b, done_b, n_b, caches, key_valid_bs, out_tok, out_lp = carry
+        t, tok_b, lp_b, done_b, n_b, caches, key_valid, out_tok, out_lp = carry
         emit_b = ~done_b
         out_tok = out_tok.at[:, t].set(jnp.where(emit_b, tok_b, pad_id))
         out_lp = out_lp.at[:, t].set(jnp.where(emit_b, lp_b, 0.0))
         n_b = n_b + emit_b.astype(jnp.int32)
         done_b = done_b | jnp.isin(tok_b, eos_e)
         slot = p + t
-        key_valid_bs = jax.lax.dynamic_update_slice(key_valid_bs, jnp.ones((b, 1), bool), (0, slot))
+        key_valid = {n: jax.lax.dynamic_update_slice(v, jnp.ones((b, 1), bool), (0, slot % n))
+                     for n, v in key_valid.items()}
         nxt_b, nlp_b, caches = run(model.embed(tok_b[:, None]), (lengths_b + t)[:, None],
-                                   key_valid_bs[:, None, :], caches, slot, t + 1)
-        return t + 1, nxt_b, nlp_b, done_b, n_b, caches, key_valid_bs, out_tok, out_lp
+                                   key_valid, caches, slot, t + 1)
+        return t + 1, nxt_b, nlp_b, done_b, n_b, caches, key_valid, out_tok, out_lp
 
     init = (jnp.int32(0), tok_b, lp_b, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), caches,
-            key_valid_bs, jnp.full((b, max_new), pad_id, jnp.int32), jnp.zeros((b, max_new), jnp.float32))
+            key_valid, jnp.full((b, max_new), pad_id, jnp.int32), jnp.zeros((b, max_new), jnp.float32))
     _, _, _, _, n_b, _, _, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
     return GenerateOutput(tokens=out_tok, logprobs=out_lp, num_generated=n_b)

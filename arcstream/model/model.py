@@ -55,7 +55,8 @@ gpu) is chosen when the model is built (`load_model(..., attention=...)`, the
 jobs' `--config.model_options.attention`); no implementation but `dense`
 builds a [T, T] array.  Generation's prefill goes through the same function
 (the prompt's own keys, segment ids: memory linear in the prompt); a decode
-step attends densely over the cache with an explicit [B, 1, S] mask.
+step attends densely over the cache with an explicit [B, 1, S] mask, and a
+sliding layer's cache is a ring of `window` slots (`generate`).
 """
 
 from __future__ import annotations
@@ -242,6 +243,14 @@ class Attention(nnx.Module):
         or more before the query's slot (query t sits at slot cache_index + t):
         generation keeps each row's tokens in consecutive slots, so slot
         distance is position distance.
+
+        Windowed cache: a sliding layer's cache may hold only L <= window
+        slots, as a ring (slot j at j mod L; `generate` does this when the
+        window is shorter than prompt + new tokens).  A prefill longer than L
+        keeps its last L keys/values; a decode step writes at cache_index mod
+        L, and `mask_bts` [B, T, L] then names the valid ring entries (the
+        ring holds exactly the slots the window lets a query see, so no
+        window mask is added).
         """
         b, t, _ = x_btd.shape
         q_btnh = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
@@ -253,15 +262,13 @@ class Attention(nnx.Module):
         k_btkh = constrain(_rotate(k_btkh, cos_bth, sin_bth), _BTNH, self.rules)
         v_btkh = constrain(v_btkh, _BTNH, self.rules)
         new_cache = None
+        ring = cache is not None and self.window is not None and cache[0].shape[1] <= self.window
         if cache is not None:
-            k_cache, v_cache = cache
-            zero = jnp.zeros((), jnp.int32)
-            idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-            new_cache = (jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), idx),
-                         jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), idx))
+            new_cache = tuple(_cache_write(c_bskh, x_btkh, cache_index, ring)
+                              for c_bskh, x_btkh in zip(cache, (k_btkh, v_btkh)))
         if mask_bts is not None:
             k_bskh, v_bskh = new_cache if new_cache is not None else (k_btkh, v_btkh)
-            if self.window is not None:
+            if self.window is not None and not ring:
                 q_slot_t = jnp.arange(t) + (0 if cache_index is None else jnp.asarray(cache_index, jnp.int32))
                 k_slot_s = jnp.arange(k_bskh.shape[1])
                 mask_bts = mask_bts & (q_slot_t[:, None] - k_slot_s[None, :] < self.window)[None]
@@ -274,6 +281,20 @@ class Attention(nnx.Module):
                                scale=self.scale, window=self.window, softcap=self.softcap)
         o_btnh = constrain(o_btnh, _BTNH, self.rules)
         return self.o_proj(o_btnh.reshape(b, t, self.num_heads * self.head_dim)), new_cache
+
+
+def _cache_write(cache_bskh: jax.Array, x_btkh: jax.Array, cache_index, ring: bool) -> jax.Array:
+    """`x_btkh` written into the cache at slot `cache_index` (slots [i, i + T)); a ring of L slots keeps
+    slot j at j mod L, so a write longer than L (a prefill at index 0) keeps only its last L slots."""
+    length, t = cache_bskh.shape[1], x_btkh.shape[1]
+    x_btkh = x_btkh.astype(cache_bskh.dtype)
+    index = jnp.asarray(cache_index, jnp.int32)
+    if ring and t > length:  # the prefill of a prompt longer than the ring: slot T - L + i goes to (T - L + i) mod L
+        return jnp.roll(x_btkh[:, t - length:], (t - length) % length, axis=1)
+    if ring:
+        index = index % length  # a decode step (T = 1), or a prefill that fits (index 0)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(cache_bskh, x_btkh, (zero, index, zero, zero))
 
 
 class MLP(nnx.Module):

@@ -113,3 +113,52 @@ def test_prefill_of_a_long_prompt_builds_no_prompt_by_prompt_array():
     blocked = _generate_temp_bytes("blocked", p)
     assert dense >= scores, (dense, scores)
     assert blocked < scores / 16, (blocked, scores)
+
+
+
+def _decode_loop_caches(cfg, p: int, max_new: int, windowed: bool) -> list[tuple[int, ...]]:
+    """The [B, S, K, H] shapes the jitted generation's decode loop carries (its KV caches, k then v per layer)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from arcstream.model import init_random
+    from arcstream.model.generate import _MAX_EOS, _generate_jit
+
+    graphdef, state = nnx.split(init_random(cfg, seed=0))
+    args = (jax.ShapeDtypeStruct((1, p), jnp.int32), jax.ShapeDtypeStruct((1, p), jnp.bool_),
+            jax.ShapeDtypeStruct((_MAX_EOS,), jnp.int32), jax.ShapeDtypeStruct((1, max_new, 1), jnp.int32))
+    jaxpr = _generate_jit.trace(graphdef, state, *args, max_new, 0, windowed).jaxpr.jaxpr
+    loops = [e for e in jaxpr.eqns if e.primitive.name == "while"]  # the decode loop (blocked's are nested)
+    assert len(loops) == 1, [e.primitive.name for e in jaxpr.eqns]
+    return [a.shape for a in loops[0].params["body_jaxpr"].in_avals if len(a.shape) == 4]
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])
+def test_windowed_cache_equals_the_whole_cache_and_holds_only_the_window(family):
+    """A sliding layer's ring of `window` slots decodes exactly what the whole cache decodes (prompts shorter
+    and longer than the window, left padding, a ring that wraps while decoding), and the decode loop carries
+    only `window` slots for it."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from arcstream.model import ModelConfig, init_random
+    from arcstream.model.generate import _generate_jit, _left_pad
+
+    window, max_new = 16, 24
+    cfg = ModelConfig.tiny(family, sliding_window=window)
+    graphdef, state = nnx.split(init_random(cfg, seed=3))
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, 128, n).astype(np.int32) for n in (5, 29, 40)]  # P = 40 > window > 5
+    tokens, valid = _left_pad(prompts, None, 2, 8)
+    eos, allowed = np.full((8,), -1, np.int32), np.full((3, max_new, 1), -1, np.int32)
+    outs = [_generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(eos),
+                          jnp.asarray(allowed), max_new, 2, windowed) for windowed in (True, False)]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
+    assert (np.asarray(outs[0].num_generated) == max_new).all()  # no EOS: the ring wraps while decoding
+    # An ARC-length prompt: sliding layers carry `window` slots, the others all P + max_new of them.
+    p, n_new, kv = 8192, 8, (cfg.num_kv_heads, cfg.head_dim)
+    want = [(1, window if cfg.layer_window(i) else p + n_new, *kv) for i in range(cfg.num_layers) for _ in "kv"]
+    assert _decode_loop_caches(cfg, p, n_new, True) == want
+    assert _decode_loop_caches(cfg, p, n_new, False) == [(1, p + n_new, *kv)] * (2 * cfg.num_layers)
