@@ -10,9 +10,11 @@ T=8192.  `attention` is the one function the decoder calls; it dispatches to
 - `splash`:  TPU Pallas splash attention   } in `attention_pallas`, imported
 - `gpu`:     Pallas GPU flash attention    } lazily, only for these names.
 - `auto`:    TPU -> splash, GPU -> gpu, CPU -> blocked (at every length:
-             blocked was measured faster than dense from T=64 up).  On GPU a
-             sliding window or a soft-cap picks blocked, because the Pallas GPU
-             kernel has neither (it is refused there by name).
+             blocked was measured faster than dense from T=64 up).  `gpu` is
+             JAX's Pallas GPU kernel (or cuDNN for unpacked half-precision
+             rows); with a sliding window or a soft-cap, which that kernel
+             lacks, arcstream's own Pallas GPU kernel (`gpu_flash_attention`,
+             forward; gradients through `blocked`'s backward).
 
 Semantics (every implementation, pinned by tests/model/test_attention.py):
 a query at i sees key j iff `segment_ids[i] == segment_ids[j]`, `j <= i` and,
@@ -27,8 +29,8 @@ Keys and queries have the same length T (no KV cache: decoding uses
 Soft-capping (Gemma 2, `softcap=c`): the scaled scores s = scale * q.k become
 c * tanh(s / c) before the mask and the softmax, as HF's eager Gemma 2
 attention does.  `dense`, `blocked` and `splash` (the kernel's
-`attn_logits_soft_cap`) implement it, forward and backward; `gpu` refuses it
-by name.
+`attn_logits_soft_cap`) and `gpu` (arcstream's kernel) implement it, forward
+and backward.
 
 `blocked` design and performance contract:
 - Queries in blocks of `block_q`, keys in blocks of `block_k` (default 256 x
@@ -97,6 +99,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ("auto", "dense", "blocked", "splash", "gpu")
@@ -168,21 +171,46 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_i
     # CPU runs (and CPU-only installs) must not need.
     from arcstream.model import attention_pallas  # noqa: PLC0415
 
-    if implementation == "splash":
-        # Only when set: the call without a cap stays the shared signature (tests fake the kernels).
-        fn, native, extra = attention_pallas.splash_attention, "tpu", {} if softcap is None else {"softcap": softcap}
-    else:
-        if softcap is not None:
-            raise ValueError(
-                f"attention implementation='gpu' does not implement softcap={softcap} (attention-logit "
-                "soft-capping, Gemma 2): neither the Pallas GPU kernel nor cuDNN's path has it. Use "
-                "implementation='blocked' or 'auto' (--config.model_options.attention=blocked).")
-        fn, native, extra = attention_pallas.gpu_attention, "gpu", {}
     # Off their own backend the kernels only run in Pallas interpret mode (slow; for tests).
-    interpret = jax.default_backend() != native
+    interpret = jax.default_backend() != ("tpu" if implementation == "splash" else "gpu")
     if interpret:
         _warn_interpret(implementation, jax.default_backend())
-    return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale, window=window, interpret=interpret, **extra)
+    if implementation == "splash":
+        # Only when set: the call without a cap stays the shared signature (tests fake the kernels).
+        extra = {} if softcap is None else {"softcap": softcap}
+        return attention_pallas.splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale,
+                                                 window=window, interpret=interpret, **extra)
+    if window is None and softcap is None:
+        return attention_pallas.gpu_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale,
+                                              interpret=interpret)
+    return _gpu_flash(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale, window, softcap, interpret)
+
+
+def _gpu_flash(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale: float, window: int | None,
+               softcap: float | None, interpret: bool) -> jax.Array:
+    """arcstream's Pallas GPU kernel (window, soft-cap; `attention_pallas.gpu_flash_attention`) forward,
+    differentiated through `blocked`'s backward (same function, exact gradients, memory linear in T)."""
+    from arcstream.model import attention_pallas  # noqa: PLC0415 (lazy, as in `attention`)
+
+    def reference(q, k, v, seg):
+        return _blocked(q, k, v, seg, scale=scale, window=window, softcap=softcap,
+                        block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K)
+
+    @jax.custom_vjp
+    def flash(q, k, v, seg):
+        return attention_pallas.gpu_flash_attention(q, k, v, seg, scale=scale, window=window, softcap=softcap,
+                                                    interpret=interpret)
+
+    def flash_fwd(q, k, v, seg):
+        return flash(q, k, v, seg), (q, k, v, seg)
+
+    def flash_bwd(res, g):
+        q, k, v, seg = res
+        dq, dk, dv = jax.vjp(lambda q, k, v: reference(q, k, v, seg), q, k, v)[1](g)
+        return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    return flash(q_btnh, k_btkh, v_btkh, segment_ids_bt)
 
 
 def masked_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, *,
@@ -237,8 +265,9 @@ def _auto(window: int | None = None, softcap: float | None = None) -> str:
     if backend == "tpu":
         return "splash"
     if backend in ("gpu", "cuda", "rocm"):
-        # The Pallas GPU kernel has no window and no soft-cap (with segment ids).
-        return "gpu" if window is None and softcap is None else "blocked"
+        # JAX's Pallas GPU kernel (or cuDNN) without a window or soft-cap, arcstream's own with them.
+        del window, softcap
+        return "gpu"
     # CPU: blocked, at every length -- it was measured faster than dense even at
     # T=64..128 (one block pair), forward and backward (module docstring).
     return "blocked"

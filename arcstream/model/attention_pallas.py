@@ -31,7 +31,12 @@ Kernels (jax 0.10):
     `jax.experimental.pallas.ops.gpu.attention.mha` (`segment_ids`, `causal=True`,
     `sm_scale`).  It has no GQA (its K/V block index is the query head), so K/V
     heads are repeated to N, and it has no sliding window, so `window=` with
-    segment ids raises ValueError pointing at implementation='blocked'.
+    segment ids raises ValueError pointing at `gpu_flash_attention`.
+- `gpu_flash_attention` (NVIDIA): arcstream's own Pallas Triton kernel for
+  what `mha` lacks, a sliding window and soft-capping (Gemma 2), with GQA
+  through its K/V index map; forward only (`arcstream.model.attention` pairs
+  it with the blocked kernel's backward).  Tested in interpret mode on CPU;
+  not yet run on a GPU by this project (no device lent so far).
     Why not cuDNN here: `jax.nn.dot_product_attention(implementation="cudnn")`
     has no segment ids; a packed row would need the dense `[B,1,T,T]` mask
     (turned into a bias by cuDNN), the very array these kernels exist to avoid.
@@ -74,6 +79,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 # Largest head dim the cuDNN path is sent (cuDNN allows 256 on Hopper; 128 everywhere).
@@ -155,14 +162,8 @@ def gpu_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
             f"{name}: window={window} is not supported here: the Pallas GPU kernel "
             "(jax.experimental.pallas.ops.gpu.attention.mha) has no sliding-window mask, and the "
             "cuDNN path (which has one) takes no segment ids and only bf16/f16. Use "
-            "implementation='blocked' (or 'xla') for sliding-window layers.")
-    if block_size is None:
-        block = min(128, max(16, 1 << (t - 1).bit_length()))
-    else:
-        block = int(block_size)
-        if block < 16 or block & (block - 1):
-            raise ValueError(f"{name}: block_size={block_size} must be a power of two >= 16 "
-                             "(Triton block shapes).")
+            "gpu_flash_attention (what attention(implementation='gpu') runs for sliding-window layers).")
+    block = _triton_block(name, t, block_size)
     t_pad = _round_up(t, block)
     # Backward blocks (the library's default 32), so the kernel is differentiable.
     bwd_block = min(32, block)
@@ -184,7 +185,112 @@ def gpu_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
     return _maybe_shard_map(name, per_shard, q_btnh, k_btkh, v_btkh, segment_ids_bt)
 
 
+def gpu_flash_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+                        segment_ids_bt: jax.Array | None, *, scale: float | None = None,
+                        window: int | None = None, softcap: float | None = None,
+                        interpret: bool = False, block_size: int | None = None) -> jax.Array:
+    """Causal, segment-masked attention with a sliding window and/or soft-cap on NVIDIA GPUs (forward).
+
+    arcstream's own Pallas Triton kernel (`_flash_kernel`), for what `mha` lacks:
+    `window=w` (query i sees keys i-w+1..i) and `softcap=c` (scaled scores become
+    c * tanh(s / c) before the mask, Gemma 2), with GQA through the K/V block index
+    (query head n reads KV head n // (N/K); K/V are not repeated). Grid (query
+    blocks, B, N); each program keeps its [block, H] queries and loops over the key
+    blocks from the window's first (or 0) to its diagonal, with an online softmax in
+    float32, so no [T, T] array exists. Head dims that are not a power of two are
+    zero-padded (Triton block shapes). Forward only: `arcstream.model.attention`
+    differentiates it through the blocked kernel's backward.
+    """
+    name = "gpu_flash_attention"
+    _, t, _, h, _ = _check_shapes(name, q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    window = _check_window(name, window)
+    _check_platform(name, "gpu", interpret)
+    scale_f = _scale(name, scale, h)
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{name}: softcap={softcap!r} must be a finite number > 0 or None.")
+    block = _triton_block(name, t, block_size)
+    t_pad, h_pad = _round_up(t, block), 1 << (h - 1).bit_length()
+    kernel = functools.partial(_flash_kernel, scale=scale_f, window=window, block=block,
+                               softcap=None if softcap is None else float(softcap))
+
+    def per_shard(q, kk, v, seg):
+        b, _, n, _ = q.shape
+        groups = n // kk.shape[2]
+        if seg is None:
+            seg = jnp.ones((b, t), jnp.int32)
+        q, kk, v, seg = _pad_time(t_pad, q, kk, v, seg.astype(jnp.int32))
+        if h_pad != h:
+            q, kk, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, h_pad - h))) for x in (q, kk, v))
+        o = pl.pallas_call(
+            kernel,
+            grid=(t_pad // block, b, n),
+            in_specs=[
+                pl.BlockSpec((None, block, None, h_pad), lambda i, r, m: (r, i, m, 0)),
+                pl.BlockSpec((None, t_pad, None, h_pad), lambda i, r, m: (r, 0, m // groups, 0)),
+                pl.BlockSpec((None, t_pad, None, h_pad), lambda i, r, m: (r, 0, m // groups, 0)),
+                pl.BlockSpec((None, block), lambda i, r, m: (r, i)),
+                pl.BlockSpec((None, t_pad), lambda i, r, m: (r, 0)),
+            ],
+            out_specs=pl.BlockSpec((None, block, None, h_pad), lambda i, r, m: (r, i, m, 0)),
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            compiler_params=plgpu.CompilerParams(num_warps=4 if h_pad <= 64 else 8, num_stages=2),
+            interpret=bool(interpret),
+            name="arcstream_flash_forward",
+        )(q, kk, v, seg, seg)
+        return o[:, :t, :, :h].astype(q_btnh.dtype)
+
+    return _maybe_shard_map(name, per_shard, q_btnh, k_btkh, v_btkh, segment_ids_bt)
+
+
+# Masked scores: finite, so a query row whose keys in a block are all hidden gives exp(0) terms that the
+# next visible key's correction factor (exp(_MASKED - m) = 0) wipes out; every query sees itself.
+_MASKED = -1e30
+
+
+def _flash_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, *, scale: float, window: int | None,
+                  softcap: float | None, block: int):
+    """One (query block, row, head) program: online softmax over the key blocks it may see."""
+    i = pl.program_id(0)
+    q = q_ref[...]
+    seg_q = segq_ref[...]
+    pos_q = i * block + jnp.arange(block)
+
+    def body(j, carry):
+        o, m, l = carry
+        keys = pl.ds(j * block, block)
+        s = plgpu.dot(q, k_ref[keys, :].T).astype(jnp.float32) * scale
+        if softcap is not None:
+            s = jnp.tanh(s / softcap) * softcap
+        pos_k = j * block + jnp.arange(block)
+        seen = (seg_q[:, None] == segk_ref[keys][None, :]) & (pos_q[:, None] >= pos_k[None, :])
+        if window is not None:
+            seen &= pos_q[:, None] - pos_k[None, :] < window
+        s = jnp.where(seen, s, _MASKED)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        v = v_ref[keys, :]
+        o = o * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return o, m_new, l * alpha + p.sum(axis=1)
+
+    lo = 0 if window is None else jnp.maximum(0, (i * block - (window - 1)) // block)
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block,), _MASKED, jnp.float32),
+            jnp.zeros((block,), jnp.float32))
+    o, _, l = jax.lax.fori_loop(lo, i + 1, body, init)  # key blocks up to the diagonal (same block size)
+    o_ref[...] = (o / l[:, None]).astype(o_ref.dtype)
+
+
 # ---------------------------------------------------------------------------- helpers
+def _triton_block(name: str, t: int, block_size: int | None) -> int:
+    """The Triton kernels' query/key block: a power of two >= 16; default min(128, T rounded up to one)."""
+    if block_size is None:
+        return min(128, max(16, 1 << (t - 1).bit_length()))
+    block = int(block_size)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{name}: block_size={block_size} must be a power of two >= 16 (Triton block shapes).")
+    return block
+
+
 def _use_cudnn(dtype, head_dim: int, segment_ids_bt, interpret: bool) -> bool:
     """cuDNN only without segment ids (it has none), in half precision, for head dims it takes."""
     return (segment_ids_bt is None and not interpret

@@ -336,11 +336,12 @@ def test_bad_arguments_raise(kwargs, match):
         attention(q, k, v, jnp.ones((1, 8), jnp.int32), **kwargs)
 
 
-@pytest.mark.parametrize("name,fn_name", [("splash", "splash_attention"), ("gpu", "gpu_attention")])
-def test_pallas_names_dispatch_lazily_to_attention_pallas(monkeypatch, name, fn_name):
+@pytest.mark.parametrize("name,fn_name,window", [("splash", "splash_attention", 4), ("gpu", "gpu_attention", None),
+                                                  ("gpu", "gpu_flash_attention", 4)])
+def test_pallas_names_dispatch_lazily_to_attention_pallas(monkeypatch, name, fn_name, window):
     calls = []
 
-    def fake(q, k, v, seg, *, scale, window, interpret=False):
+    def fake(q, k, v, seg, *, scale, window=None, softcap=None, interpret=False):
         calls.append(dict(scale=scale, window=window, interpret=interpret))
         return q
 
@@ -350,7 +351,8 @@ def test_pallas_names_dispatch_lazily_to_attention_pallas(monkeypatch, name, fn_
     monkeypatch.setitem(sys.modules, "arcstream.model.attention_pallas", mod)
     monkeypatch.setattr(model_pkg, "attention_pallas", mod, raising=False)
     q, k, v = qkv(1, 8, 2, 1, h=16)
-    out = attention(q, k, v, jnp.ones((1, 8), jnp.int32), implementation=name, window=4)
+    # A windowed layer on 'gpu' goes to arcstream's kernel, an unwindowed one to JAX's.
+    out = attention(q, k, v, jnp.ones((1, 8), jnp.int32), implementation=name, window=window)
     assert out is q
     # Off TPU/GPU the kernels can only run interpreted.
-    assert calls == [dict(scale=0.25, window=4, interpret=True)]
+    assert calls == [dict(scale=0.25, window=window, interpret=True)]

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from arcstream.model.attention_pallas import _use_cudnn, gpu_attention, splash_attention
+from arcstream.model.attention_pallas import _use_cudnn, gpu_attention, gpu_flash_attention, splash_attention
 from arcstream.model.sharding import make_mesh
 
-KERNELS = {"splash": splash_attention, "gpu": gpu_attention}
+KERNELS = {"splash": splash_attention, "gpu": gpu_attention, "gpu_flash": gpu_flash_attention}
 H = 64
 BLOCK = 128
 
@@ -143,11 +143,11 @@ def test_heads_that_do_not_divide_the_model_axis_are_refused(impl):
 
 def test_gpu_window_with_segment_ids_is_refused_with_the_alternative():
     q, k, v = qkv(1, 128, 2, 2)
-    with pytest.raises(ValueError, match=r"window=16.*implementation='blocked'"):
+    with pytest.raises(ValueError, match=r"window=16.*gpu_flash_attention"):
         gpu_attention(q, k, v, jnp.ones((1, 128), jnp.int32), window=16, interpret=True)
 
 
-@pytest.mark.parametrize("impl,device", [("splash", "TPU"), ("gpu", "GPU")])
+@pytest.mark.parametrize("impl,device", [("splash", "TPU"), ("gpu", "GPU"), ("gpu_flash", "GPU")])
 def test_without_interpret_on_cpu_names_the_device_and_the_fix(impl, device):
     q, k, v = qkv(1, 128, 2, 2)
     with pytest.raises(ValueError, match=rf"needs a {device}.*interpret=True.*implementation='blocked'"):
@@ -187,3 +187,29 @@ def test_gradients_equal_reference(impl):
                    argnums=(0, 1, 2))(q, k, v)
     for name, g, r in zip("qkv", got, ref):
         assert rel_err(g, r) < 1e-5, name
+
+
+@pytest.mark.parametrize("n,kh", [(4, 4), (4, 2), (7, 1)], ids=["gqa1", "gqa2", "gqa7"])
+@pytest.mark.parametrize("window", [None, 37, 200])
+def test_gpu_flash_kernel_packed_rows_equal_reference(n, kh, window):
+    """arcstream's GPU kernel: block edges on segment boundaries, one-token segments, an all-padding row,
+    T padded to the block, windows shorter than a block and spanning blocks."""
+    q, k, v = qkv(len(ROWS), T_PACKED, n, kh, seed=n + kh)
+    check(gpu_flash_attention, q, k, v, packed_rows(T_PACKED, ROWS), block_size=64, window=window)
+
+
+def test_gpu_flash_kernel_pads_a_head_dim_that_is_not_a_power_of_two():
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 150, heads, 40)), jnp.float32) for heads in (4, 2, 2))
+    seg = packed_rows(150, [[70, 80]])
+    got = gpu_flash_attention(q, k, v, jnp.asarray(seg), window=33, interpret=True, block_size=32)
+    assert rel_err(got, reference(q, k, v, seg, window=33)) < 1e-5
+
+
+def test_gpu_flash_kernel_sharded_over_data_and_model_equals_reference():
+    q, k, v = qkv(2, 256, 4, 2, seed=3)
+    seg = packed_rows(256, [[128, 1, 1, 90], [200]])
+    with jax.set_mesh(make_mesh(data=2, model=2)):
+        got = jax.jit(lambda *a: gpu_flash_attention(*a, window=50, interpret=True, block_size=64))(
+            q, k, v, jnp.asarray(seg))
+    assert rel_err(got, reference(q, k, v, seg, window=50)) < 1e-5

@@ -1,4 +1,4 @@
-"""Attention-logit soft-capping (Gemma 2) in the attention function: dense, blocked, splash; gpu refuses it.
+"""Attention-logit soft-capping (Gemma 2) in the attention function: dense, blocked, splash and gpu.
 
 The reference is HF's eager Gemma 2 attention written out in NumPy (float64): scores = q.k * scale,
 then c * tanh(scores / c), then the mask, softmax, times v.  Caps of 1-3 on unit-normal q/k
@@ -110,14 +110,25 @@ def test_splash_softcap_in_interpret_mode_equals_reference():
     assert _rel(got, ref) < 1e-5
 
 
-def test_gpu_refuses_softcap_and_auto_avoids_it_on_gpu(monkeypatch):
-    q, k, v = _qkv(1, 16, 2, 2)
-    seg = jnp.ones((1, 16), jnp.int32)
-    with pytest.raises(ValueError, match=r"implementation='gpu' does not implement softcap=2.0.*'blocked'"):
-        attention(q, k, v, seg, implementation="gpu", softcap=2.0)
+def test_gpu_softcap_and_window_in_interpret_mode_equal_reference_with_gradients(monkeypatch):
+    """implementation='gpu' with a soft-cap runs arcstream's Pallas GPU kernel (interpret mode here), values
+    and gradients (its backward is blocked's); `auto` on a GPU keeps 'gpu' for capped and windowed layers."""
+    q, k, v = _qkv(2, T, 4, 2, seed=6)
+    seg = _segments(T, ROWS)
+    got = attention(q, k, v, seg, implementation="gpu", scale=0.3, softcap=1.5, window=70)
+    assert _rel(got, _eager_reference(q, k, v, seg, scale=0.3, softcap=1.5, window=70)) < 1e-5
+    real = (np.asarray(seg) > 0)[:, :, None, None]
+
+    def loss(impl):
+        return lambda q, k, v: (jnp.where(real, attention(q, k, v, seg, implementation=impl, scale=0.3,
+                                                          softcap=1.5), 0.0) ** 2).sum()
+
+    got_g = jax.grad(loss("gpu"), argnums=(0, 1, 2))(q, k, v)
+    ref_g = jax.grad(loss("dense"), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got_g, ref_g):
+        assert _rel(g, r) < 1e-5
     monkeypatch.setattr(attention_mod.jax, "default_backend", lambda: "gpu")
-    assert attention_mod._auto() == "gpu"
-    assert attention_mod._auto(softcap=2.0) == "blocked" and attention_mod._auto(window=8) == "blocked"
+    assert attention_mod._auto() == attention_mod._auto(softcap=2.0) == attention_mod._auto(window=8) == "gpu"
 
 
 @pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), True])
