@@ -156,7 +156,7 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", *,
              file: TextIO | None = None) -> Iterator[T]:
     """Yields from `iterable` with a tqdm bar, or without one (see `progress_enabled`).
 
-    Either way one final line `desc: N unit in S s (R unit/s)` is printed when
+    Either way one final line `desc: N unit in S s (R unit/s, or S s/unit when slower)` is printed when
     the iteration ends, is broken off, or fails, so logs record how far it got.
     """
     stream = file or sys.stderr
@@ -172,12 +172,20 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", *,
         if not enabled:
             secs = time.perf_counter() - start
             of = f"/{total}" if total is not None else ""
-            rate = f"{n / secs:.1f}" if secs > 0 else "inf"
             try:
-                print(f"{desc or 'progress'}: {n}{of} {unit} in {secs:.1f} s ({rate} {unit}/s)", file=stream,
+                print(f"{desc or 'progress'}: {n}{of} {unit} in {secs:.1f} s ({_rate(n, secs, unit)})", file=stream,
                       flush=True)
             except ValueError:  # the stream was closed first (a generator collected at interpreter exit)
                 pass
+
+
+def _rate(n: int, secs: float, unit: str) -> str:
+    """`R unit/s`, or `S s/unit` below one per second (as tqdm shows it), never a bare 0.0 unit/s."""
+    if secs <= 0:
+        return f"inf {unit}/s"
+    if n and n < secs:
+        return f"{secs / n:.1f} s/{unit}"
+    return f"{n / secs:.1f} {unit}/s"
 
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another job holds the run directory; retrying later may succeed

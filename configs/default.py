@@ -16,9 +16,10 @@ trains one TopK SAE per site online from the ring buffer and exports them to
 answers of the first tasks into `output_dir/predictions/` (shape-constrained),
 and ends with the analysis: `output_dir/dashboard/index.html` (open it from
 disk) and `output_dir/report.md`.
-Runtime: measured 167 s wall (peak RSS 1.4 GB) on an idle 2-core CPU from a fresh
-clone, the venv installed: predictions 68 s (8 tasks x 4 views, shape-constrained),
-analysis 58 s, online SAEs 29 s (149 steps per site), forward 3 s with compilation.
+Runtime: measured 132-167 s wall (peak RSS 1.3-1.4 GB) on idle 2-core CPUs from a
+fresh clone, the venv installed (the faster run: predictions 55 s for 8 tasks x 4
+views, shape-constrained; analysis 45 s; online SAEs 25 s, 149 steps per site;
+forward 2.4 s with compilation).
 Expected result: a summary with 64 prompts, ~76k tokens, rows durable ==
 tokens, 4 too_long prompts named in skipped.jsonl, ~150 SAE steps per site
 (every token drawn twice: "tokens drawn of ... captured" in the summary),

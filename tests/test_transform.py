@@ -249,6 +249,10 @@ def test_progress_without_tty_prints_one_final_line_even_when_broken_off(monkeyp
     it.close()
     assert seen == [0, 1, 2, 3]
     assert buf.getvalue().startswith("copy: 4/10 row in ") and buf.getvalue().count("\n") == 1
+    assert buf.getvalue().rstrip().endswith(" row/s)")
+    # Slower than one per second: seconds per unit, as tqdm shows it (the default run printed "0.0 chunk/s").
+    assert cli._rate(1, 54.5, "chunk") == "54.5 s/chunk" and cli._rate(19, 4.1, "chunk") == "4.6 chunk/s"
+    assert cli._rate(0, 3.0, "task") == "0.0 task/s"
     monkeypatch.setenv("ARCSTREAM_NO_PROGRESS", "1")
 
     class Tty(io.StringIO):
