@@ -273,7 +273,9 @@ def _flash_kernel(q_ref, k_ref, v_ref, segq_ref, segk_ref, o_ref, *, scale: floa
         o = o * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
         return o, m_new, l * alpha + p.sum(axis=1)
 
-    lo = 0 if window is None else jnp.maximum(0, (i * block - (window - 1)) // block)
+    # First key block the window reaches: a truncating division of a non-negative int (Triton lowers
+    # lax.div directly; Python's floor division of a traced program id goes through a sign correction).
+    lo = 0 if window is None else jax.lax.div(jnp.maximum(i * block - (window - 1), 0), block)
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block,), _MASKED, jnp.float32),
             jnp.zeros((block,), jnp.float32))
     o, _, l = jax.lax.fori_loop(lo, i + 1, body, init)  # key blocks up to the diagonal (same block size)
