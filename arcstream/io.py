@@ -402,9 +402,26 @@ def config_diff(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list
     return lines
 
 
+def resume_refusal(directory: Any, step: int, saved: Mapping[str, Any] | None, requested: Mapping[str, Any],
+                   start_afresh: str) -> str | None:
+    """Why checkpoint `step` of `directory` may not be resumed under the fingerprint `requested`, or None.
+
+    `saved` is the checkpoint's meta item (None when it has none); its "fingerprint" must equal `requested`.
+    `start_afresh` says how to start over instead (a flag). train_lm and train_sae raise the message as
+    their one-line config error."""
+    if saved is None or "fingerprint" not in saved:
+        return (f"{directory} (step {step}) does not record the configuration it was trained with (written by an "
+                f"older arcstream); {start_afresh} to start afresh")
+    diff = config_diff(saved["fingerprint"], requested)
+    if not diff:
+        return None
+    return (f"{directory} (step {step}) was trained with another configuration; rerun with the saved settings, or "
+            f"{start_afresh} to start afresh. Differences:\n" + "\n".join(diff))
+
+
 __all__ = ["CONTEXT", "EPATH_SCHEMES", "JsonlLog", "RunLocation", "StoreError", "StoreWriteError", "canonical_json",
            "checkpoint_dir", "checkpoint_path", "config_diff", "explain_os_error", "file_location", "fsync_dir",
-           "is_url", "join_location", "local_folder", "truncate_metrics"]
+           "is_url", "join_location", "local_folder", "resume_refusal", "truncate_metrics"]
 
 
 def resume_fingerprint(resolved: Mapping[str, Any], progress_keys: Sequence[str]) -> dict[str, Any]:

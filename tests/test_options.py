@@ -169,3 +169,18 @@ def test_an_entry_point_refuses_a_config_in_one_line_without_a_traceback(job, ar
     assert p.stderr.strip().splitlines()[-1] == f"error: {message}", p.stderr[-3000:]
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()  # refused before the run lock
+
+
+def test_a_checkpoint_resumes_only_under_its_own_fingerprint():
+    """io.resume_refusal, which train_lm and train_sae raise as their config error: equal fingerprints resume,
+    a checkpoint without one (an older arcstream) or with another names the way out and each differing key."""
+    from arcstream.io import resume_refusal
+
+    fp = {"train": {"lr": 3e-4, "steps": 10}, "sites": ["a"]}
+    assert resume_refusal("ckpt", 5, {"fingerprint": fp, "counters": {}}, fp, "use another dir") is None
+    for saved in (None, {"counters": {}}):
+        msg = resume_refusal("ckpt", 5, saved, fp, "use another dir")
+        assert msg.startswith("ckpt (step 5) does not record the configuration") and "use another dir" in msg
+    msg = resume_refusal("ckpt", 5, {"fingerprint": {**fp, "train": {"lr": 1e-3, "steps": 10}}}, fp, "use another dir")
+    assert "another configuration" in msg and "use another dir to start afresh" in msg
+    assert msg.splitlines()[1:] == ["  train.lr: stored=0.001, requested=0.0003"]

@@ -54,6 +54,7 @@ from arcstream.io import (
     join_location,
     local_folder,
     resume_fingerprint,
+    resume_refusal,
 )
 from arcstream.lm.card import export_model, export_prompt_format, final_evaluation, read_metrics, write_model_card
 from arcstream.lm.data import TaskMixture, targets
@@ -61,8 +62,7 @@ from arcstream.lm.evaluate import context_use_of_run
 from arcstream.lm.heldout import UNIFORM_CELL_NATS, eval_pipeline, held_out_loss, make_nll_fn, token_nll
 from arcstream.lm.options import LMShape, Schedule, TrainLMOptions
 from arcstream.model import ModelConfig, attention_option, init_random
-from arcstream.options import as_dict
-from arcstream.store.manifest import config_diff
+from arcstream.options import ConfigError, as_dict
 
 
 
@@ -314,10 +314,10 @@ class _Checkpoints:
         state = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": trainee.params,
                                                                "opt_state": trainee.opt_state})
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["fingerprint"] != self.fingerprint:
-            diff = "\n".join(config_diff(meta["fingerprint"], self.fingerprint))
-            raise ValueError(f"{self.directory} (step {step}) was written by another configuration; use a new "
-                             f"--config.output_dir or the saved settings. Differences:\n{diff}")
+        refusal = resume_refusal(self.directory, step, meta, self.fingerprint,
+                                 "use a new --config.output_dir (or --config.train.checkpoint_dir)")
+        if refusal:
+            raise ConfigError(refusal)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(state), stream=grain.checkpoint.CheckpointRestore(stream)))
         trainee.params, trainee.opt_state = restored["state"]["params"], restored["state"]["opt_state"]

@@ -25,7 +25,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from arcstream.io import checkpoint_path, config_diff
+from arcstream.io import checkpoint_path, resume_refusal
 from arcstream.options import ConfigError
 from arcstream.sae.train import SiteState, TrainState
 
@@ -114,15 +114,10 @@ class SAECheckpointer:
             saved = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except (KeyError, ValueError, FileNotFoundError):  # no meta item: a checkpoint of an older arcstream
             saved = None
-        if saved is None or "fingerprint" not in saved:
-            raise ConfigError(f"{self.directory} (step {step}) does not record the configuration it was trained "
-                              "with (written by an older arcstream); delete it or use another checkpoint "
-                              "directory to start afresh")
-        diff = config_diff(saved["fingerprint"], self.fingerprint)
-        if diff:
-            raise ConfigError(f"{self.directory} (step {step}) was trained with another configuration; rerun with "
-                              "the saved settings, or delete it (or set another checkpoint directory) to start "
-                              "afresh. Differences:\n" + "\n".join(diff))
+        refusal = resume_refusal(self.directory, step, saved, self.fingerprint,
+                                 "delete it or use another checkpoint directory")
+        if refusal:
+            raise ConfigError(refusal)
 
     def close(self) -> None:
         self._mgr.wait_until_finished()
