@@ -183,14 +183,14 @@ def attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, segment_i
     if window is None and softcap is None:
         return attention_pallas.gpu_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale=scale,
                                               interpret=interpret)
-    return _gpu_flash(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale, window, softcap, interpret)
+    return _gpu_flash(attention_pallas.gpu_flash_attention, q_btnh, k_btkh, v_btkh, segment_ids_bt, scale, window,
+                      softcap, interpret)
 
 
-def _gpu_flash(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale: float, window: int | None,
+def _gpu_flash(kernel, q_btnh, k_btkh, v_btkh, segment_ids_bt, scale: float, window: int | None,
                softcap: float | None, interpret: bool) -> jax.Array:
-    """arcstream's Pallas GPU kernel (window, soft-cap; `attention_pallas.gpu_flash_attention`) forward,
-    differentiated through `blocked`'s backward (same function, exact gradients, memory linear in T)."""
-    from arcstream.model import attention_pallas  # noqa: PLC0415 (lazy, as in `attention`)
+    """arcstream's Pallas GPU kernel (window, soft-cap; `kernel` = `attention_pallas.gpu_flash_attention`)
+    forward, differentiated through `blocked`'s backward (same function, exact gradients, memory linear in T)."""
 
     def reference(q, k, v, seg):
         return _blocked(q, k, v, seg, scale=scale, window=window, softcap=softcap,
@@ -198,8 +198,7 @@ def _gpu_flash(q_btnh, k_btkh, v_btkh, segment_ids_bt, scale: float, window: int
 
     @jax.custom_vjp
     def flash(q, k, v, seg):
-        return attention_pallas.gpu_flash_attention(q, k, v, seg, scale=scale, window=window, softcap=softcap,
-                                                    interpret=interpret)
+        return kernel(q, k, v, seg, scale=scale, window=window, softcap=softcap, interpret=interpret)
 
     def flash_fwd(q, k, v, seg):
         return flash(q, k, v, seg), (q, k, v, seg)

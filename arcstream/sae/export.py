@@ -42,6 +42,11 @@ from arcstream.io import RunLocation, is_url
 # The trainer's bookkeeping in a SiteState's buffers (sae/train.py), not part of an SAE once trained.
 TRAINING_ONLY_BUFFERS = ("steps_since_fired_s", "encoder_step")
 
+
+def _trained_buffers(buffers: Buffers | None) -> dict[str, Any]:
+    """A copy of an SAE's buffers without the trainer's bookkeeping (TRAINING_ONLY_BUFFERS)."""
+    return {k: v for k, v in (buffers or {}).items() if k not in TRAINING_ONLY_BUFFERS}
+
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_LENS_FORMAT_VERSION = "6.0.0"  # the format version we write (SAELens >= 6 reads it as is)
@@ -63,11 +68,9 @@ def export_sae(
     and, for batchtopk-style SAEs, `threshold`. `hook_name` is the input site;
     a transcoder's `cfg.target_site` becomes `metadata.hook_name_out`.
     """
-    buffers = dict(buffers or {})
+    buffers = _trained_buffers(buffers)
     scale = float(np.asarray(buffers.pop("scale", 1.0)))
     out_scale = float(np.asarray(buffers.pop("target_scale", scale)))  # the space W_dec and b_dec map into
-    for k in TRAINING_ONLY_BUFFERS:
-        buffers.pop(k, None)
     arch = get_architecture(cfg.architecture)
     params = {k: jnp.asarray(v) for k, v in params.items()}
     for name, want in (("w_enc_sd", (cfg.d_sae, cfg.d_in)), ("w_dec_sd", (cfg.d_sae, cfg.d_target))):
@@ -196,10 +199,8 @@ def _normalise(cfg: SAEConfig, x_bd):
 
 
 def _encode_normalised(params: Params, cfg: SAEConfig, x_bd, buffers: Buffers | None):
-    buffers = dict(buffers or {})
+    buffers = _trained_buffers(buffers)
     scale = buffers.pop("scale", 1.0)
-    for k in TRAINING_ONLY_BUFFERS:
-        buffers.pop(k, None)
     return get_architecture(cfg.architecture).encode(params, buffers, x_bd * scale, cfg, cfg.hparams())
 
 

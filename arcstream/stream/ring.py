@@ -222,12 +222,17 @@ def local_rows(x: jax.Array) -> np.ndarray:
     With a 'model' axis the same rows sit on several local devices; each block
     of rows is taken once.
     """
-    blocks: dict[int, np.ndarray] = {}
+    blocks = _row_blocks(x)
+    return np.concatenate([np.asarray(blocks[k].data) for k in sorted(blocks)], axis=0)
+
+
+def _row_blocks(x: jax.Array) -> dict[int, Any]:
+    """This process's shards of a batch-sharded array, one per block of rows (keyed by its first global row):
+    with a 'model' axis the same rows sit on several local devices, and each block counts once."""
+    blocks: dict[int, Any] = {}
     for sh in x.addressable_shards:
-        start = sh.index[0].start or 0
-        if start not in blocks:
-            blocks[start] = np.asarray(sh.data)
-    return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
+        blocks.setdefault(sh.index[0].start or 0, sh)
+    return blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,9 +286,7 @@ def compact_rows(x: jax.Array, keep: np.ndarray) -> CompactRows:
     so each process picks its own sizes); a block replicated over 'model' is gathered once.
     """
     t, d = x.shape[1], x.shape[2]
-    shards: dict[int, Any] = {}
-    for sh in x.addressable_shards:
-        shards.setdefault(sh.index[0].start or 0, sh)
+    shards = _row_blocks(x)
     if not shards:
         return CompactRows((), d, x.dtype)
     base = min(shards)
