@@ -14,6 +14,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
+class EndedByItself(AssertionError):
+    """An attempt of `kill_at_random_moments` finished before its moment came (a test whose moments are
+    times may catch it and try an earlier one; every other test fails on it)."""
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """The environment of a killed job: CPU, one device, no progress bars (a test reads stderr)."""
     return dict(os.environ, JAX_PLATFORMS="cpu", ARCSTREAM_NO_PROGRESS="1", XLA_FLAGS="", **extra)
@@ -43,7 +48,9 @@ def kill_at_random_moments(cmd: Sequence[str], moments: Sequence[Callable[[], bo
         time.sleep(delays[-1])
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, f"attempt ended by itself after delays {delays}: {err[-2000:]}"
+        if proc.returncode != -signal.SIGKILL:
+            raise EndedByItself(f"attempt ended by itself (exit {proc.returncode}) after delays {delays}: "
+                                f"{err[-2000:]}")
     return delays
 
 
