@@ -52,6 +52,21 @@ def test_kernels_equal_dense_numpy(ragged):
     np.testing.assert_allclose(sparse.segment_sum(coef, idx, S, ln), a.sum(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("key_bits", [14, 13])  # 4 entry groups / the two-operand sort (770 entries)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_scatter_outer_equals_dense_numpy_whichever_sort_it_uses(ragged, key_bits, monkeypatch):
+    """The latent-major layout with the entries split into groups (a latent owns rows in several), and
+    with the fallback sort, on duplicate ids within a token and latents with more entries than a row."""
+    monkeypatch.setattr(sparse, "_KEY_BITS", key_bits)
+    monkeypatch.setattr(sparse, "_PER_ROW", 8)
+    idx, coef, lengths = _selection(seed=4, ragged=ragged)
+    idx[:, 0] = 3  # latent 3 in every token: 70 entries, several rows
+    g = np.random.default_rng(5).standard_normal((B, D)).astype(np.float32)
+    ln = jnp.asarray(lengths) if ragged else None
+    np.testing.assert_allclose(sparse.scatter_outer(coef, idx, g, S, ln), _dense(idx, coef, lengths).T @ g,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_decode_and_selected_preacts_gradients_equal_dense_grad():
     idx, vals, lengths = _selection(seed=2)
     r = np.random.default_rng(3)
