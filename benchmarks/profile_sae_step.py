@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--n_dead", type=int, default=2000, help="dead latents for the auxk part")
     ap.add_argument("--parts", default=",".join(ALL))
+    ap.add_argument("--select_dtype", default="bfloat16",
+                    help="step_*: sae.select_dtype of the steps (bfloat16 is what the trainer's auto picks)")
     args = ap.parse_args()
 
     from arcstream.sae import SAEConfig, TrainConfig, get_architecture, init_train_state, make_train_step
@@ -80,7 +82,8 @@ def main() -> None:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
 
     def step_fn(arch_name: str, dead_frac: bool):
-        c = SAEConfig(arch_name, d, s, k=k, b_dec_init="mean", dead_steps=0 if dead_frac else 10**6)
+        c = SAEConfig(arch_name, d, s, k=k, b_dec_init="mean", dead_steps=0 if dead_frac else 10**6,
+                      select_dtype=args.select_dtype)
         specs = {"site": [c]}
         tc = TrainConfig(total_steps=1000)
         state = init_train_state(specs, tc, {"site": x[:512]})
@@ -90,7 +93,7 @@ def main() -> None:
             sites = {"site": type(state.sites["site"])(state.sites["site"].params, state.sites["site"].opt_state,
                                                         bufs)}
             # a step past dead_steps, so the trainer runs its program with the dead-latent terms
-            state = type(state)(sites=sites, step=jnp.asarray(10, jnp.int32), rng=state.rng)
+            state = type(state)(sites=sites, step=jnp.asarray(10, jnp.int32))
         step = make_train_step(specs, tc)
         holder = {"state": state}
 
