@@ -252,3 +252,22 @@ def test_batchtopk_sweep_members_under_vmap_equal_separate_losses(monkeypatch):
         np.testing.assert_allclose(vl[i], l_i, rtol=1e-5)
         for name in g_i:
             np.testing.assert_allclose(vg[name][i], g_i[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_two_weight_gradients_of_one_selection_share_one_sort():
+    """scatter_outer's docstring: the decoder's and the encoder's weight gradients of the same selection,
+    jitted together, sort the selection once (XLA's CSE of the identical latent-major layout)."""
+    rng = np.random.default_rng(0)
+    b, k, d, s = 64, 8, 16, 512
+    idx = jnp.asarray(rng.integers(0, s, (b, k)), jnp.int32)
+    c1, c2 = (jnp.asarray(rng.normal(size=(b, k)), jnp.float32) for _ in range(2))
+    v1, v2 = (jnp.asarray(rng.normal(size=(b, d)), jnp.float32) for _ in range(2))
+
+    def sorts(fn):
+        return jax.jit(fn).lower(c1, c2, idx, v1, v2).compile().as_text().count(" sort(")
+
+    one = sorts(lambda c1, c2, i, v1, v2: sparse.scatter_outer(c1, i, v1, s))
+    two = sorts(lambda c1, c2, i, v1, v2: (sparse.scatter_outer(c1, i, v1, s), sparse.scatter_outer(c2, i, v2, s)))
+    other = sorts(lambda c1, c2, i, v1, v2: (sparse.scatter_outer(c1, i, v1, s),
+                                              sparse.scatter_outer(c2, (i + 1) % s, v2, s)))
+    assert one >= 1 and two == one and other == 2 * one
