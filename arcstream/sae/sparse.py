@@ -16,9 +16,10 @@ With lengths the tokens are processed longest first, so each chunk of tokens
 loops only over the columns its longest token uses: the work is proportional to
 the kept entries, not to the static width.
 
-Performance (2-core CPU (AVX2 when first measured; the scatter_outer figures on AVX-512), d 896, d_sae 14336, k 64, 4096 tokens, one call,
-with glibc's huge-page tunable (arcstream/train_sae.py); the einsum versions these
-replace were timed without it, CPU time on a loaded machine). XLA:CPU runs
+Performance (2-core CPUs, d 896, d_sae 14336, k 64, 4096 tokens, one call, with
+glibc's huge-page tunable (arcstream/train_sae.py); gather_sum measured on AVX2,
+gather_dot and scatter_outer on AVX-512; the einsum versions these replace were timed
+without the tunable, CPU time on a loaded machine). XLA:CPU runs
 gathers and scatters on one thread, and what costs is materialising
 [chunk, k, d] blocks and row reductions. So
 * `gather_sum` loops over columns `_UNROLL` at a time and adds `coef * w[idx]`

@@ -109,8 +109,8 @@ def test_a_resume_under_another_configuration_is_refused_naming_the_keys(tmp_pat
 
 def test_train_sae_starts_without_torch_or_transformers():
     """What train_sae's job imports (the trainer, the store reader, the cache) pulls in neither torch
-    nor transformers: arcstream.data's names load on first use. Measured: ~1.9 s of import at start-up
-    on a 2-core CPU, and BatchTopK's 40-step benchmark run 64-77 s -> 59 s whole."""
+    nor transformers: arcstream.data's names load on first use (they cost ~1.9 s of start-up on a
+    2-core CPU)."""
     import subprocess
     import sys
 
