@@ -4,6 +4,7 @@ import errno
 import os
 import resource
 import signal
+import subprocess
 
 import ml_dtypes
 import numpy as np
@@ -92,13 +93,26 @@ def test_an_unwritable_output_dir_raises_naming_it(tmp_path):
         StoreWriter.create_or_resume(str(blocker / "run"), sites=SITES, config=CONFIG)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_a_read_only_output_dir_raises_and_keeps_committed_rows(tmp_path):
+    """A store the job may no longer write: by directory permissions for a user; for root, which writes
+    through them (CI runs as root), by a read-only bind mount of the same directory."""
     run_uninterrupted(tmp_path, range(2), **KW)
-    os.chmod(tmp_path, 0o555)
-    try:
-        with pytest.raises(StoreWriteError, match="permission denied"):
-            StoreWriter.create_or_resume(str(tmp_path), sites=SITES, config=CONFIG, **KW)
-    finally:
-        os.chmod(tmp_path, 0o755)
+    if os.geteuid() != 0:
+        os.chmod(tmp_path, 0o555)
+        try:
+            with pytest.raises(StoreWriteError, match="permission denied"):
+                StoreWriter.create_or_resume(str(tmp_path), sites=SITES, config=CONFIG, **KW)
+        finally:
+            os.chmod(tmp_path, 0o755)
+    else:
+        point = tmp_path.parent / f"{tmp_path.name}-ro"
+        point.mkdir()
+        for args in (["--bind", str(tmp_path), str(point)], ["-o", "remount,ro,bind", str(point)]):
+            p = subprocess.run(["mount", *args], capture_output=True, text=True)
+            assert p.returncode == 0, f"root could not bind-mount {tmp_path} read-only: {p.stderr}"
+        try:
+            with pytest.raises(StoreWriteError, match="the file system is read-only"):
+                StoreWriter.create_or_resume(str(point), sites=SITES, config=CONFIG, **KW)
+        finally:
+            subprocess.run(["umount", "-l", str(point)], check=False)
     assert_reader_equals(tmp_path, {0: range(2)}, BF16)
