@@ -64,6 +64,7 @@ from arcstream.data.tokenizer import build_arc_tokenizer, load_tokenizer
 from arcstream.io import JsonlLog, RunLocation, checkpoint_dir, join_location, resume_fingerprint
 from arcstream.model import (ModelConfig, attention_option, forward, init_random, load_model, parse_sites,
                              save_hf_checkpoint)
+from arcstream.options import ConfigError
 from arcstream.predict import predict_config_from_run, run_predictions
 from arcstream.sae import SAECheckpointer, export_all, init_train_state, make_train_step
 from arcstream.sae.pretrained import apply_pretrained, load_pretrained, parse_init_from
@@ -385,6 +386,15 @@ def _site_list(spec: str) -> list[str]:
     return [s.strip() for s in str(spec).split(",") if s.strip()]
 
 
+def _model_sites(flag: str, spec: str, num_layers: int) -> tuple[str, ...]:
+    """The sites of `spec` checked against the loaded model, a bad one refused as a config error naming
+    `flag` (a site past the model's last layer can only be found once the checkpoint is read)."""
+    try:
+        return parse_sites(_site_list(spec), num_layers)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from e
+
+
 def run(options: RunOptions | ml_collections.ConfigDict) -> RunResult:
     """The run job: capture `sites` over `data.source` into `output_dir`.
 
@@ -476,13 +486,14 @@ def _load_model(opts: RunOptions, mesh: jax.sharding.Mesh) -> _Model:
         model, mcfg = load_model(model_path, dtype=opts.dtype, mesh=mesh,
                                  attention=attention_option(opts))
     tokenizer = load_tokenizer(model_path)
-    sites = parse_sites(_site_list(opts.sites), mcfg.num_layers)
-    stored = parse_sites(_site_list(opts.store.sites), mcfg.num_layers) if opts.store.sites else sites
+    sites = _model_sites("--config.sites", opts.sites, mcfg.num_layers)
+    stored = _model_sites("--config.store.sites", opts.store.sites, mcfg.num_layers) if opts.store.sites else sites
     if opts.store.sites == "none":
         stored = ()
     missing = sorted(set(stored) - set(sites))
     if missing:
-        raise ValueError(f"--config.store.sites names {missing}, which --config.sites does not capture ({list(sites)})")
+        raise ConfigError(f"--config.store.sites names {missing}, which --config.sites does not capture "
+                          f"({list(sites)})")
     return _Model(model_path, model_note, model, mcfg, tokenizer, sites, stored)
 
 

@@ -359,3 +359,21 @@ def test_stored_tokens_are_compacted_on_the_device_before_the_copy(tiny_ckpt, tm
     # the copies move the stored tokens' rows, rounded up to the gather's capacity (a power of two per block)
     assert len(a) * row_bytes <= every.d2h_bytes < 2 * len(a) * row_bytes
     assert len(b) * row_bytes <= some.d2h_bytes < every.d2h_bytes / 3, (some.d2h_bytes, every.d2h_bytes)
+
+
+@pytest.mark.parametrize("flag,sites,message", [
+    ("sites", "blocks.3.hook_resid_post",
+     "--config.sites: capture site 'blocks.3.hook_resid_post': layer 3 does not exist; the model has 3 layers (0..2)."),
+    ("store.sites", "blocks.1.hook_mlp_out",
+     "--config.store.sites names ['blocks.1.hook_mlp_out'], which --config.sites does not capture"),
+])
+def test_a_site_the_model_lacks_is_a_one_line_config_error(tiny_ckpt, tmp_path, flag, sites, message):
+    """Sites are checked against the checkpoint once it is read: a site past its last layer (or a stored
+    site not captured) is refused in one line naming the flag, exit EX_CONFIG, not a traceback."""
+    from arcstream.cli import EXIT_CONFIG
+
+    p = subprocess.run([sys.executable, "-m", "arcstream.run", *_cli_overrides(tiny_ckpt, tmp_path / "out"),
+                        f"--config.{flag}={sites}"], env=_env(1), cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == EXIT_CONFIG, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
