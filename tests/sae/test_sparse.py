@@ -155,6 +155,64 @@ def test_kth_largest_is_exact():
     assert float(A.kth_largest([jnp.asarray(neg)], jnp.asarray(n))) == np.sort(a[a > 0])[0]
 
 
+@pytest.mark.parametrize("width, c", [(100, 7), (896, 128), (4100, 300)])  # 4 words, 28 (compare-sum), 129 (search)
+def test_compact_lists_the_first_set_positions_of_each_row(width, c):
+    """compact against NumPy's nonzero: ascending positions, counts, rows cut at c, empty and full rows."""
+    r = np.random.default_rng(width)
+    mask = r.random((23, width)) < r.uniform(0.0, 3.0 * c / width, (23, 1))
+    mask[0], mask[1], mask[2] = False, True, False
+    mask[2, [0, width - 1]] = True  # the first and last position
+    pos, count = jax.jit(sparse.compact, static_argnums=1)(jnp.asarray(mask), c)
+    pos, count = np.asarray(pos), np.asarray(count)
+    assert ((0 <= pos) & (pos < width)).all()
+    for row in range(mask.shape[0]):
+        want = np.flatnonzero(mask[row])
+        assert count[row] == want.size, row
+        n = min(c, want.size)
+        np.testing.assert_array_equal(pos[row, :n], want[:n], err_msg=str(row))
+    assert count[1] == width and count[0] == 0 and list(pos[2, :2]) == [0, width - 1]
+
+
+def test_kth_largest_from_a_lower_bound_and_with_slack():
+    """`lower` (a value <= the answer) gives the same exact answer, a wrong `lower` is ignored, and with
+    slack the result is a lower bound within 2**slack_bits of the answer's bit pattern."""
+    r = np.random.default_rng(6)
+    a = np.maximum(r.standard_normal((64, 50)), 0).astype(np.float32)
+    bits = lambda v: np.asarray(v, np.float32).view(np.int32)  # noqa: E731
+    for n in (1, 40, 700, int((a > 0).sum())):
+        want = np.sort(a.ravel())[::-1][n - 1]
+        for lower in (0.0, want * 0.5, want, want * 2.0):  # the last is above the answer: ignored
+            got = A.kth_largest([jnp.asarray(a)], jnp.asarray(n), lower=jnp.asarray(lower, jnp.float32))
+            assert float(got) == want, (n, lower)
+        bound = float(A.kth_largest([jnp.asarray(a)], jnp.asarray(n), slack_bits=16))
+        assert bound <= want and bits(want) - bits(bound) < 1 << 16, n
+        assert (a >= bound).sum() >= n
+
+
+@pytest.mark.parametrize("s, k", [(512, 2), (96, 4), (1000, 3)])  # blocks of 16, of 3, a padded last block
+def test_batchtopk_select_keeps_the_dense_set(s, k, monkeypatch):
+    """The sparse selection's kept (token, latent) pairs, gathered from its tiers, are exactly the dense
+    definition's, with heavy tokens in every tier; ids within the kept lengths are distinct."""
+    monkeypatch.setattr(batchtopk_module, "BATCHTOPK_DENSE_UP_TO", 0)
+    b = 256
+    r = np.random.default_rng(s)
+    pre = r.standard_normal((b, s)).astype(np.float32) * np.exp(0.3 * r.standard_normal((b, 1))).astype(np.float32)
+    pre[[3, 100]] *= 20.0  # heavy tokens: each keeps about all its positive entries
+    pre = jnp.asarray(pre)
+    sel = jax.jit(lambda p: batchtopk_module.batchtopk_select(p, k, jnp.asarray(k)))(pre)
+    want = np.asarray(A.batch_topk(pre, k, jnp.asarray(k))) > 0
+    got = np.zeros((b, s), bool)
+    for tier in sel["tiers"]:
+        rows = np.arange(b) if tier["rows"] is None else np.asarray(tier["rows"])
+        for row, ids, n in zip(rows, np.asarray(tier["idx"]), np.asarray(tier["lengths"])):
+            assert len(set(ids[:n])) == n
+            got[row, ids[:n]] = True
+    got[np.asarray(sel["rows3"])] |= np.asarray(sel["mask3"])
+    assert float(sel["capped_fraction"]) == 0.0
+    assert want.sum() == k * b and (want.sum(1) > 8 * k).any()  # some token keeps more than tier 2 holds
+    np.testing.assert_array_equal(got, want)
+
+
 def _bt_params(seed, d, s):
     r = np.random.default_rng(seed)
     return {"w_enc_sd": jnp.asarray(r.standard_normal((s, d)) * 0.5, jnp.float32),

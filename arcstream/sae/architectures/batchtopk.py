@@ -10,6 +10,7 @@ reuses the dense selection, the threshold and the inference encoding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,12 +21,15 @@ from arcstream.sae.architectures.base import (Architecture, AuxTerms, Buffers, E
                                               register_architecture, saelens_weights, selection_preacts,
                                               unit_norm_decoder)
 from arcstream.sae.architectures.topk import auxk_terms, top_k
+from arcstream.sae.sparse import compact
 
-# Sparse BatchTopK's tiers (batchtopk_select): every token offers its top 2k activations, the
-# 1/8 of the batch's tokens that need it most their top 8k, the 1/64 their whole row.
+# Sparse BatchTopK's tiers (batchtopk_select), in kept entries per token: every token up to 2k,
+# the 1/4 of the batch's tokens that need it most up to 8k, the 1/64 their whole row.
 # Batches of at most BATCHTOPK_DENSE_UP_TO activations (B * S) offer every row whole (small SAEs).
-BATCHTOPK_TIERS = (2, 8, 8, 64)
+BATCHTOPK_TIERS = (2, 4, 8, 64)
 BATCHTOPK_DENSE_UP_TO = 1 << 16
+_SELECT_BLOCK = 16  # entries per block whose maxima bound the batch's threshold from below (at most)
+_SELECT_BLOCKS_PER_K = 8  # and at least this many blocks per kept entry of a token (k), so the bound is tight
 
 
 def batch_topk(pre_bs: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
@@ -43,74 +47,135 @@ def batch_topk(pre_bs: jax.Array, k_max: int, k: jax.Array) -> jax.Array:
     return jnp.where((acts_bs >= kth) & (acts_bs > 0), acts_bs, 0.0)
 
 
-def kth_largest(parts: list[jax.Array], n: jax.Array) -> jax.Array:
+def _bits(v: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(v, jnp.int32)
+
+
+def kth_largest(parts: list[jax.Array], n: jax.Array, lower: jax.Array | None = None, slack_bits: int = 0
+                ) -> jax.Array:
     """The n-th largest value among the non-negative entries of `parts` (negative entries never count).
 
-    Exact, without sorting: bisection on the float's bits (for x >= 0 the int32 bit
-    pattern orders as the value), 31 counting passes over the parts. The parts must
-    hold at least n non-negative entries.
+    Exact, without sorting: bisection on the float's bits (for x >= 0 the int32 bit pattern
+    orders as the value), one counting pass over the parts per bit, from `lower` (a value known
+    to be <= the answer, e.g. a bound from block maxima) when given. With `slack_bits` > 0 it
+    stops early and returns a lower bound whose bit pattern is less than 2**slack_bits below the
+    answer's (16: within 1/128 of it). With fewer than n non-negative entries the result is 0.
     """
-    hi0 = jax.lax.bitcast_convert_type(jnp.max(jnp.stack([jnp.max(p) for p in parts])), jnp.int32) + 1
+    hi0 = _bits(jnp.max(jnp.stack([jnp.max(p) for p in parts]))) + 1
 
-    def count(t):
-        return sum(jnp.sum(p >= t, dtype=jnp.int32) for p in parts)
+    def count(t):  # per-row float sums (exact below 2**24 entries a row; vectorised, unlike an int32 sum)
+        return sum(jnp.sum(jnp.sum(jnp.where(p >= t, 1.0, 0.0), axis=-1).astype(jnp.int32))
+                   for p in parts)
 
-    def body(_, lohi):
+    lo = jnp.zeros((), jnp.int32)
+    if lower is not None:
+        lower = jnp.maximum(lower, 0.0)
+        lo = jnp.where(count(lower) >= n, _bits(lower), 0)
+
+    def body(lohi):
         lo, hi = lohi
         mid = lo + (hi - lo) // 2
         ok = count(jax.lax.bitcast_convert_type(mid, jnp.float32)) >= n
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.zeros((), jnp.int32), jnp.maximum(hi0, 1)))
+    lo, _ = jax.lax.while_loop(lambda lohi: lohi[1] - lohi[0] > (1 << slack_bits), body,
+                               (lo, jnp.maximum(hi0, lo + 1)))
     # Below the smallest normal float the comparisons flush to zero (XLA:CPU): such a result means 0.
     return jnp.where(lo < 0x00800000, 0.0, jax.lax.bitcast_convert_type(lo, jnp.float32))
+
+
+def _candidates(pre_rs: jax.Array, max_rn: jax.Array, lo: jax.Array, n_blocks: int, width: int):
+    """Each row's entries >= lo and > 0, ids ascending, at most `width` of them, read from its blocks
+    whose maximum reaches lo (at most `n_blocks`) -> (vals [R, width] (-1 past the count), ids, need [R]).
+    A row with more such blocks or entries than that loses the later ones (by id); `need` ranks rows
+    by how many they may keep (entries >= lo; past every such uncut row when cut, by its block count)."""
+    r, nb = max_rn.shape
+    g = pre_rs.shape[1] // nb
+    blk, n_blk = compact((max_rn >= lo) & (max_rn > 0), n_blocks)
+    vals = jnp.take_along_axis(pre_rs.reshape(r, nb, g), blk[:, :, None], axis=1,
+                               mode="promise_in_bounds").reshape(r, n_blocks * g)
+    ok = (vals >= lo) & (vals > 0) & ((jnp.arange(n_blocks * g) // g)[None, :] < n_blk[:, None])
+    pos, n = compact(ok, width)
+    ids = jnp.take_along_axis(blk, pos // g, axis=1, mode="promise_in_bounds") * g + pos % g
+    vals = jnp.where(jnp.arange(width)[None, :] < n[:, None],
+                     jnp.take_along_axis(vals, pos, axis=1, mode="promise_in_bounds"), -1.0)
+    need = jnp.where(n_blk > n_blocks, n_blocks * g + n_blk, n)
+    return vals, ids, need
 
 
 def batchtopk_select(pre_bs: jax.Array, k_max: int, k: jax.Array) -> dict[str, Any]:
     """BatchTopK's selection (the k*B largest ReLU'd pre-activations of the batch), sparsely and exactly.
 
     `pre_bs` [B, S]: values (no gradient). The kept set is every entry >= kth (and > 0),
-    kth the (k*B)-th largest of the batch. A token's kept entries are its largest ones,
-    and how many varies a lot (planted data at init: median 14, p99 ~650, max ~3,900
-    for k = 64), so the tokens are split in three tiers by how far down their
-    candidates reach (`BATCHTOPK_TIERS`): every token offers its top 2k; the B/8 tokens
-    whose 2k-th is largest offer their top 8k instead; the B/64 largest of those offer
-    their whole row. kth is found among the offers by bisection (`kth_largest`), which
-    is exact unless more tokens than a tier holds need more than it offers
-    (`capped_fraction`, else 0). Returns per tier the token rows, candidate ids and
-    values (largest first) and how many of them are kept.
+    kth the (k*B)-th largest of the batch. How many a token keeps varies a lot (a trained
+    d_sae 14,336 SAE at k 64: median 20, p99 ~620, max ~1,900), so tokens are split in tiers
+    by how many they may keep (`BATCHTOPK_TIERS`): up to 2k, 8k for the B/4 tokens with the
+    most candidates, the whole row for the B/64 with the most. Threshold first, then lists:
+    * the rows' maxima over blocks of `_SELECT_BLOCK` give a lower bound lo of kth (at least
+      k*B blocks reach it, `kth_largest` with slack), and only blocks reaching lo can hold
+      kept entries;
+    * each token's entries >= lo are listed (`_candidates`: `sparse.compact` of its blocks, then
+      of their entries; no top-k, no sort), kth is found among them by bisection from lo, and
+      each tier's list is compacted once more to the entries >= kth (`_select_from`).
+    When the kept entries crowd into few tokens, lo is far below kth and a token may have more
+    candidates than its tier lists; then kth, found without them, is low but still a lower bound,
+    and the selection runs once more from it (a `lax.cond`: only such batches pay for it; a token
+    that keeps more than its tier's width is capped either way, and counted).
+    Exact unless a token still keeps more than its tier holds (`capped_fraction`, else 0).
+    Returns per tier the token rows, ids (ascending), values and how many are kept.
     """
     b, s = pre_bs.shape
+    g = max(1, min(_SELECT_BLOCK, s // (_SELECT_BLOCKS_PER_K * k_max)))
+    nb = -(-s // g)
+    pre_pad = jnp.pad(pre_bs, ((0, 0), (0, nb * g - s)), constant_values=-jnp.inf) if nb * g != s else pre_bs
+    max_bn = pre_pad.reshape(b, nb, g).max(axis=-1)
+    lo = kth_largest([jax.nn.relu(max_bn)], k * b, slack_bits=16)  # k*B blocks reach lo, so kth >= lo
+    select = functools.partial(_select_from, pre_bs, pre_pad, max_bn, k_max, k)
+    sel = select(lo)
+    return jax.lax.cond(sel["missed"] > 0, lambda: select(sel["kth"]), lambda: sel)
+
+
+def _select_from(pre_bs, pre_pad, max_bn, k_max: int, k: jax.Array, lo: jax.Array) -> dict[str, Any]:
+    """batchtopk_select from a lower bound `lo` of its kth (block maxima in `max_bn`, rows padded
+    to whole blocks in `pre_pad`)."""
+    b, s = pre_bs.shape
+    nb, g = max_bn.shape[1], pre_pad.shape[1] // max_bn.shape[1]
     (f1, every2, f2, every3) = BATCHTOPK_TIERS
     c1, c2 = min(s, f1 * k_max), min(s, f2 * k_max)
     h2 = min(b, max(1, b // every2))
     h3 = min(h2, max(1, b // every3))
     if b * s <= BATCHTOPK_DENSE_UP_TO:
         h2 = h3 = b
-    # ReLU is monotone: the top of relu(pre) is relu of the top of pre (no [B, S] ReLU pass).
-    vals1_bc, idx1_bc = top_k(pre_bs, c1)
-    vals1_bc = jax.nn.relu(vals1_bc)
-    last1_b = vals1_bc.min(axis=1)  # = vals1_bc[:, -1] (see top_k)
-    rows2_h = top_k(last1_b, h2)[1]  # the tokens whose offer reaches deepest, deepest first
+    nb1, nb2 = min(nb, c1), min(nb, c2)  # a token keeps at least one entry of each block it lists
+    vals1, ids1, need_b = _candidates(pre_pad, max_bn, lo, nb1, min(nb1 * g, 2 * c1))
+    rows2_h = top_k(need_b.astype(jnp.float32), h2)[1]  # the tokens with the most candidates, most first
     rows3_h = rows2_h[:h3]
-    vals2_hc, idx2_hc = top_k(pre_bs[rows2_h], c2)
-    vals2_hc = jax.nn.relu(vals2_hc)
+    vals2, ids2, _ = _candidates(pre_pad[rows2_h], max_bn[rows2_h], lo, nb2, min(nb2 * g, 2 * c2))
     acts3_hs = jax.nn.relu(pre_bs[rows3_h])
     in2_b = jnp.zeros((b,), bool).at[rows2_h].set(True)
     in3_h = jnp.arange(h2) < h3
-    offer1 = jnp.where(in2_b[:, None], -1.0, vals1_bc)  # a token offers in one tier only
-    offer2 = jnp.where(in3_h[:, None], -1.0, vals2_hc)
-    kth = kth_largest([offer1, offer2, acts3_hs], k * b)
+    offer1 = jnp.where(in2_b[:, None], -1.0, vals1)  # a token offers in one tier only
+    offer2 = jnp.where(in3_h[:, None], -1.0, vals2)
+    kth = kth_largest([offer1, offer2, acts3_hs], k * b, lower=lo)
     keep = lambda v: (v >= kth) & (v > 0)  # noqa: E731
-    capped = (jnp.sum(~in2_b & keep(last1_b) & (c1 < s))
-              + jnp.sum(~in3_h & keep(vals2_hc.min(axis=1)) & (c2 < s)))
-    return {
-        "tiers": [
-            {"rows": None, "idx": idx1_bc, "vals": vals1_bc, "lengths": keep(offer1).sum(axis=1)},
-            {"rows": rows2_h, "idx": idx2_hc, "vals": vals2_hc, "lengths": keep(offer2).sum(axis=1)},
-        ],
-        "rows3": rows3_h, "mask3": keep(acts3_hs), "kth": kth, "capped_fraction": capped / b,
-    }
+    tiers, listed = [], []
+    for rows, offer, ids, width in ((None, offer1, ids1, c1), (rows2_h, offer2, ids2, c2)):
+        pos, n_kept = compact(keep(offer), width)
+        tiers.append({"rows": rows, "idx": jnp.take_along_axis(ids, pos, axis=1, mode="promise_in_bounds"),
+                      "vals": jnp.take_along_axis(offer, pos, axis=1, mode="promise_in_bounds"),
+                      "lengths": jnp.minimum(n_kept, width)})
+        listed.append(n_kept)
+    # A token is capped when it keeps fewer entries than it has >= kth: some were past its candidate
+    # list (more blocks or entries reaching lo than `_candidates` takes: `missed`, which a higher lo
+    # mends) or past its tier's width. One counting pass over the batch says which, exactly (a cut
+    # row may lose only entries < kth). A token's offers are -1 outside its own tier, so the three
+    # counts add up to what it lists.
+    has_b = jnp.sum(jnp.where(keep(pre_bs), 1.0, 0.0), axis=1).astype(jnp.int32)
+    kept3_h = jnp.sum(keep(acts3_hs), axis=1, dtype=jnp.int32)
+    listed_b = listed[0].at[rows2_h].add(listed[1]).at[rows3_h].add(kept3_h)
+    kept_b = tiers[0]["lengths"].at[rows2_h].add(tiers[1]["lengths"]).at[rows3_h].add(kept3_h)
+    return {"tiers": tiers, "rows3": rows3_h, "mask3": keep(acts3_hs), "kth": kth,
+            "capped_fraction": jnp.sum(kept_b < has_b) / b, "missed": jnp.sum(listed_b < has_b)}
 
 
 def threshold_encode(params: Params, buffers: Buffers, x_bd: jax.Array, cfg: SAEConfig, hp: HParams) -> jax.Array:
