@@ -1,6 +1,11 @@
 """Where a TopK / BatchTopK SAE step's time goes: each part jitted alone, medians of repeats.
 
   python benchmarks/profile_sae_step.py [--reps 5] [--parts matmul,topk,...]
+      [--from_export DATA_DIR/exports/RUN --rows DATA_DIR/heldout.npy]
+
+`--from_export` / `--rows`: a trained SAE (a bench_sae.py export) and its data in place of
+a fresh init and Gaussian rows; a trained BatchTopK keeps heavy-tailed counts per token
+(median 20, p99 ~600 at k 64), which a fresh init does not show.
 
 Shape as bench_sae.py (d_in 896, expansion 16, k 64, batch 4096, fp32). Each
 part is one jitted function timed after one warm-up call; the figure is the
@@ -50,6 +55,18 @@ def _time(fn, *args, reps: int) -> tuple[float, float, float]:
     return statistics.median(walls), statistics.median(cpus), first
 
 
+def _export_params(folder: str, like: dict) -> dict:
+    """An SAELens-layout export's weights (W_enc [d_in, d_sae], b_enc, W_dec, b_dec; no input
+    normalisation) in arcstream's parameter names and shapes."""
+    from safetensors.numpy import load_file
+    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    got = {"w_enc_sd": w["W_enc"].T, "b_enc_s": w["b_enc"], "w_dec_sd": w["W_dec"], "b_dec_d": w["b_dec"]}
+    for key, value in got.items():
+        if value.shape != like[key].shape:
+            raise SystemExit(f"{folder}: {key} has shape {value.shape}, the profile's shape is {like[key].shape}")
+    return {**like, **{key: jnp.asarray(value, jnp.float32) for key, value in got.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d_in", type=int, default=896)
@@ -61,6 +78,12 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(ALL))
     ap.add_argument("--select_dtype", default="bfloat16",
                     help="step_*: sae.select_dtype of the steps (bfloat16 is what the trainer's auto picks)")
+    ap.add_argument("--from_export", default="",
+                    help="an SAELens-layout export (e.g. bench_sae.py's DATA_DIR/exports/<run>) whose weights the "
+                         "parts and steps start from, instead of a fresh init: a trained SAE's kept counts are "
+                         "heavy-tailed, which moves BatchTopK's cost")
+    ap.add_argument("--rows", default="", help="a .npy of [N >= batch, d_in] float32 rows (e.g. DATA_DIR/heldout.npy) "
+                                              "in place of Gaussian x")
     args = ap.parse_args()
 
     from arcstream.sae import SAEConfig, TrainConfig, get_architecture, init_train_state, make_train_step
@@ -73,7 +96,10 @@ def main() -> None:
     hp = cfg.hparams()
     arch = get_architecture("topk")
     params = arch.constrain(arch.init(jax.random.PRNGKey(0), cfg))
-    x = jax.random.normal(jax.random.PRNGKey(1), (b, d), jnp.float32)
+    if args.from_export:
+        params = _export_params(args.from_export, params)
+    x = (jnp.asarray(np.load(args.rows)[:b], jnp.float32) if args.rows
+         else jax.random.normal(jax.random.PRNGKey(1), (b, d), jnp.float32))
     pre = jax.jit(lambda p, x: preacts(p, x, cfg))(params, x)
     vals, idx = jax.jit(lambda p: jax.lax.top_k(p, k))(pre)
     g_bd = jax.random.normal(jax.random.PRNGKey(2), (b, d), jnp.float32)
@@ -87,6 +113,11 @@ def main() -> None:
         specs = {"site": [c]}
         tc = TrainConfig(total_steps=1000)
         state = init_train_state(specs, tc, {"site": x[:512]})
+        if args.from_export:  # the member's parameters from the export, Adam's moments fresh
+            site = state.sites["site"]
+            trained = jax.tree.map(lambda a, p: jnp.broadcast_to(p, a.shape).astype(a.dtype), site.params,
+                                   {key: params[key] for key in site.params})
+            state = type(state)(sites={"site": type(site)(trained, site.opt_state, site.buffers)}, step=state.step)
         if dead_frac:  # latents not fired in the last step count as dead (dead_steps = 0): AuxK every step
             bufs = dict(state.sites["site"].buffers)
             bufs["steps_since_fired_s"] = bufs["steps_since_fired_s"].at[:, dead].set(5)

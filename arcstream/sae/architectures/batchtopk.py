@@ -119,8 +119,9 @@ def batchtopk_select(pre_bs: jax.Array, k_max: int, k: jax.Array) -> dict[str, A
       each tier's list is compacted once more to the entries >= kth (`_select_from`).
     When the kept entries crowd into few tokens, lo is far below kth and a token may have more
     candidates than its tier lists; then kth, found without them, is low but still a lower bound,
-    and the selection runs once more from it (a `lax.cond`: only such batches pay for it; a token
-    that keeps more than its tier's width is capped either way, and counted).
+    and the selection runs once more from it (a `lax.cond`: only such batches pay for it, but under
+    a sweep's vmap the cond runs both branches; a token that keeps more than its tier's width is
+    capped either way, and counted).
     Exact unless a token still keeps more than its tier holds (`capped_fraction`, else 0).
     Returns per tier the token rows, ids (ascending), values and how many are kept.
     """
