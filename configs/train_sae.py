@@ -4,8 +4,10 @@ Command:
   python -m arcstream.train_sae --config=configs/train_sae.py \
       --config.run_dir=DIR --config.sites=blocks.11.hook_resid_post
 
-Runtime: ~2 s per 4096-token step per site on a 2-core CPU for d_in 896,
-expansion 16, TopK k=64 (the defaults below); milliseconds on a GPU.
+Runtime: ~1.3 s per 4096-token step per site on a 2-core CPU for d_in 896,
+expansion 16, TopK k=64 (the defaults below; BatchTopK about the same, from ~1.5 s
+in its first steps); 163,840 tokens in ~56 s whole process, 4.7x SAELens's
+SAETrainer (benchmarks/bench_sae.py --whole); milliseconds a step on a GPU.
 Result: `DIR/saes/<site>/{cfg.json,sae_weights.safetensors}` (SAELens layout,
 loadable with `sae_lens.SAE.load_from_disk`), `DIR/saes/metrics.jsonl`, and
 Orbax checkpoints in `DIR/saes/checkpoints/` (a restarted run resumes).

@@ -119,9 +119,9 @@ def batchtopk_select(pre_bs: jax.Array, k_max: int, k: jax.Array) -> dict[str, A
       each tier's list is compacted once more to the entries >= kth (`_select_from`).
     When the kept entries crowd into few tokens, lo is far below kth and a token may have more
     candidates than its tier lists; then kth, found without them, is low but still a lower bound,
-    and the selection runs once more from it (a `lax.cond`: only such batches pay for it, but under
-    a sweep's vmap the cond runs both branches; a token that keeps more than its tier's width is
-    capped either way, and counted).
+    and the selection runs once more from it (only such batches pay for the second pass; under a
+    sweep's vmap, when any member needs it; a token that keeps more than its tier's width is capped
+    either way, and counted).
     Exact unless a token still keeps more than its tier holds (`capped_fraction`, else 0).
     Returns per tier the token rows, ids (ascending), values and how many are kept.
     """
@@ -132,8 +132,19 @@ def batchtopk_select(pre_bs: jax.Array, k_max: int, k: jax.Array) -> dict[str, A
     max_bn = pre_pad.reshape(b, nb, g).max(axis=-1)
     lo = kth_largest([jax.nn.relu(max_bn)], k * b, slack_bits=16)  # k*B blocks reach lo, so kth >= lo
     select = functools.partial(_select_from, pre_bs, pre_pad, max_bn, k_max, k)
-    sel = select(lo)
-    return jax.lax.cond(sel["missed"] > 0, lambda: select(sel["kth"]), lambda: sel)
+
+    # At most two passes, as a loop so the selection is compiled once (a cond holds two copies:
+    # ~3.5 s more compilation per step program on a 2-core CPU).
+    def again(carry):
+        passes, sel = carry
+        return (passes == 0) | ((passes < 2) & (sel["missed"] > 0))
+
+    def one_pass(carry):
+        passes, sel = carry
+        return passes + 1, select(jnp.where(passes == 0, lo, sel["kth"]))
+
+    empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(select, lo))
+    return jax.lax.while_loop(again, one_pass, (jnp.zeros((), jnp.int32), empty))[1]
 
 
 def _select_from(pre_bs, pre_pad, max_bn, k_max: int, k: jax.Array, lo: jax.Array) -> dict[str, Any]:
