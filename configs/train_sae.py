@@ -10,7 +10,8 @@ in its first steps); 163,840 tokens in ~56 s whole process, 4.7x SAELens's
 SAETrainer (benchmarks/bench_sae.py --whole); milliseconds a step on a GPU.
 Result: `DIR/saes/<site>/{cfg.json,sae_weights.safetensors}` (SAELens layout,
 loadable with `sae_lens.SAE.load_from_disk`), `DIR/saes/metrics.jsonl`, and
-Orbax checkpoints in `DIR/saes/checkpoints/` (a restarted run resumes).
+Orbax checkpoints in `DIR/saes/train_sae_checkpoints/` (a restarted run resumes; the run
+job's own `DIR/saes/checkpoints/` are left alone).
 """
 
 from ml_collections import config_dict

@@ -78,7 +78,7 @@ def test_train_sae_on_file_and_memory_urls_equals_the_local_run(runs, tmp_path):
         results[name] = train_offline(c, open_run(run_dir), log=lambda s: None)
         # the next run must start fresh, not resume this one's checkpoints (local and file:// are one folder)
         if name == "local":
-            os.rename(Path(local) / "saes" / "checkpoints", tmp_path / "local-ckpt")
+            os.rename(Path(local) / "saes" / "train_sae_checkpoints", tmp_path / "local-ckpt")
             os.rename(Path(local) / "saes" / "metrics.jsonl", tmp_path / "local-metrics.jsonl")
             weights = (Path(local) / "saes" / SITE / "sae_weights.safetensors").read_bytes()
             cfg = (Path(local) / "saes" / SITE / "cfg.json").read_bytes()
@@ -90,7 +90,7 @@ def test_train_sae_on_file_and_memory_urls_equals_the_local_run(runs, tmp_path):
     assert _read(memory, f"saes/{SITE}/cfg.json") == cfg
     assert _read(file_url, "saes/metrics.jsonl") == (tmp_path / "local-metrics.jsonl").read_bytes()
     assert _read(memory, "saes/metrics.jsonl") == (tmp_path / "local-metrics.jsonl").read_bytes()
-    assert any((tmp_path / "mem-ckpt").iterdir()) and (Path(local) / "saes" / "checkpoints").is_dir()
+    assert any((tmp_path / "mem-ckpt").iterdir()) and (Path(local) / "saes" / "train_sae_checkpoints").is_dir()
     # Restore the planted export the analysis test reads.
     planted_sae(Path(local) / "saes" / SITE)
     planted_sae(f"{memory}/saes/{SITE}")

@@ -10,7 +10,7 @@ parameters of an uninterrupted run. Exports go to `run_dir/saes/<site>/`
 `run_dir` is a local path or a kvstore URL (`file://`, `memory://`, `gs://`):
 exports and metrics go through `RunLocation` (never `Path(run_dir)`, which
 turns `gs://b/run` into the relative path `gs:/b/run`). Orbax checkpoints go to
-`checkpoint_dir` (default `run_dir/saes/checkpoints`; required for URLs Orbax
+`checkpoint_dir` (default `run_dir/saes/train_sae_checkpoints`; required for URLs Orbax
 cannot write, e.g. `memory://`).
 """
 
@@ -111,8 +111,11 @@ def _log_step(metrics_log: JsonlLog, metrics, names: Mapping[str, list[str]], do
 
 
 def _checkpointer(job: TrainSAEOptions, run_dir: str, fingerprint: dict[str, Any]) -> SAECheckpointer:
-    """Orbax checkpoints in `checkpoint_dir`, default `run_dir/saes/checkpoints`, tied to `fingerprint`."""
-    return SAECheckpointer(checkpoint_dir(job.checkpoint_dir, run_dir, "saes", "checkpoints",
+    """Orbax checkpoints in `checkpoint_dir`, default `run_dir/saes/train_sae_checkpoints`, tied to `fingerprint`.
+
+    Not the run job's `saes/checkpoints` (its online SAEs' resume state): train_sae on a run's
+    store found those and refused to start (they record no train_sae configuration)."""
+    return SAECheckpointer(checkpoint_dir(job.checkpoint_dir, run_dir, "saes", "train_sae_checkpoints",
                                           flag="--config.checkpoint_dir", output_flag="--config.run_dir"),
                            flag="--config.checkpoint_dir", fingerprint=fingerprint)
 

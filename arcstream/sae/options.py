@@ -203,7 +203,7 @@ class TrainSAEOptions:
     """A whole `arcstream.train_sae` config (configs/train_sae.py), checked: what `train_offline` reads."""
 
     run_dir: str = ""  # run directory written by `arcstream.run` (a local path or a kvstore URL) (required)
-    checkpoint_dir: str = ""  # Orbax checkpoints; "" = run_dir/saes/checkpoints (set it for memory:// run dirs)
+    checkpoint_dir: str = ""  # Orbax checkpoints; "" = run_dir/saes/train_sae_checkpoints (set it for memory://)
     sites: str = ""  # comma-separated site names; empty = every stored site
     seed: int = 0  # seeds the init and the batch order
     checkpoint_every: int = 1000  # steps between Orbax checkpoints (and at the end)

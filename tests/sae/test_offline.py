@@ -126,3 +126,23 @@ def test_train_sae_starts_without_torch_or_transformers():
     assert data.build_prompt is build_prompt and "build_prompt" in dir(data)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         data.nope  # noqa: B018
+
+
+def test_train_sae_on_a_run_leaves_the_run_jobs_sae_checkpoints_alone(tmp_path):
+    """A run job's online SAEs checkpoint into run_dir/saes/checkpoints; train_sae on that run's store used
+    the same folder and refused to start (found on the default run: 'does not record the configuration it
+    was trained with'). Here that folder holds checkpoints of another configuration: train_sae trains
+    afresh in its own folder and leaves them as they were."""
+    from arcstream.sae import train_offline
+
+    src = _source()
+    run = tmp_path / "run"
+    theirs = run / "saes" / "checkpoints"
+    other = _config(run, checkpoint_dir=str(theirs), stop_after_steps=3)
+    other.sae.lr = 1e-3
+    assert train_offline(other, src, log=lambda s: None)["stopped_at"] == 3
+    before = sorted(p.relative_to(theirs) for p in theirs.rglob("*"))
+    result = train_offline(_config(run), src, log=lambda s: None)
+    assert result["resumed_from"] == 0 and result["total_steps"] == 8  # a fresh start
+    assert (run / "saes" / "train_sae_checkpoints").is_dir()
+    assert sorted(p.relative_to(theirs) for p in theirs.rglob("*")) == before

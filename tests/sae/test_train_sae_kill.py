@@ -37,7 +37,7 @@ def test_train_sae_killed_at_random_moments_resumes_to_the_uninterrupted_exports
     run_job(_cmd(full))
 
     metrics = killed / "saes" / "metrics.jsonl"
-    ckpts = killed / "saes" / "checkpoints"
+    ckpts = killed / "saes" / "train_sae_checkpoints"
     delays = kill_at_random_moments(_cmd(killed), [
         # anywhere once it trains (its first new metrics line), before a checkpoint too
         lambda: lines(metrics) > 0,
