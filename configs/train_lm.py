@@ -21,7 +21,9 @@ beat it. Every `train.checkpoint_every` steps an Orbax checkpoint; rerunning the
 command resumes. At the end: `output_dir/export/` (HF layout + tokenizer +
 README.md model card + loss_curve.png), the held-out loss and the pass@2
 accuracy on ARC-AGI-1 evaluation. Runtime: about 5 hours on a 2-core CPU, resumable in slices
-(`--config.train.stop_after=N`).
+(`--config.train.stop_after=N`). Where the checkpoints do not outlive a machine, go on from the
+last export instead: `--config.train.init_from=runs/train_lm/export` (its weights, a fresh
+optimiser and schedule; the shapes must match the `model` section).
 Expected result: training loss falling from ~4.7 to well under 1 nat/token;
 held-out answer-cell loss well below ln 10 = 2.30; accuracy near 0% (a 3M
 model trained for an hour solves almost nothing, and the card says so).

@@ -56,6 +56,10 @@ class Schedule:
     checkpoint_every: int = 50
     checkpoint_dir: str = ""  # Orbax checkpoints; "" = output_dir/checkpoints (set it for a memory:// output_dir)
     stop_after: int = 0  # stop (checkpoint saved) after this step, to train in slices; 0 = run to train.steps
+    # An HF export (arcstream-tiny's folder, a run's export/) whose weights start the run instead of a random init,
+    # with a fresh optimiser and schedule from step 0: slices across machines whose checkpoints are gone, or
+    # fine-tuning. Its shapes must equal the `model` section's and the tokenizer's vocabulary. "" = random init.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not 0 <= self.warmup_steps < self.steps:

@@ -61,7 +61,7 @@ from arcstream.lm.data import TaskMixture, targets
 from arcstream.lm.evaluate import context_use_of_run
 from arcstream.lm.heldout import UNIFORM_CELL_NATS, eval_pipeline, held_out_loss, make_nll_fn, token_nll
 from arcstream.lm.options import LMShape, Schedule, TrainLMOptions
-from arcstream.model import ModelConfig, attention_option, init_random
+from arcstream.model import ModelConfig, attention_option, init_random, load_model
 from arcstream.options import ConfigError, as_dict
 
 
@@ -280,6 +280,8 @@ def _build(opts: TrainLMOptions) -> _Trainee:
     with jax.set_mesh(mesh):
         model = init_random(mcfg, seed=opts.seed, mesh=mesh, attention=attention_option(opts))
     graphdef, params = nnx.split(model)
+    if opts.train.init_from:
+        params = _initial_params(opts.train.init_from, params, mesh, attention_option(opts))
     optimizer, schedule = make_optimizer(opts.train)
     replicated = NamedSharding(mesh, P())
     opt_state = jax.tree.map(  # optax's step counters are born on one device; the mesh needs them replicated
@@ -293,6 +295,30 @@ def _build(opts: TrainLMOptions) -> _Trainee:
     return _Trainee(tokenizer=tokenizer, mcfg=mcfg, graphdef=graphdef, params=params, opt_state=opt_state,
                     schedule=schedule, step_fn=make_train_step(graphdef, optimizer), nll_fn=make_nll_fn(graphdef),
                     put=put, n_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))))
+
+
+def _initial_params(folder: str, like: nnx.State, mesh: Any, attention: str) -> nnx.State:
+    """`train.init_from`: an HF export's parameters in place of the random ones `like` (same tree, shapes and
+    shardings); refused with the differing parameters when the export's shapes are not the `model` section's."""
+    flag = "--config.train.init_from"
+    try:
+        with jax.set_mesh(mesh):
+            loaded, _ = load_model(folder, mesh=mesh, attention=attention)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag}={folder!r}: {e}") from e
+    got = dict(nnx.to_flat_state(nnx.split(loaded)[1]))
+    want = dict(nnx.to_flat_state(like))
+    shape = lambda v: tuple(v.get_value().shape)  # noqa: E731
+    wrong = [f"{'.'.join(map(str, k))}: export {shape(got[k]) if k in got else '<absent>'}, "
+             f"model section {shape(v)}" for k, v in want.items() if k not in got or shape(got[k]) != shape(v)]
+    wrong += [f"{'.'.join(map(str, k))}: in the export only" for k in got if k not in want]
+    if wrong:
+        raise ConfigError(f"{flag}={folder!r} does not have the shapes of the configured model (--config.model.*, "
+                          f"the tokenizer's vocabulary): " + "; ".join(wrong[:6])
+                          + (f"; and {len(wrong) - 6} more" if len(wrong) > 6 else ""))
+    for k, v in want.items():
+        v.set_value(got[k].get_value().astype(v.get_value().dtype))
+    return like
 
 
 class _Checkpoints:

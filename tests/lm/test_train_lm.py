@@ -198,3 +198,42 @@ def test_a_file_url_output_dir_is_the_local_folder(straight, tmp_path):
     assert (tmp_path / "run" / "export" / "model.safetensors").read_bytes() == \
         (out / "export" / "model.safetensors").read_bytes()
     assert (tmp_path / "run" / "checkpoints").is_dir() and second.export_dir == f"file://{tmp_path}/run/export"
+
+
+@pytest.mark.slow
+def test_init_from_starts_from_the_exports_weights(straight, tmp_path):
+    """train.init_from: the trainer's parameters are the export's (read here with safetensors, HF layout), not
+    the random init; a run from them starts where the exported run ended (its first losses are lower than a
+    random start's on the same rows)."""
+    from flax import nnx
+
+    from arcstream.lm.options import TrainLMOptions
+    from arcstream.lm.train import _build, train
+
+    result, out = straight
+    w = _weights(result.export_dir)
+    fresh = dict(nnx.to_flat_state(_build(TrainLMOptions.from_config(_config(tmp_path / "a"))).params))
+    params = dict(nnx.to_flat_state(_build(TrainLMOptions.from_config(
+        _config(tmp_path / "b", init_from=result.export_dir))).params))
+    got = lambda *key: np.asarray(params[key].get_value())  # noqa: E731
+    np.testing.assert_array_equal(got("embed_tokens", "embedding"), w["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(got("layers", 1, "mlp", "down_proj", "kernel"),
+                                  w["model.layers.1.mlp.down_proj.weight"].T)
+    assert not np.allclose(np.asarray(fresh[("embed_tokens", "embedding")].get_value()), w["model.embed_tokens.weight"])
+
+    train(_config(tmp_path / "c", init_from=result.export_dir, steps=4), log=_log)
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+    then = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["step"] == then["step"] == 2 and then["loss"] < first["loss"] - 0.1, (then, first)
+
+
+def test_init_from_with_other_shapes_or_no_checkpoint_is_refused_naming_the_flag(tmp_path):
+    from arcstream.lm.options import TrainLMOptions
+    from arcstream.lm.train import _build
+
+    shipped = str(Path(__file__).parents[2] / "arcstream" / "models" / "arcstream-tiny")  # hidden 256, 4 layers
+    with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*arcstream-tiny' does not have the shapes.*"
+                                          r"embed_tokens\.embedding: export \(108, 256\), model section \(108, 64\)"):
+        _build(TrainLMOptions.from_config(_config(tmp_path / "a", init_from=shipped)))
+    with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*nowhere.*no such directory"):
+        _build(TrainLMOptions.from_config(_config(tmp_path / "b", init_from=str(tmp_path / "nowhere"))))
