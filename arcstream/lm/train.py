@@ -384,6 +384,8 @@ def train(options: TrainLMOptions | ml_collections.ConfigDict, *,
         counters = ckpt.restore(trainee, stream)
         step = resumed_from = int(ckpt.latest)
         log(f"resumed from step {step} (epoch {stream.epoch})")
+    elif opts.train.init_from:
+        log(f"weights from {opts.train.init_from} (train.init_from); optimiser and schedule from step 0")
     metrics_path = join_location(out, "metrics.jsonl")
     metrics = _metrics_log(metrics_path, resumed_from)
 
