@@ -56,15 +56,14 @@ def _time(fn, *args, reps: int) -> tuple[float, float, float]:
 
 
 def _export_params(folder: str, like: dict) -> dict:
-    """An SAELens-layout export's weights (W_enc [d_in, d_sae], b_enc, W_dec, b_dec; no input
-    normalisation) in arcstream's parameter names and shapes."""
-    from safetensors.numpy import load_file
-    w = load_file(os.path.join(folder, "sae_weights.safetensors"))
-    got = {"w_enc_sd": w["W_enc"].T, "b_enc_s": w["b_enc"], "w_dec_sd": w["W_dec"], "b_dec_d": w["b_dec"]}
+    """An SAELens-layout export's four weight tensors (read by arcstream's own `load_sae`), in place of
+    `like`'s; its shapes must be the profile's."""
+    from arcstream.sae.export import load_sae
+    got = {key: value for key, value in load_sae(folder)[0].items() if key in like}
     for key, value in got.items():
         if value.shape != like[key].shape:
             raise SystemExit(f"{folder}: {key} has shape {value.shape}, the profile's shape is {like[key].shape}")
-    return {**like, **{key: jnp.asarray(value, jnp.float32) for key, value in got.items()}}
+    return {**like, **got}
 
 
 def main() -> None:

@@ -51,6 +51,12 @@ def _bits(v: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(v, jnp.int32)
 
 
+def _row_counts(mask: jax.Array) -> jax.Array:
+    """True entries per row (last axis), int32: summed as floats (exact below 2**24 a row), which XLA:CPU
+    vectorises, unlike an int32 sum."""
+    return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=-1).astype(jnp.int32)
+
+
 def kth_largest(parts: list[jax.Array], n: jax.Array, lower: jax.Array | None = None, slack_bits: int = 0
                 ) -> jax.Array:
     """The n-th largest value among the non-negative entries of `parts` (negative entries never count).
@@ -63,9 +69,8 @@ def kth_largest(parts: list[jax.Array], n: jax.Array, lower: jax.Array | None = 
     """
     hi0 = _bits(jnp.max(jnp.stack([jnp.max(p) for p in parts]))) + 1
 
-    def count(t):  # per-row float sums (exact below 2**24 entries a row; vectorised, unlike an int32 sum)
-        return sum(jnp.sum(jnp.sum(jnp.where(p >= t, 1.0, 0.0), axis=-1).astype(jnp.int32))
-                   for p in parts)
+    def count(t):
+        return sum(jnp.sum(_row_counts(p >= t)) for p in parts)
 
     lo = jnp.zeros((), jnp.int32)
     if lower is not None:
@@ -182,8 +187,8 @@ def _select_from(pre_bs, pre_pad, max_bn, k_max: int, k: jax.Array, lo: jax.Arra
     # mends) or past its tier's width. One counting pass over the batch says which, exactly (a cut
     # row may lose only entries < kth). A token's offers are -1 outside its own tier, so the three
     # counts add up to what it lists.
-    has_b = jnp.sum(jnp.where(keep(pre_bs), 1.0, 0.0), axis=1).astype(jnp.int32)
-    kept3_h = jnp.sum(keep(acts3_hs), axis=1, dtype=jnp.int32)
+    has_b = _row_counts(keep(pre_bs))
+    kept3_h = _row_counts(keep(acts3_hs))
     listed_b = listed[0].at[rows2_h].add(listed[1]).at[rows3_h].add(kept3_h)
     kept_b = tiers[0]["lengths"].at[rows2_h].add(tiers[1]["lengths"]).at[rows3_h].add(kept3_h)
     return {"tiers": tiers, "rows3": rows3_h, "mask3": keep(acts3_hs), "kth": kth,
