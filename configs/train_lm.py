@@ -86,8 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.context_tasks_during = 16
         c.eval.accuracy = False
         if arg == "copy":
-            # Does the model learn to copy the test input? (issue 14, session 18, 2-core CPU, ~35 min for 1,200 steps
-            # while another run shared the cores.) Why: probed per generated rule, the shipped arcstream-tiny does not
+            # Does the model learn to copy the test input? (issue 14, session 18, 2-core CPU, 54 min for 1,200 steps
+            # while other runs shared the cores.) Why: probed per generated rule, the shipped arcstream-tiny does not
             # copy: on recolourings (every cell copied but 1-3 colours) its per-cell accuracy is 0.73, below copying
             # the test input, and its answer loss is the same with another task's examples. The same model as `synth`
             # on recolourings only: held-out answer-cell loss 0.73 (step 300), 0.65 (450), 0.60 (600), 0.56 (750),

@@ -79,7 +79,7 @@ class LMEval:
     final_prompts: int = 0  # prompts of the final held-out loss (0 = the whole set)
     # held-out tasks of the context-use table (own / no / another task's examples). 40, not 20: on the first 20
     # ARC-AGI-1 evaluation tasks only 9 same-shape outputs are scored, and arcstream-tiny's "above copy-the-test-
-    # input" held there (0.793 vs 0.777) but not on 40 (0.723 vs 0.753, 29 outputs scored)
+    # input" held there (0.793 vs 0.777) but not on 40 (0.744 vs 0.759, 33 outputs scored, 21 same-shape)
     context_tasks: int = 40
     context_tasks_during: int = 8  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
     accuracy: bool = True  # decode answers on eval.source and score them (pass@2)
