@@ -21,7 +21,7 @@ from pathlib import Path
 import arcstream
 
 ROOT = Path(arcstream.__file__).parent
-ENTRY_POINTS = {"run", "analyze", "train_lm", "train_sae", "transform"}
+ENTRY_POINTS = {"run", "analyze", "train_lm", "train_sae", "transform", "context_use"}
 WIRING = {"stream", "analysis", "predict", "lm"}
 # What each lower package may import (besides itself). `cli` is the shared launcher helpers (flags, progress
 # bars, the run lock around a job): the wiring packages and entry points may use it, the layers below may not.

@@ -36,11 +36,23 @@ def path(name: str = "arcstream-tiny") -> str:
 
 def prompt_format(name: str = "arcstream-tiny") -> dict[str, Any]:
     """The data-config keys of the prompt format a shipped model was trained on (`PROMPT_FORMAT_KEYS`)."""
-    f = Path(path(name)) / PROMPT_FORMAT_FILE
+    fmt = folder_prompt_format(path(name))
+    if fmt is None:
+        raise FileNotFoundError(f"{Path(path(name)) / PROMPT_FORMAT_FILE}: the shipped model's prompt format is "
+                                "missing; reinstall arcstream")
+    return fmt
+
+
+def folder_prompt_format(folder: str | Path) -> dict[str, Any] | None:
+    """The `PROMPT_FORMAT_KEYS` of a model folder's `arcstream_prompt.json`; None when the folder has none (a hub
+    name, or a checkpoint arcstream did not train). A file that is there but unreadable is an error, named."""
+    f = Path(folder) / PROMPT_FORMAT_FILE
+    if not f.is_file():
+        return None
     try:
         fmt = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{f}: the shipped model's prompt format is unreadable ({e})") from None
+        raise ValueError(f"{f}: the model's prompt format is unreadable ({e})") from None
     missing = [k for k in PROMPT_FORMAT_KEYS if k not in fmt]
     if missing:
         raise ValueError(f"{f} lacks {missing}; expected the keys {list(PROMPT_FORMAT_KEYS)}")
