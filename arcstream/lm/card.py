@@ -15,7 +15,8 @@ from flax import nnx
 
 from arcstream.data.tokenizer import load_tokenizer
 from arcstream.io import file_location, join_location
-from arcstream.lm.evaluate import GOAL_CONTEXT_GAIN, context_use_of_run, render_markdown
+from arcstream.lm.evaluate import (GOAL_CONTEXT_GAIN, context_summary, context_use_of_run, describe_context,
+                                   render_markdown)
 from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
 from arcstream.lm.options import TrainLMOptions
 from arcstream.model import Decoder, attention_option, load_model, save_hf_checkpoint
@@ -66,6 +67,10 @@ def final_evaluation(config: TrainLMOptions, export_dir: Path, *, log: Callable[
         log(f"context use on {cu['test_outputs']} held-out test outputs: answer-cell loss {cu['model']['own']['loss']:.4f} "
             f"with the task's examples vs {cu['model']['other']['loss']:.4f} with another task's "
             f"(gain {100 * cu['context_gain']:.1f}%)")
+    for spec in e.probe_sources():
+        held.setdefault("probes", {})[spec] = ctx = context_summary(
+            context_use_of_run(config, model, tokenizer, max_tasks=int(e.probe_tasks), source=spec))
+        log("probe " + describe_context(spec, ctx))
     accuracy = None
     if e.accuracy:
         c = ml_collections.ConfigDict()
@@ -254,6 +259,17 @@ def evaluation_lines(config: TrainLMOptions, h: dict[str, Any], a: dict[str, Any
         ]
     if h and h.get("context_use"):
         lines += ["## Does it read the examples?", ""] + render_markdown(h["context_use"])
+    if h and h.get("probes"):
+        f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+        lines += ["Probes (`eval.probes`, held out of training; same teacher-forced measure, first "
+                  f"{config.eval.probe_tasks} tasks each):", "",
+                  "| source | test outputs | loss own / another task's | context gain | same-shape accuracy "
+                  "| copy the test input |", "|---|---|---|---|---|---|"]
+        for spec, p in h["probes"].items():
+            gain = "—" if p["gain"] is None else f"{100 * p['gain']:.1f}%"
+            lines.append(f"| `{spec}` | {p['test_outputs']} | {f(p['own'])} / {f(p['other'])} | {gain} | "
+                         f"{f(p['same_shape_accuracy'])} | {f(p['copy_test_input'])} |")
+        lines.append("")
     if a:
         constrained = ""
         if a["constrain_shape"]:

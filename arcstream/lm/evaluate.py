@@ -497,16 +497,39 @@ def context_use(model: Any, tokenizer: Any, tasks: Sequence[Task], *, prompt_con
                                    max_len=max_len, other_offset=other_offset, batch_tokens=batch_tokens)
 
 
-def context_use_of_run(config: Any, model: Any, tokenizer: Any, *, max_tasks: int = 20) -> dict[str, Any]:
-    """`context_use(...).as_dict()` for a train_lm run config: the first `max_tasks` tasks of `config.eval.source`,
-    in the run's prompt format (`config.data`: encoder, template, chat template, drop policy), prompts up to
-    `config.data.max_prompt_len` (or `seq_len`) tokens."""
-    source = open_source(str(config.eval.source))
-    tasks = [t for t in (source[i] for i in range(min(int(max_tasks), len(source)))) if isinstance(t, Task)]
+def context_use_of_run(config: Any, model: Any, tokenizer: Any, *, max_tasks: int = 20,
+                       source: str = "") -> dict[str, Any]:
+    """`context_use(...).as_dict()` for a train_lm run config: the first `max_tasks` tasks of `source` (default
+    `config.eval.source`), in the run's prompt format (`config.data`: encoder, template, chat template, drop
+    policy), prompts up to `config.data.max_prompt_len` (or `seq_len`) tokens."""
+    spec = str(source or config.eval.source)
+    opened = open_source(spec)
+    tasks = [t for t in (opened[i] for i in range(min(int(max_tasks), len(opened)))) if isinstance(t, Task)]
     max_len = int(config.data.max_prompt_len) or int(config.data.seq_len)
     report = context_use(model, tokenizer, tasks, prompt_config=make_prompter(config.data, tokenizer).prompt_config,
                          max_len=max_len)
-    return {"source": str(config.eval.source), **report.as_dict()}
+    return {"source": spec, **report.as_dict()}
+
+
+def context_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The few figures of a context-use report (`as_dict()`) that a training log and the card's probe table show:
+    the model's loss per context, the gain, and its same-shape per-cell accuracy against copy-the-test-input."""
+    m = report["model"]
+    return {"own": m["own"]["loss"], "none": m["none"]["loss"], "other": m["other"]["loss"],
+            "gain": report["context_gain"], "test_outputs": report["test_outputs"],
+            "same_shape_outputs": report["same_shape_outputs"],
+            "same_shape_accuracy": m["own"]["same_shape_accuracy"],
+            "copy_test_input": report["baselines"]["copy_test_input"]["same_shape_accuracy"]}
+
+
+def describe_context(name: str, s: Mapping[str, Any]) -> str:
+    """One log line of `context_summary`'s figures."""
+    copy = ""
+    if s["same_shape_accuracy"] is not None and s["copy_test_input"] is not None:
+        copy = (f"; same-shape per-cell accuracy {s['same_shape_accuracy']:.3f} vs copy-the-test-input "
+                f"{s['copy_test_input']:.3f} ({s['same_shape_outputs']} outputs)")
+    gain = "undefined" if s["gain"] is None else f"{100 * s['gain']:.1f}%"
+    return f"{name}: context gain {gain} on {s['test_outputs']} test outputs{copy}"
 
 
 # --- the model card's section ----------------------------------------------------------------------------

@@ -82,6 +82,14 @@ class LMEval:
     # input" held there (0.793 vs 0.777) but not on 40 (0.744 vs 0.759, 33 outputs scored, 21 same-shape)
     context_tasks: int = 40
     context_tasks_during: int = 8  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
+    # More task sources watched like `source` at every train.eval_every and on the card, e.g.
+    # "synth:recolour?tasks=64&seed=7" (comma-separated): context gain and same-shape per-cell accuracy against
+    # copy-the-test-input, on the first `probe_tasks` tasks of each. Copying the test input is the first mechanism
+    # a model needs before it can read a rule (issue 14: arcstream-tiny never copied; a small model on generated
+    # recolourings began to between steps 750 and 1,050), and ARC's own figure is too noisy to show it. Their tasks
+    # are held out of training, like `data.exclude`'s.
+    probes: str = ""
+    probe_tasks: int = 32
     accuracy: bool = True  # decode answers on eval.source and score them (pass@2)
     accuracy_tasks: int = 100  # the first N tasks are decoded (0 = all 400: about an hour more on 2 CPU cores)
     n_augmentations: int = 1  # views voted per test input
@@ -89,7 +97,13 @@ class LMEval:
     constrain_shape: bool = True  # decode answers as grids of a predicted shape (arcstream/predict/shape.py)
     predict_batch_size: int = 16  # prompts per generate call (and tasks per resumable chunk)
 
+    def probe_sources(self) -> list[str]:
+        return [x.strip() for x in self.probes.split(",") if x.strip()]
+
     def __post_init__(self) -> None:
+        if self.probes and self.probe_tasks < 2:
+            raise ValueError(f"--config.eval.probe_tasks={self.probe_tasks}: a probe needs >= 2 tasks (the 'another "
+                             "task's examples' column)")
         if self.context_tasks_during == 1:
             raise ValueError("--config.eval.context_tasks_during=1: the 'another task's examples' column needs "
                              ">= 2 tasks (or 0 = off)")

@@ -58,7 +58,7 @@ from arcstream.io import (
 )
 from arcstream.lm.card import export_model, export_prompt_format, final_evaluation, read_metrics, write_model_card
 from arcstream.lm.data import TaskMixture, targets
-from arcstream.lm.evaluate import context_use_of_run
+from arcstream.lm.evaluate import context_summary, context_use_of_run, describe_context
 from arcstream.lm.heldout import UNIFORM_CELL_NATS, eval_pipeline, held_out_loss, make_nll_fn, token_nll
 from arcstream.lm.options import LMShape, Schedule, TrainLMOptions
 from arcstream.model import ModelConfig, attention_option, init_random, load_model
@@ -79,9 +79,9 @@ def model_config(m: LMShape, tokenizer: Any, max_len: int) -> ModelConfig:
 
 
 def training_source(options: TrainLMOptions | ml_collections.ConfigDict) -> TaskMixture:
-    """`data.sources` minus `data.exclude` (held-out sets removed by id and content)."""
-    data = TrainLMOptions.from_config(options).data
-    return TaskMixture(_split(data.sources), _split(data.exclude))
+    """`data.sources` minus `data.exclude` and `eval.probes` (held-out sets removed by id and content)."""
+    opts = TrainLMOptions.from_config(options)
+    return TaskMixture(_split(opts.data.sources), _split(opts.data.exclude) + opts.eval.probe_sources())
 
 
 def _split(spec: str) -> list[str]:
@@ -460,11 +460,17 @@ class _Loop:
         if evaluate:
             rec["held_out"] = held_out_loss(tr.nll_fn, tr.params, self.eval_batches, tr.put).as_dict()
             self.log(f"step {step}: held-out answer-cell loss {rec['held_out']['answer_cell']:.4f}")
-            if self.opts.eval.context_tasks_during:
-                ctx = _context_gain(self.opts, nnx.merge(tr.graphdef, tr.params), tr.tokenizer)
-                rec["held_out"]["context"] = ctx
-                self.log(f"step {step}: context gain {ctx['gain']:.1%} on {ctx['test_outputs']} held-out test "
-                         "outputs")
+            e = self.opts.eval
+            watched = ([(str(e.source), e.context_tasks_during)] if e.context_tasks_during else []) + [
+                (spec, e.probe_tasks) for spec in e.probe_sources()]
+            model = nnx.merge(tr.graphdef, tr.params) if watched else None
+            for n, (spec, tasks) in enumerate(watched):
+                ctx = context_summary(context_use_of_run(self.opts, model, tr.tokenizer, max_tasks=tasks, source=spec))
+                if n == 0 and e.context_tasks_during:
+                    rec["held_out"]["context"] = ctx
+                else:
+                    rec["held_out"].setdefault("probes", {})[spec] = ctx
+                self.log(f"step {step}: " + describe_context(spec, ctx))
         if self.metrics is not None:
             self.metrics.append(rec)
             self.metrics.flush()
@@ -497,10 +503,3 @@ def _export_and_evaluate(opts: TrainLMOptions, trainee: _Trainee, result: TrainL
     return result
 
 
-def _context_gain(opts: TrainLMOptions, model: Any, tokenizer: Any) -> dict[str, Any]:
-    """The context-use figure of the model card on the first `eval.context_tasks_during` held-out tasks: answer-
-    cell loss with the task's own train pairs, none and another task's, and the gain 1 - own / another."""
-    cu = context_use_of_run(opts, model, tokenizer, max_tasks=opts.eval.context_tasks_during)
-    own, other = cu["model"]["own"]["loss"], cu["model"]["other"]["loss"]
-    return {"own": own, "none": cu["model"]["none"]["loss"], "other": other, "gain": 1.0 - own / other,
-            "test_outputs": cu["test_outputs"]}

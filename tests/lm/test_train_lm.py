@@ -24,6 +24,8 @@ def _config(out: Path | str, **train):
     c.train.steps = 8
     c.train.checkpoint_every = 4
     c.eval.accuracy_tasks = 1
+    c.eval.probes = "synth:recolour?tasks=3&seed=7"  # watched at every eval, held out of training
+    c.eval.probe_tasks = 3
     for k, v in train.items():
         c.train[k] = v
     return c
@@ -53,6 +55,11 @@ def test_training_lowers_the_loss_and_exports(straight):
     evals = [r["held_out"] for r in records if "held_out" in r]
     assert evals and all(0 < e["context"]["own"] and e["context"]["gain"] == 1 - e["context"]["own"] /
                          e["context"]["other"] for e in evals)  # the context figure at every held-out eval
+    probe = "synth:recolour?tasks=3&seed=7"
+    for e in evals:  # the probe at every eval: recolourings keep the shape, so copy-the-test-input is defined
+        p = e["probes"][probe]
+        assert p["test_outputs"] == p["same_shape_outputs"] == 3 and p["gain"] == 1 - p["own"] / p["other"]
+        assert 0 <= p["same_shape_accuracy"] <= 1 and 0 < p["copy_test_input"] <= 1
     assert records[-1]["loss"] < records[0]["loss"]
     assert result.epochs >= 1  # 12 tasks at 2 rows a step: the stream went round and re-augmented
     # The export loads in arcstream and reproduces the trainer's held-out numbers.
@@ -67,6 +74,8 @@ def test_training_lowers_the_loss_and_exports(straight):
     cu = result.held_out["context_use"]
     assert cu["test_outputs"] >= 1 and "## Does it read the examples?" in card
     assert f"{cu['model']['own']['loss']:.4f}" in card and "copy the test input" in card
+    p = result.held_out["probes"][probe]
+    assert f"| `{probe}` | 3 | {p['own']:.3f} / {p['other']:.3f} |" in card
     assert (Path(result.export_dir) / "loss_curve.png").stat().st_size > 1000
     assert result.accuracy is not None and result.accuracy["total"] >= 1
 
