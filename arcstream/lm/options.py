@@ -78,16 +78,16 @@ class LMEval:
     prompts: int = 16  # prompts of the held-out loss during training
     final_prompts: int = 0  # prompts of the final held-out loss (0 = the whole set)
     # held-out tasks of the context-use table (own / no / another task's examples). 40, not 20: on the first 20
-    # ARC-AGI-1 evaluation tasks only 9 same-shape outputs are scored, and the hidden-256 arcstream-tiny's "above copy-the-test-
-    # input" held there (0.793 vs 0.777) but not on 40 (0.744 vs 0.759, 33 outputs scored, 21 same-shape)
+    # ARC-AGI-1 evaluation tasks only 9 same-shape outputs are scored, and the hidden-256 arcstream-tiny's "above
+    # copy-the-test-input" held there (0.793 vs 0.777) but not on 40 (0.744 vs 0.759, 33 outputs, 21 same-shape)
     context_tasks: int = 40
     context_tasks_during: int = 16  # the same figure on this many (>= 2) tasks at every train.eval_every (0 = off)
     # More task sources watched like `source` at every train.eval_every and on the card, e.g.
     # "synth:recolour?tasks=64&seed=7" (comma-separated): context gain and same-shape per-cell accuracy against
     # copy-the-test-input, on the first `probe_tasks` tasks of each. Copying the test input is the first mechanism
-    # a model needs before it can read a rule (issue 14: the hidden-256 arcstream-tiny never copied; a small model on generated
-    # recolourings began to between steps 750 and 1,050), and ARC's own figure is too noisy to show it. Their tasks
-    # are held out of training, like `data.exclude`'s.
+    # a model needs before it can read a rule (issue 14: the hidden-256 arcstream-tiny never copied; a small model
+    # on generated recolourings began to between steps 750 and 1,050), and ARC's own figure is too noisy to show
+    # it. Their tasks are held out of training, like `data.exclude`'s.
     probes: str = ""
     probe_tasks: int = 32
     accuracy: bool = True  # decode answers on eval.source and score them (pass@2)
