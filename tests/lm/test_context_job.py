@@ -44,7 +44,8 @@ def test_the_job_reproduces_the_shipped_cards_table(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "context gain" in p.stdout and "copy the test input" in p.stdout, p.stdout
     report = json.loads((out / REPORT_FILE).read_text())
-    assert report["prompt_format"] == {**models.prompt_format("arcstream-tiny"), "from": "model's arcstream_prompt.json"}
+    expected = {**models.prompt_format("arcstream-tiny"), "from": "model's arcstream_prompt.json"}
+    assert report["prompt_format"] == expected
     card = (Path(models.path("arcstream-tiny")) / "README.md").read_text(encoding="utf-8")
     m = re.search(r"Teacher-forced answers on (\d+) test outputs of (\d+) held-out tasks", card)
     assert m, "the card has no context-use table"
