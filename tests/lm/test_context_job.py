@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from arcstream import models
-from arcstream.data.tokenizer import build_arc_tokenizer
 from arcstream.lm.context_job import REPORT_FILE, TABLE_FILE, ContextUseOptions, run_context_use
-from arcstream.model.testing import make_tiny_hf_checkpoint
 from arcstream.options import ConfigError
+from tests.checkpoints import tiny_arc_checkpoint
 from configs.context_use import get_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,12 +66,7 @@ def test_the_job_reproduces_the_shipped_cards_table(tmp_path):
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("random_ckpt")
-    tok = build_arc_tokenizer("digits")
-    make_tiny_hf_checkpoint(path, "qwen2", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    tok.save_pretrained(path)
-    return path
+    return tiny_arc_checkpoint(tmp_path_factory.mktemp("random_ckpt"))
 
 
 def _tasks_dir(root: Path) -> Path:

@@ -14,21 +14,16 @@ import transformers  # noqa: E402
 from arcstream.data.augment import Augmentation  # noqa: E402
 from arcstream.data.prompts import PromptConfig, build_prompt  # noqa: E402
 from arcstream.data.task import task_from_pairs  # noqa: E402
-from arcstream.data.tokenizer import build_arc_tokenizer, stop_token_ids  # noqa: E402
+from arcstream.data.tokenizer import stop_token_ids  # noqa: E402
 from arcstream.model import load_model  # noqa: E402
-from arcstream.model.testing import make_tiny_hf_checkpoint  # noqa: E402
 from arcstream.predict import ModelGenerator, run_predictions  # noqa: E402
+from tests.checkpoints import tiny_arc_checkpoint  # noqa: E402
 from configs.predict import get_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_arc_model")
-    tok = build_arc_tokenizer("digits")
-    make_tiny_hf_checkpoint(path, "qwen2", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    tok.save_pretrained(path)
-    return path
+    return tiny_arc_checkpoint(tmp_path_factory.mktemp("tiny_arc_model"))
 
 
 @pytest.fixture(scope="module")

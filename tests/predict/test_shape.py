@@ -12,9 +12,9 @@ from arcstream.data.sources import open_source
 from arcstream.data.task import task_from_pairs
 from arcstream.data.tokenizer import build_arc_tokenizer, stop_token_ids
 from arcstream.model import forward, init_random
-from arcstream.model.testing import make_tiny_hf_checkpoint
 from arcstream.predict import ModelGenerator, run_predictions
 from arcstream.predict.shape import ShapePrediction, answer_template, parse_header, predict_shape
+from tests.checkpoints import tiny_arc_checkpoint
 from configs.predict import get_config
 
 
@@ -117,11 +117,7 @@ def test_constrained_answers_have_the_predicted_shape_and_model_logprobs(random_
 def test_predictions_job_counts_shape_sources_and_header_failures(tmp_path, random_model):
     """End to end on a random checkpoint: every answer decodes to its rule's shape or fails by a named reason;
     no answer runs to the token budget."""
-    path = tmp_path / "ckpt"
-    tok = build_arc_tokenizer("digits")
-    make_tiny_hf_checkpoint(path, "qwen2", vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    tok.save_pretrained(path)
+    path = tiny_arc_checkpoint(tmp_path / "ckpt")
     c = get_config()
     c.model = str(path)
     c.output_dir = str(tmp_path / "pred")
