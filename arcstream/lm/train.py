@@ -501,5 +501,3 @@ def _export_and_evaluate(opts: TrainLMOptions, trainee: _Trainee, result: TrainL
         if jax.process_index() == 0:
             write_model_card(opts, result, export_dir, metrics_path)
     return result
-
-
