@@ -100,13 +100,15 @@ class ContextUseOptions:
     def from_config(cls, config: Any) -> ContextUseOptions:
         return from_config(cls, config)
 
-    def data_config(self) -> ml_collections.ConfigDict:
-        """The data section with the prompt format applied (see the module docstring)."""
+    def data_config(self) -> tuple[ml_collections.ConfigDict, str]:
+        """The data section with the prompt format applied (see the module docstring), and where the format came
+        from: "model's arcstream_prompt.json" or "config"."""
         d = ml_collections.ConfigDict(self.data.to_dict())
         fmt = models.folder_prompt_format(self.model) if self.prompt_format != "config" else None
-        if fmt is not None:
-            d.update(fmt)
-        return d
+        if fmt is None:
+            return d, "config"
+        d.update(fmt)
+        return d, f"model's {models.PROMPT_FORMAT_FILE}"
 
 
 @dataclasses.dataclass
@@ -147,7 +149,7 @@ def run_context_use(opts: ContextUseOptions, *, model: Any = None, tokenizer: An
                     log: Any = print) -> ContextUseResult:
     """The job: load, read the tasks, evaluate, write. `model`/`tokenizer` may be handed over (tests, train_lm)."""
     t0 = time.perf_counter()
-    data = opts.data_config()
+    data, fmt_from = opts.data_config()
     source_spec = str(data.source)
     source = open_source(source_spec, **({"split": data.split} if data.get("split") else {}))
     n = len(source) if not int(data.max_tasks) else min(int(data.max_tasks), len(source))
@@ -164,10 +166,7 @@ def run_context_use(opts: ContextUseOptions, *, model: Any = None, tokenizer: An
         tokenizer = load_tokenizer(opts.model)
     if model is None:
         model, _ = load_model(opts.model, dtype=opts.dtype, attention=attention_option(opts))
-    fmt_from = ("model's " + models.PROMPT_FORMAT_FILE if opts.prompt_format != "config"
-                and models.folder_prompt_format(opts.model) is not None else "config")
-    fmt = {k: data[k] for k in models.PROMPT_FORMAT_KEYS}
-    fmt["from"] = fmt_from
+    fmt = {**{k: data[k] for k in models.PROMPT_FORMAT_KEYS}, "from": fmt_from}
     prompt_config = make_prompter(data, tokenizer).prompt_config
     report = context_use(model, tokenizer, tasks, prompt_config=prompt_config, max_len=int(data.max_prompt_len),
                          other_offset=opts.other_offset, batch_tokens=opts.batch_tokens)
