@@ -45,12 +45,13 @@ Each task has 3-5 train pairs and 1 test pair; every train input shows every
 colour the rule maps and what the rule acts on (an enclosed region, a marker, a
 noise pixel, ...), so the rule is determined by the examples.
 
-Groups: `all` is every rule; `basic` is the original nine rules (recolour to
-constant above) in their original order. Why `basic`: `generate_task` picks the
-rule with `rules[rng.integers(len(rules))]`, so adding rules changed which task
-`synth:all` gives at each index. `synth:basic?tasks=N&seed=S` gives, byte for
-byte, the tasks `synth:all` gave before the object rules were added, the data
-the shipped arcstream-tiny recipe (`synth:all?tasks=20000`) was trained on.
+Groups: `all` is every rule; `objects` the object rules; `basic` the original
+nine rules (recolour to constant above) in their original order. Why `basic`:
+`generate_task` picks the rule with `rules[rng.integers(len(rules))]`, so
+adding rules changed which task `synth:all` gives at each index.
+`synth:basic?tasks=N&seed=S` gives, byte for byte, the tasks `synth:all` gave
+before the object rules were added, the data the arcstream-tiny recipe
+(`synth:all?tasks=20000` then) was trained on.
 The existing rules' functions and their draws from the generator must never
 change, or `basic` stops reproducing that data (tests/data/test_synthetic.py
 pins a digest of it).
@@ -670,10 +671,11 @@ GROUPS: Mapping[str, tuple[str, ...]] = {
     "basic": ("recolour", "symmetry", "symmetry_recolour", "scale", "tile", "gravity", "crop", "fill_background",
               "constant"),
 }
+GROUPS = {**GROUPS, "objects": tuple(r for r in RULES if r not in GROUPS["basic"])}  # the object rules
 
 
 def parse_rules(spec: str, rules: str) -> tuple[str, ...]:
-    """A group (`all`, `basic`; empty = `all`) or `a+b+...` -> rule names; an unknown name is a ValueError
+    """A group (`all`, `basic`, `objects`; empty = `all`) or `a+b+...` -> rule names; an unknown name is a ValueError
     naming the spec and the choices."""
     if rules in GROUPS or not rules:
         return GROUPS[rules or "all"]

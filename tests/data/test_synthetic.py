@@ -285,7 +285,7 @@ def test_rule_subset_and_spec_errors():
     src = open_source("synth:recolour+gravity?tasks=40")
     assert {t.metadata["rule"] for t in src} == {"recolour", "gravity"}
     with pytest.raises(ValueError, match=r"synth:recolour\+spin.*unknown synthetic rule.*spin.*"
-                                         r"expected a group \('all' or 'basic'\) or rule names joined by '\+'"):
+                                         r"expected a group \('all' or 'basic' or 'objects'\) or rule names joined by '\+'"):
         open_source("synth:recolour+spin")
     # Groups do not mix with names.
     with pytest.raises(ValueError, match=r"unknown synthetic rule\(s\) \['basic', 'all'\]"):
@@ -313,6 +313,7 @@ def _digest(src):
 
 def test_basic_reproduces_synth_all_from_before_the_object_rules():
     assert GROUPS["basic"] == BASIC and parse_rules("synth:basic", "basic") == BASIC
+    assert parse_rules("synth:objects", "objects") == tuple(r for r in RULES if r not in BASIC) != ()
     assert tuple(RULES) == BASIC + OBJECT_RULES
     assert parse_rules("synth:all", "all") == parse_rules("synth:", "") == BASIC + OBJECT_RULES
     for spec, digest in BASIC_DIGESTS.items():
