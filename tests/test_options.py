@@ -78,7 +78,7 @@ def test_every_train_lm_variant_is_checked_and_a_bad_key_is_refused():
     from arcstream.lm.options import TrainLMOptions
     from configs.train_lm import get_config
 
-    for variant in (None, "smoke", "synth", "copy", "copyphase"):
+    for variant in (None, "smoke", "synth", "copy", "copyphase", "readphase"):
         c = get_config(variant)
         opts = TrainLMOptions.from_config(c)
         assert opts.train.steps == c.train.steps and opts.data.seq_len == c.data.seq_len
