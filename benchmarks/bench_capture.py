@@ -19,9 +19,15 @@ own process, timed from start to exit, with its peak RSS (`wait4`):
      prompts padded to the longest, one file per batch (the seed pickled; this
      writes `np.save`, the same bytes without pickle).
 
-Prints one JSON record per contender (tokens, seconds, tokens/s, peak RSS GB)
-and the ratios A/B and A/C, with the device, commit and config. The machine is
-shared: say what else ran, and repeat (`--repeats`, medians).
+Prints one JSON record per contender (tokens, seconds, tokens/s, peak RSS GB,
+and the useful forward FLOP/s: the layers up to the last site, each prompt's
+own causal attention, no padding, the whole process's wall time) and the ratios
+A/B and A/C, with the device, commit and config. Then this machine's ceiling:
+an f32 matmul of the MLP's shape (8,192 x D by D x F) in XLA and in torch, each
+in its own process (median of 5), and the fraction of it each contender reaches;
+the last record says what rate a given ratio to HF would need (`--goal`, 1.2 in
+issue 13) as a fraction of the faster matmul. The machine is shared: say what
+else ran, and repeat (`--repeats`, medians).
 """
 
 from __future__ import annotations
@@ -88,6 +94,45 @@ def _child(mode: str, run_dir: str, ckpt: str, out: str, sites: str) -> None:
                 np.savez(f"{out}/b{start}.npz", **{f"L{L}": hs[L + 1].numpy() for L in layers})
 
 
+# --- this machine's matmul ceiling (run as `bench_capture.py --peak xla|torch D F`) -------------------------
+def _peak(kind: str, d: int, f: int, m: int = 8192) -> None:
+    """Prints the median GFLOP/s of five f32 [m, d] x [d, f] matmuls (the MLP's up projection) in `kind`."""
+    import time
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((m, d), np.float32), rng.standard_normal((d, f), np.float32)
+    if kind == "xla":
+        import jax
+
+        jx, jw = jax.device_put(x), jax.device_put(w)
+        mm = jax.jit(lambda a, b: a @ b)
+        run = lambda: mm(jx, jw).block_until_ready()  # noqa: E731
+    else:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+        run = lambda: tx @ tw  # noqa: E731
+    run()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"gflop_per_s": 2 * m * d * f / statistics.median(times) / 1e9}))
+
+
+def _useful_flops(ckpt: Path, lengths: list[int], sites: str) -> float:
+    """Forward FLOPs both contenders must do: each prompt alone through the layers up to the last site."""
+    from arcstream.model import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(json.loads((ckpt / "config.json").read_text()))
+    layers = max(int(s.split(".")[1]) for s in sites.split(",")) + 1
+    return sum(n * cfg.flops_per_token(n, num_layers=layers, with_head=False) for n in lengths)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", type=int, default=20)
@@ -100,10 +145,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--skip_seed", action="store_true", help="skip contender C (slow: padded batches)")
     p.add_argument("--workdir", default="")
+    p.add_argument("--goal", type=float, default=1.2, help="the ratio to HF whose needed FLOP/s is reported")
     p.add_argument("--child", nargs=5, metavar=("MODE", "RUN_DIR", "CKPT", "OUT", "SITES"))
+    p.add_argument("--peak", nargs=3, metavar=("KIND", "D", "F"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         _child(*a.child)
+        return
+    if a.peak:
+        _peak(a.peak[0], int(a.peak[1]), int(a.peak[2]))
         return
 
     import jax
@@ -159,6 +209,16 @@ def main() -> None:
             "tasks": a.tasks, "prompts": prompts, "tokens": tokens, "layers": a.layers, "seq_len": a.seq_len,
             "batch": a.batch, "packing_bins": a.packing_bins, "sites": a.sites, "attention": a.attention, "repeats": a.repeats,
             "nothing_dropped": True}
+    flops = _useful_flops(ckpt, [len(pi.token_ids) for pi in open_run(str(run_dir)).prompts().values()], a.sites)
+    hf_cfg = json.loads((ckpt / "config.json").read_text())
+    peaks = {}
+    for kind in ("xla", "torch"):
+        _, _, rc, out = timed_child([py, __file__, "--peak", kind, str(hf_cfg["hidden_size"]),
+                                     str(hf_cfg["intermediate_size"])], cwd=str(ROOT), capture=True)
+        if rc:
+            raise SystemExit(f"the {kind} matmul probe failed (exit {rc})")
+        peaks[kind] = json.loads(out.strip().splitlines()[-1])["gflop_per_s"]
+    best = max(peaks.values())
     rate = {}
     for key, runs in results.items():
         if not runs:
@@ -166,10 +226,18 @@ def main() -> None:
         wall = statistics.median(r[0] for r in runs)
         rss = max(r[1] for r in runs)
         rate[key] = tokens / wall
+        gflops = flops / wall / 1e9
         print(json.dumps({**base, "contender": key, "seconds": round(wall, 1), "tokens_per_s": round(rate[key], 1),
-                          "peak_rss_gb": round(rss, 2), "all_seconds": [round(r[0], 1) for r in runs]}))
+                          "peak_rss_gb": round(rss, 2), "all_seconds": [round(r[0], 1) for r in runs],
+                          "useful_gflop_per_s": round(gflops, 1),
+                          "of_matmul_peak": {k: round(gflops / v, 3) for k, v in peaks.items()}}))
     ratios = {f"arcstream/{k}": round(rate["arcstream"] / rate[k], 3) for k in rate if k != "arcstream"}
     print(json.dumps({**base, "ratios": ratios}))
+    need = a.goal * flops / statistics.median(r[0] for r in results["hf_sdpa"]) / 1e9
+    print(json.dumps({**base, "useful_tflop": round(flops / 1e12, 3),
+                      "matmul_gflop_per_s": {k: round(v, 1) for k, v in peaks.items()},
+                      f"{a.goal}x_hf_needs_gflop_per_s": round(need, 1),
+                      f"{a.goal}x_hf_needs_of_best_matmul": round(need / best, 3)}))
 
 
 if __name__ == "__main__":
