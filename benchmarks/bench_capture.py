@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -170,6 +171,7 @@ def main() -> None:
     run_dir = work / "run"
     for rep in range(a.repeats):
         run_dir = work / f"run{rep}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a finished run left in --workdir would resume: nothing to do
         cmd = [py, "-m", "arcstream.run", "--config=configs/default.py:nosae", f"--config.model={ckpt}",
                f"--config.sites={a.sites}", f"--config.output_dir={run_dir}", "--config.max_prompts=0",
                f"--config.data.max_tasks={a.tasks}", "--config.data.template=arc",
