@@ -674,6 +674,9 @@ class _StepLoop:
     def commit(self) -> None:
         """Commits step `self.step`: steps 1-5 of the module docstring, in that order."""
         step, writer, skiplog, pipeline = self.step, self.store.writer, self.store.skiplog, self.pipeline
+        with self.tm.timing("forward"):  # the last dispatched step's device time is forward, not commit time
+            if self.prev is not None:
+                jax.block_until_ready(self.prev)
         with self.tm.timing("commit"):
             self.drain.join()
             extra = {"pipeline": pipeline.get_state()}
