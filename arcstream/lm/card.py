@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from arcstream.lm.evaluate import (GOAL_CONTEXT_GAIN, context_summary, context_u
                                    render_markdown)
 from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
 from arcstream.lm.options import TrainLMOptions
+from arcstream.options import as_dict, section_of
 from arcstream.model import Decoder, attention_option, load_model, save_hf_checkpoint
 from arcstream.models import write_prompt_format
 from arcstream.predict.job import default_predict_section, run_predictions
@@ -154,7 +156,7 @@ def write_model_card(config: TrainLMOptions, result: Any, export_dir: Path, metr
     if plot:
         lines += ["![loss curve](loss_curve.png)", "", "Per-step records: `training_metrics.jsonl`.", ""]
     lines += evaluation_lines(config, result.held_out, result.accuracy)
-    lines += _use_lines()
+    lines += _use_lines(config)
     path = export_dir / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -215,8 +217,32 @@ def _training_lines(config: TrainLMOptions, result: Any) -> list[str]:
     ]
 
 
-def _use_lines() -> list[str]:
-    """The card's Use and Reproduce sections (the same for every run)."""
+def reproduce_commands(config: TrainLMOptions) -> list[str]:
+    """The commands that train this model from scratch: configs/train_lm.py with a flag for every key whose value
+    differs from its defaults (the base recipe), preceded, when `train.init_from` is an arcstream export, by the
+    commands of its own card (so a continued model's card gives the whole chain)."""
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    base, ours = flat(as_dict(section_of(TrainLMOptions))), flat(as_dict(config))
+    flags = [f"--config.{k}={shlex.quote(str(v))}" for k, v in ours.items() if k in base and base[k] != v]
+    chain: list[str] = []
+    if config.train.init_from:
+        parent = Path(config.train.init_from) / "README.md"
+        text = parent.read_text(encoding="utf-8") if parent.is_file() else ""
+        if "## Reproduce\n\n```bash\n" in text:
+            block = text.split("## Reproduce\n\n```bash\n", 1)[1].split("```", 1)[0]
+            chain = [line for line in block.splitlines() if line.strip()] + [
+                f"# then, from that export ({config.train.init_from}):"]
+    return chain + [" ".join(["python -m arcstream.train_lm --config=configs/train_lm.py", *flags])]
+
+
+def _use_lines(config: TrainLMOptions) -> list[str]:
+    """The card's Use and Reproduce sections."""
+    out = config.output_dir.rstrip("/")
     return [
         "## Use", "",
         "```python",
@@ -227,11 +253,9 @@ def _use_lines() -> list[str]:
         "In arcstream: `python -m arcstream.run --config=configs/default.py` (it uses this model), or "
         "`--config.model=PATH` in any job.", "",
         "## Reproduce", "",
-        "```bash",
-        "python -m arcstream.train_lm --config=configs/train_lm.py --config.output_dir=runs/train_lm",
-        "```", "",
-        "The run resumes from its latest checkpoint if stopped; the export, this card and the loss curve are "
-        "written to `runs/train_lm/export/`. Training is deterministic for a given seed on one machine; "
+        "```bash", *reproduce_commands(config), "```", "",
+        f"A run resumes from its latest checkpoint if stopped; the export, this card and the loss curve are "
+        f"written to `{out}/export/`. Training is deterministic for a given seed on one machine; "
         "numbers move slightly with the device count and XLA version.", "",
     ]
 

@@ -234,6 +234,36 @@ def test_init_from_starts_from_the_exports_weights(straight, tmp_path):
     first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
     then = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()][0]
     assert first["step"] == then["step"] == 2 and then["loss"] < first["loss"] - 0.1, (then, first)
+    # Its card's Reproduce section gives the whole chain: the exported run's command, then this one's.
+    card = (tmp_path / "c" / "export" / "README.md").read_text()
+    block = card.split("## Reproduce\n\n```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert block[0].startswith("python -m arcstream.train_lm") and f"--config.output_dir={out}" in block[0]
+    assert block[1] == f"# then, from that export ({result.export_dir}):"
+    assert f"--config.train.init_from={result.export_dir}" in block[2] and "--config.train.steps=4" in block[2]
+
+
+@pytest.mark.parametrize("variant", [None, "smoke", "synth", "copy", "copyphase", "readphase"])
+def test_the_cards_reproduce_command_gives_back_the_same_options(variant):
+    """The card's command (configs/train_lm.py plus a flag per key that differs from it), applied to
+    configs/train_lm.py as absl would, builds the options the run had, for every variant."""
+    import shlex
+
+    from arcstream.lm.card import reproduce_commands
+    from arcstream.lm.options import TrainLMOptions
+
+    want = TrainLMOptions.from_config(get_config(variant))
+    command = reproduce_commands(want)[-1]  # after the chain of its init_from export's card, where there is one
+    c = get_config()
+    for flag in shlex.split(command)[4:]:
+        key, value = flag.removeprefix("--config.").split("=", 1)
+        *path, name = key.split(".")
+        section = c
+        for p in path:
+            section = section[p]
+        old = section[name]
+        section[name] = (value == "True") if isinstance(old, bool) else type(old)(value)
+    assert TrainLMOptions.from_config(c) == want
+    assert (command == "python -m arcstream.train_lm --config=configs/train_lm.py") == (variant is None)
 
 
 def test_init_from_with_other_shapes_or_no_checkpoint_is_refused_naming_the_flag(tmp_path):
