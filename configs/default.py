@@ -16,19 +16,20 @@ trains one TopK SAE per site online from the ring buffer and exports them to
 answers of the first tasks into `output_dir/predictions/` (shape-constrained),
 and ends with the analysis: `output_dir/dashboard/index.html` (open it from
 disk) and `output_dir/report.md`.
-Runtime: measured 91-94 s wall (peak RSS 1.34 GB) on an idle 2-core CPU from the
-repository's checkout, the venv installed, with the arcstream-tiny of 2026-12-08
-(predictions 31-34 s for 8 tasks x 4 views, shape-constrained; analysis 37-39 s; online
-SAEs 12-13 s, 149 steps per site; forward 1.8-2.4 s with compilation). The
-earlier hidden-256 arcstream-tiny took 132-167 s.
+Runtime: measured 77-78 s wall (peak RSS 1.32 GB) on an idle 2-core CPU from the
+repository's checkout, the venv installed, with the arcstream-tiny of the
+three-stage recipe (configs/train_lm.py; predictions 21-22 s for 8 tasks x 4 views, shape-constrained;
+analysis 33-35 s; online SAEs 11-12 s, 149 steps per site; forward 2.0 s with
+compilation). The hidden-256 arcstream-tiny shipped before took 132-167 s.
 Expected result: a summary with 64 prompts, ~76k tokens, rows durable ==
 tokens, 4 too_long prompts named in skipped.jsonl, ~150 SAE steps per site
 (every token drawn twice: "tokens drawn of ... captured" in the summary),
 2 SAE exports, the predictions scored (arcstream-tiny solves almost nothing;
 see its model card), and per site the analysis's dead latents (never fired on
-the rows analysed; the one meaning of "dead" in the summary: 2 of 1024
-(0.2%) measured at site 1, 0 at site 3) and how its features behave across the views
-(site 1: equivariant 44, invariant 2, view-dependent 974, untested 4).
+the rows analysed; the one meaning of "dead" in the summary: 1 of 1024
+(0.1%) measured at site 1, 0 at site 3; held-out FVU 0.030 and 0.087) and how its
+features behave across the views (site 1: equivariant 53, invariant 2,
+view-dependent 968, untested 1).
 
 Variants: `configs/default.py:nosae` (capture and store only).
 Any key can be overridden: `--config.model=Qwen/Qwen2.5-0.5B --config.sites=blocks.11.hook_resid_post`

@@ -189,7 +189,9 @@ def _data_lines(config: TrainLMOptions, result: Any) -> list[str]:
     return [
         "## Data", "",
         f"- Training tasks: {result.train_tasks} ({', '.join(f'{k}: {v}' for k, v in result.source_stats['per_source'].items())}).",
-        f"- Held out: every task of `{d.exclude}` ({result.source_stats['held_out_tasks']} tasks), matched by id "
+        f"- Held out: every task of `{d.exclude}`"
+        + "".join(f" and of `{p}`" for p in config.eval.probe_sources())
+        + f" ({result.source_stats['held_out_tasks']} tasks), matched by id "
         f"and by content; {result.source_stats['excluded']} training-set copies of them were removed "
         f"(ARC-AGI-2's training set contains ARC-AGI-1 evaluation tasks), and "
         f"{result.source_stats['duplicates']} duplicates between the training sets dropped.",
@@ -205,8 +207,10 @@ def _data_lines(config: TrainLMOptions, result: Any) -> list[str]:
 def _training_lines(config: TrainLMOptions, result: Any) -> list[str]:
     """The card's Training section: steps, tokens, optimiser, speed, final loss."""
     t, d = config.train, config.data
+    start = ([f"- Started from the weights of `{t.init_from}` (`train.init_from`; its own card gives how it was "
+              "trained), with a fresh optimiser and schedule."] if t.init_from else [])
     return [
-        "## Training", "",
+        "## Training", "", *start,
         f"- {result.steps} steps of {d.batch_size} rows x {d.seq_len} tokens; {result.tokens_trained:,} tokens "
         f"seen, {result.target_tokens:,} of them targets; {result.epochs:.0f} full epochs completed.",
         f"- AdamW (b1 {t.b1}, b2 {t.b2}, weight decay {t.weight_decay} on matrices), peak lr {t.lr:g}, "

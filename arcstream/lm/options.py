@@ -3,7 +3,7 @@
 `TrainLMOptions.from_config(config)` checks a whole config once (`arcstream.options.from_section`: an
 unknown key or a mistyped value is refused naming `--config.SECTION.KEY`) and `lm.train.train` takes the
 frozen result. `configs/train_lm.py` starts from `section_of(TrainLMOptions)`, so a key is added here
-only. The defaults are the shipped arcstream-tiny recipe (see configs/train_lm.py for why).
+only. The defaults are stage 1 of the shipped arcstream-tiny recipe (configs/train_lm.py: the stages and why).
 """
 
 from __future__ import annotations

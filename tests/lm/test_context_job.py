@@ -57,9 +57,9 @@ def test_the_job_reproduces_the_shipped_cards_table(tmp_path):
         got = report["model"][ctx]
         assert f"{got['loss']:.4f}" == loss and f"{got['accuracy']:.3f}" == acc, (ctx, got, rows[label])
         assert f"{got['same_shape_accuracy']:.3f}" == same
-    # The shipped model reads the examples, a little: 6.0% measured when it was shipped (2026-12-08), far from the
-    # 30% goal; the hidden-256 model shipped before it (0.7%) fails this.
-    assert report["context_gain"] > 0.03, report["context_gain"]
+    # The shipped model reads the examples, a little: 10.4% on its card (the three-stage recipe), far from the 30%
+    # goal; the stage-1 model shipped before it (6.0%) and the hidden-256 one before that (0.7%) fail this.
+    assert report["context_gain"] > 0.08, report["context_gain"]
     table = (out / TABLE_FILE).read_text()
     assert "| model, own train pairs (the normal prompt) | " + " | ".join(rows[labels["own"]][:3]) in table
 

