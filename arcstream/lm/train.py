@@ -305,7 +305,10 @@ def _initial_params(folder: str, like: nnx.State, mesh: Any, attention: str) -> 
         with jax.set_mesh(mesh):
             loaded, _ = load_model(folder, mesh=mesh, attention=attention)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{flag}={folder!r}: {e}") from e
+        missing_export = Path(folder).name == "export" and not Path(folder).exists()
+        hint = ("" if not missing_export else " (a train_lm run writes its export to OUTPUT_DIR/export when it "
+                "finishes: run the stage it continues first; configs/train_lm.py lists arcstream-tiny's stages)")
+        raise ConfigError(f"{flag}={folder!r}: {e}{hint}") from e
     got = dict(nnx.to_flat_state(nnx.split(loaded)[1]))
     want = dict(nnx.to_flat_state(like))
     shape = lambda v: tuple(v.get_value().shape)  # noqa: E731

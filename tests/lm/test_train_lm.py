@@ -277,5 +277,9 @@ def test_init_from_with_other_shapes_or_no_checkpoint_is_refused_naming_the_flag
     with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*arcstream-tiny' does not have the shapes.*"
                                           rf"embed_tokens\.embedding: export \(108, {d}\), model section \(108, 64\)"):
         _build(TrainLMOptions.from_config(_config(tmp_path / "a", init_from=shipped)))
-    with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*nowhere.*no such directory"):
+    with pytest.raises(ConfigError, match=r"--config\.train\.init_from=.*nowhere.*no such directory") as e:
         _build(TrainLMOptions.from_config(_config(tmp_path / "b", init_from=str(tmp_path / "nowhere"))))
+    assert "run the stage" not in str(e.value)  # the stage hint is for a missing run export only
+    # A missing run export (a stage not trained yet) says which run writes it.
+    with pytest.raises(ConfigError, match=r"init_from=.*stage1/export.*no such directory.*run the stage it continues"):
+        _build(TrainLMOptions.from_config(_config(tmp_path / "c", init_from=str(tmp_path / "stage1" / "export"))))
