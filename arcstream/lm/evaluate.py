@@ -567,8 +567,13 @@ def render_markdown(report: ContextUseReport | Mapping[str, Any]) -> list[str]:
     shown = "undefined" if gain is None else f"{100 * gain:.1f}%"
     lines += ["", f"Context gain, 1 − loss(own) / loss(another task's train pairs): **{shown}**, "
                   f"{'meeting' if met else 'short of'} the goal of at least {100 * goal:.0f}%"
-                  f"{'' if met else ': the model makes little use of the examples it is shown'}.", ""]
-    return lines
+                  f"{'' if met else ': the model makes little use of the examples it is shown'}."]
+    own, none = d["model"]["own"]["loss"], d["model"]["none"]["loss"]
+    if own is not None and none:
+        lines += ["", f"Its own train pairs against none (the test input only), 1 − loss(own) / loss(none): "
+                      f"**{100 * (1 - own / none):.1f}%**: how much the task's examples help beyond its test input "
+                      "(the context gain also counts how much another task's examples mislead it)."]
+    return lines + [""]
 
 
 def _json_safe(x: Any) -> Any:

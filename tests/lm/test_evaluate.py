@@ -139,6 +139,10 @@ def test_report_baselines_match_closed_forms(tok):
     d = r.as_dict()
     json.dumps(d, allow_nan=False)
     assert render_markdown(d) == render_markdown(r)
+    # flat logits: the task's examples help no more than none at all, and the card says so
+    assert "1 − loss(own) / loss(none): **0.0%**" in "\n".join(render_markdown(r))
+    d["model"]["own"]["loss"], d["model"]["none"]["loss"] = 0.5, 0.8  # examples that help: 1 - 0.5 / 0.8
+    assert "1 − loss(own) / loss(none): **37.5%**" in "\n".join(render_markdown(d))
 
 
 def test_too_long_contexts_are_skipped_and_counted(tok):
