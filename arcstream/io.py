@@ -378,11 +378,12 @@ def canonical_json(obj: Any, what: str = "config") -> str:
                          f"None; pass ConfigDict.to_dict()): {err}") from err
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flat_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {dotted key: leaf value} (an empty mapping is a leaf)."""
     if isinstance(obj, Mapping) and obj:
         out: dict[str, Any] = {}
         for key in obj:
-            out.update(_flatten(obj[key], f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flat_keys(obj[key], f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix or "<root>": obj}
 
@@ -390,7 +391,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def config_diff(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
     """One line per differing dotted key: `key: stored=... requested=...` (empty when equal): what a job
     refusing to resume under another configuration prints (the store, train_lm, train_sae, predict)."""
-    a, b = _flatten(stored), _flatten(requested)
+    a, b = flat_keys(stored), flat_keys(requested)
     lines = []
     for key in sorted(set(a) | set(b)):
         if key not in b:

@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,11 +126,8 @@ def _peak(kind: str, d: int, f: int, m: int = 8192) -> None:
     print(json.dumps({"gflop_per_s": 2 * m * d * f / statistics.median(times) / 1e9}))
 
 
-def _useful_flops(ckpt: Path, lengths: list[int], sites: str) -> float:
+def _useful_flops(cfg: Any, lengths: list[int], sites: str) -> float:
     """Forward FLOPs both contenders must do: each prompt alone through the layers up to the last site."""
-    from arcstream.model import ModelConfig
-
-    cfg = ModelConfig.from_hf_config(json.loads((ckpt / "config.json").read_text()))
     layers = max(int(s.split(".")[1]) for s in sites.split(",")) + 1
     return sum(n * cfg.flops_per_token(n, num_layers=layers, with_head=False) for n in lengths)
 
@@ -211,12 +209,14 @@ def main() -> None:
             "tasks": a.tasks, "prompts": prompts, "tokens": tokens, "layers": a.layers, "seq_len": a.seq_len,
             "batch": a.batch, "packing_bins": a.packing_bins, "sites": a.sites, "attention": a.attention, "repeats": a.repeats,
             "nothing_dropped": True}
-    flops = _useful_flops(ckpt, [len(pi.token_ids) for pi in open_run(str(run_dir)).prompts().values()], a.sites)
-    hf_cfg = json.loads((ckpt / "config.json").read_text())
+    from arcstream.model import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(json.loads((ckpt / "config.json").read_text()))
+    flops = _useful_flops(cfg, [len(pi.token_ids) for pi in open_run(str(run_dir)).prompts().values()], a.sites)
     peaks = {}
     for kind in ("xla", "torch"):
-        _, _, rc, out = timed_child([py, __file__, "--peak", kind, str(hf_cfg["hidden_size"]),
-                                     str(hf_cfg["intermediate_size"])], cwd=str(ROOT), capture=True)
+        _, _, rc, out = timed_child([py, __file__, "--peak", kind, str(cfg.hidden_size), str(cfg.intermediate_size)],
+                                    cwd=str(ROOT), capture=True)
         if rc:
             raise SystemExit(f"the {kind} matmul probe failed (exit {rc})")
         peaks[kind] = json.loads(out.strip().splitlines()[-1])["gflop_per_s"]

@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from arcstream.data.tokenizer import load_tokenizer
-from arcstream.io import file_location, join_location
+from arcstream.io import file_location, flat_keys, join_location
 from arcstream.lm.evaluate import (GOAL_CONTEXT_GAIN, context_summary, context_use_of_run, describe_context,
                                    render_markdown)
 from arcstream.lm.heldout import eval_pipeline, held_out_loss, make_nll_fn
@@ -221,24 +221,22 @@ def _training_lines(config: TrainLMOptions, result: Any) -> list[str]:
     ]
 
 
+# How the card's Reproduce section opens: `_use_lines` writes it, `reproduce_commands` reads a parent card's.
+_REPRODUCE = "## Reproduce\n\n```bash\n"
+
+
 def reproduce_commands(config: TrainLMOptions) -> list[str]:
     """The commands that train this model from scratch: configs/train_lm.py with a flag for every key whose value
     differs from its defaults (the base recipe), preceded, when `train.init_from` is an arcstream export, by the
     commands of its own card (so a continued model's card gives the whole chain)."""
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    base, ours = flat(as_dict(section_of(TrainLMOptions))), flat(as_dict(config))
+    base, ours = flat_keys(as_dict(section_of(TrainLMOptions))), flat_keys(as_dict(config))
     flags = [f"--config.{k}={shlex.quote(str(v))}" for k, v in ours.items() if k in base and base[k] != v]
     chain: list[str] = []
     if config.train.init_from:
         parent = Path(config.train.init_from) / "README.md"
         text = parent.read_text(encoding="utf-8") if parent.is_file() else ""
-        if "## Reproduce\n\n```bash\n" in text:
-            block = text.split("## Reproduce\n\n```bash\n", 1)[1].split("```", 1)[0]
+        if _REPRODUCE in text:
+            block = text.split(_REPRODUCE, 1)[1].split("```", 1)[0]
             chain = [line for line in block.splitlines() if line.strip()] + [
                 f"# then, from that export ({config.train.init_from}):"]
     return chain + [" ".join(["python -m arcstream.train_lm --config=configs/train_lm.py", *flags])]
@@ -256,8 +254,7 @@ def _use_lines(config: TrainLMOptions) -> list[str]:
         "```", "",
         "In arcstream: `python -m arcstream.run --config=configs/default.py` (it uses this model), or "
         "`--config.model=PATH` in any job.", "",
-        "## Reproduce", "",
-        "```bash", *reproduce_commands(config), "```", "",
+        *_REPRODUCE.splitlines(), *reproduce_commands(config), "```", "",
         f"A run resumes from its latest checkpoint if stopped; the export, this card and the loss curve are "
         f"written to `{out}/export/`. Training is deterministic for a given seed on one machine; "
         "numbers move slightly with the device count and XLA version.", "",

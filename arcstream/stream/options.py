@@ -105,7 +105,7 @@ def run_sae_section() -> ml_collections.ConfigDict:
         "online",
         expansion_factor=8,  # d_sae = 8 x d_in: a few hundred thousand tokens train no wider dictionary
         k=48,  # 16 and 32 left 41% and 17% of the latents dead on this run (figures of this section: the hidden-256
-        # arcstream-tiny, d_sae 2048; with today's hidden-128 model, d_sae 1024, k 48 leaves 0.2% / 0% dead)
+        # arcstream-tiny, d_sae 2048; with today's hidden-128 model, d_sae 1024, k 48 leaves 0.1% / 0% dead)
         dead_steps=200,  # SAE steps without firing after which a latent counts as dead (a short run)
         # Every token drawn twice at lr 5e-4. Measured on this run (seed 0), dead latents on the rows analysed and
         # held-out FVU at sites 1 / 3: one pass at 1e-3 10.5% / 2.6%, FVU 0.031 / 0.068; two passes at 1e-3
